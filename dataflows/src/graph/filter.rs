@@ -1,0 +1,86 @@
+//! The project filter `passes(o)` of SPEC §2, evaluated per `(determination, project)` pair.
+//!
+//! The taxon part of the filter (include / exclude through ancestors) depends only on the
+//! determination `t` and the project `p`; the score part only on the occurrence's score and
+//! `p`'s threshold. So the graph computes, for every `(t, p)` pair that some count actually
+//! needs (the *demand*), whether `t` passes `p`'s taxon filter, and attaches `p`'s threshold;
+//! items keyed by `(t, p)` then join against that and compare their own score.
+//!
+//! An include or exclude edit changes the verdict of the affected `(t, p)` pairs only, and a
+//! threshold edit the pairs of one project, so a filter edit costs work proportional to the
+//! occurrences it affects, not to the database.
+
+use differential_dataflow::operators::ThresholdTotal;
+
+use crate::graph::owners::{ByKey, Coll};
+use crate::model::{Id, Project, Score, Taxon};
+
+/// The inputs the filter reads.
+pub struct FilterInputs<'s> {
+    /// `(taxon id, taxon)`: ancestors from `parents_json`.
+    pub taxa: Coll<'s, (Id, Taxon)>,
+    /// `(project id, project)`: thresholds.
+    pub projects: Coll<'s, (Id, Project)>,
+    /// `(project, taxon)` include rows.
+    pub include: Coll<'s, (Id, Id)>,
+    /// `(project, taxon)` exclude rows.
+    pub exclude: Coll<'s, (Id, Id)>,
+}
+
+/// For every demanded `(t, p)` whose taxon part passes, `((t, p), threshold of p)`.
+///
+/// A pair whose project has no `main_project` row gets no verdict: its threshold is NULL and
+/// `score >= NULL` never holds, so nothing under it passes.
+pub fn verdicts<'s>(
+    demand: Coll<'s, (Option<Id>, Id)>,
+    inputs: FilterInputs<'s>,
+) -> ByKey<'s, (Option<Id>, Id), Score> {
+    let FilterInputs { taxa, projects, include, exclude } = inputs;
+    let demand = demand.distinct_total();
+    let include = include.distinct_total();
+    let exclude = exclude.distinct_total();
+    let include_projects = include.clone().map(|(p, _t)| p).distinct_total();
+
+    // ((p, a), t) for every a in A(t) = {t} ∪ ancestors(t). A taxon without a row has A(t) = {t}.
+    let named = demand.clone().flat_map(|(t, p)| t.map(|t| (t, p)));
+    let taxa = taxa.arrange_by_key_named("Arrange: taxon ancestors");
+    let ancestors = named
+        .clone()
+        .join_core(taxa, |t, p, taxon| {
+            taxon.ancestors.iter().map(|a| ((*p, *a), *t)).collect::<Vec<_>>()
+        });
+    let ancestors = named.clone().map(|(t, p)| ((p, t), t)).concat(ancestors);
+    let hits = |set: Coll<'s, (Id, Id)>| {
+        ancestors
+            .clone()
+            .semijoin(set)
+            .map(|((p, _a), t)| (t, p))
+            .distinct_total()
+    };
+    let include_hits = hits(include);
+    let exclude_hits = hits(exclude);
+
+    // excl_ok ∧ incl_ok for a named determination.
+    let not_excluded = named.map(|pair| (pair, ())).antijoin(exclude_hits);
+    let included = not_excluded.clone().semijoin(include_hits).map(|(pair, ())| pair);
+    let unrestricted = not_excluded
+        .map(|((t, p), ())| (p, t))
+        .antijoin(include_projects.clone())
+        .map(|(p, t)| (t, p));
+    let named_ok = included.concat(unrestricted).map(|(t, p)| (p, Some(t)));
+
+    // A NULL determination fails an include set and passes an exclude-only filter.
+    let unnamed_ok = demand
+        .flat_map(|(t, p)| match t {
+            Some(_) => None,
+            None => Some((p, ())),
+        })
+        .antijoin(include_projects)
+        .map(|(p, ())| (p, None));
+
+    let thresholds = projects.arrange_by_key_named("Arrange: project thresholds");
+    named_ok
+        .concat(unnamed_ok)
+        .join_core(thresholds, |p, t, project| Some(((*t, *p), project.threshold)))
+        .arrange_by_key_named("Arrange: filter verdicts")
+}

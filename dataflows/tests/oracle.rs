@@ -1,0 +1,166 @@
+//! Random sequences of every kind of input change, checked after every step against the
+//! from-scratch oracle: the accumulated reported changes must equal the recompute, and no
+//! owner may be reported without a changed value.
+//!
+//! Id spaces are tiny on purpose so that rows collide, move, dangle and come back.
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use tally_dataflows::oracle::recompute;
+use tally_dataflows::{
+    AllCounts, CountChanges, Deployment, Detection, Engine, Event, FilterTaxon, Image, InputBatch, Occurrence, Project,
+    Score, Taxon,
+};
+
+/// Scores and thresholds where Postgres and naive `f64` comparison disagree, plus ordinary ones.
+fn score() -> impl Strategy<Value = Score> {
+    prop_oneof![
+        Just(0.0),
+        Just(-0.0),
+        Just(0.3),
+        Just(0.5),
+        Just(0.7),
+        Just(1.0),
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+    ]
+    .prop_map(Score::new)
+}
+
+fn id(max: u64) -> impl Strategy<Value = u64> {
+    1..=max
+}
+
+fn opt(max: u64) -> impl Strategy<Value = Option<u64>> {
+    proptest::option::weighted(0.8, id(max))
+}
+
+/// One change to one table: `None` deletes the row.
+#[derive(Clone, Debug)]
+enum Change {
+    Image(u64, Option<Image>),
+    Detection(u64, Option<Detection>),
+    Occurrence(u64, Option<Occurrence>),
+    Taxon(u64, Option<Taxon>),
+    Project(u64, Option<Project>),
+    Include(u64, Option<FilterTaxon>),
+    Exclude(u64, Option<FilterTaxon>),
+    Event(u64, Option<Event>),
+    Deployment(u64, Option<Deployment>),
+}
+
+const PROJECTS: u64 = 3;
+const DEPLOYMENTS: u64 = 3;
+const EVENTS: u64 = 4;
+const IMAGES: u64 = 8;
+const OCCURRENCES: u64 = 10;
+const DETECTIONS: u64 = 16;
+const TAXA: u64 = 8;
+
+fn row<T: std::fmt::Debug + Clone>(s: impl Strategy<Value = T>) -> impl Strategy<Value = Option<T>> {
+    proptest::option::weighted(0.85, s)
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    let image = (opt(EVENTS), opt(DEPLOYMENTS), opt(PROJECTS), proptest::option::of(0i64..5), proptest::option::of(0i64..100))
+        .prop_map(|(event, deployment, project, timestamp, size)| Image { event, deployment, project, timestamp, size });
+    let detection = (id(IMAGES), opt(OCCURRENCES), proptest::bool::weighted(0.8))
+        .prop_map(|(image, occurrence, valid)| Detection { image, occurrence, valid });
+    let occurrence = (opt(EVENTS), opt(DEPLOYMENTS), opt(TAXA), proptest::option::weighted(0.85, score()))
+        .prop_map(|(event, deployment, determination, score)| Occurrence { event, deployment, determination, score });
+    let taxon = proptest::collection::vec(id(TAXA), 0..3).prop_map(|ancestors| Taxon { ancestors });
+    let project = score().prop_map(|threshold| Project { threshold });
+    let filter = || (id(PROJECTS), id(TAXA)).prop_map(|(project, taxon)| FilterTaxon { project, taxon });
+    let event = (opt(DEPLOYMENTS), opt(PROJECTS)).prop_map(|(deployment, project)| Event { deployment, project });
+    let deployment = opt(PROJECTS).prop_map(|project| Deployment { project });
+    prop_oneof![
+        3 => (id(IMAGES), row(image)).prop_map(|(i, r)| Change::Image(i, r)),
+        5 => (id(DETECTIONS), row(detection)).prop_map(|(i, r)| Change::Detection(i, r)),
+        5 => (id(OCCURRENCES), row(occurrence)).prop_map(|(i, r)| Change::Occurrence(i, r)),
+        2 => (id(TAXA), row(taxon)).prop_map(|(i, r)| Change::Taxon(i, r)),
+        2 => (id(PROJECTS), row(project)).prop_map(|(i, r)| Change::Project(i, r)),
+        2 => (id(6), row(filter())).prop_map(|(i, r)| Change::Include(i, r)),
+        2 => (id(6), row(filter())).prop_map(|(i, r)| Change::Exclude(i, r)),
+        2 => (id(EVENTS), row(event)).prop_map(|(i, r)| Change::Event(i, r)),
+        1 => (id(DEPLOYMENTS), row(deployment)).prop_map(|(i, r)| Change::Deployment(i, r)),
+    ]
+}
+
+fn batch(changes: &[Change]) -> InputBatch {
+    let mut b = InputBatch::default();
+    for c in changes.iter().cloned() {
+        match c {
+            Change::Image(i, r) => b.images.push((i, r)),
+            Change::Detection(i, r) => b.detections.push((i, r)),
+            Change::Occurrence(i, r) => b.occurrences.push((i, r)),
+            Change::Taxon(i, r) => b.taxa.push((i, r)),
+            Change::Project(i, r) => b.projects.push((i, r)),
+            Change::Include(i, r) => b.include_taxa.push((i, r)),
+            Change::Exclude(i, r) => b.exclude_taxa.push((i, r)),
+            Change::Event(i, r) => b.events.push((i, r)),
+            Change::Deployment(i, r) => b.deployments.push((i, r)),
+        }
+    }
+    b
+}
+
+/// Every reported owner must differ from what was reported for it before.
+fn assert_only_changed(previous: &AllCounts, changes: &CountChanges) {
+    for (id, new) in &changes.images {
+        assert_ne!(previous.images.get(id), new.as_ref(), "image {id} reported without a change");
+    }
+    for (id, new) in &changes.events {
+        assert_ne!(previous.events.get(id), new.as_ref(), "event {id} reported without a change");
+    }
+    for (id, new) in &changes.deployments {
+        assert_ne!(previous.deployments.get(id), new.as_ref(), "deployment {id} reported without a change");
+    }
+}
+
+fn run(steps: &[Vec<Change>], workers: usize) {
+    let mut engine = Engine::new(workers).expect("engine starts");
+    let mut reported = AllCounts::default();
+    for (n, step) in steps.iter().enumerate() {
+        let changes = engine.apply(&batch(step)).expect("batch applies");
+        assert_only_changed(&reported, &changes);
+        changes.apply_to(&mut reported);
+        let expected = recompute(engine.tables());
+        assert_eq!(reported, expected, "accumulated changes differ from the oracle after step {n}: {step:?}");
+        assert_eq!(engine.snapshot(), expected, "engine snapshot differs from the oracle after step {n}");
+    }
+}
+
+fn steps(max_steps: usize) -> impl Strategy<Value = Vec<Vec<Change>>> {
+    proptest::collection::vec(proptest::collection::vec(change(), 1..12), 1..max_steps)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// About 256 × 20 = 5,000 random steps on one worker.
+    #[test]
+    fn one_worker_matches_oracle(steps in steps(40)) {
+        run(&steps, 1);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The same on two workers: inputs are split between them, outputs must be identical.
+    #[test]
+    fn two_workers_match_oracle(steps in steps(30)) {
+        run(&steps, 2);
+    }
+}
+
+/// Large batches: a whole random database in a few times, then random churn.
+#[test]
+fn bulk_then_churn_matches_oracle() {
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let many = proptest::collection::vec(change(), 200..400);
+    for _ in 0..8 {
+        let steps: Vec<Vec<Change>> = (0..4).map(|_| many.new_tree(&mut runner).expect("strategy").current()).collect();
+        run(&steps, 1);
+    }
+}
