@@ -144,9 +144,7 @@ impl Engine {
         let time = self.time;
         self.time += 1;
         for commands in &self.commands {
-            commands
-                .send(Command { time, updates: Arc::clone(&updates) })
-                .map_err(|_| EngineError::WorkerStopped)?;
+            commands.send(Command { time, updates: Arc::clone(&updates) }).map_err(|_| EngineError::WorkerStopped)?;
         }
         let mut output: HashMap<Output, isize> = HashMap::new();
         for _ in 0..self.commands.len() {

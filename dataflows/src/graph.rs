@@ -23,9 +23,9 @@ pub mod owners;
 use differential_dataflow::input::InputSession;
 use differential_dataflow::operators::{CountTotal, ThresholdTotal};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::Scope;
+use timely::dataflow::Scope as TimelyScope;
 
-use crate::model::{Deployment, Detection, Event, Id, Image, Micros, Occurrence, Project, Taxon};
+use crate::model::{Deployment, Detection, Event, Id, Image, Micros, Occurrence, Project, Score, Taxon};
 pub use owners::{ByKey, Coll, Time};
 
 /// A row that owns stored counts.
@@ -67,15 +67,63 @@ pub enum Field {
 /// An output record: `((owner, field), value)`.
 pub type Output = ((Owner, Field), i64);
 
-/// What an item keyed by `(determination, P)` counts toward once it passes `P`'s filter.
+/// What an item keyed by `(determination, P)` counts toward once its taxon passes `P`'s filter
+/// (its score has already passed `P`'s threshold).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 enum Item {
-    /// A valid detection on this image, evaluated for one of the image's owners' projects.
+    /// A valid detection on this image, for one of the image's owners' projects.
     Detection(Id),
-    /// An occurrence of this event.
-    EventOccurrence(Id),
-    /// An occurrence of this deployment with a non-NULL event.
-    DeploymentOccurrence(Id),
+    /// An occurrence of this event, or of this deployment (with a non-NULL event).
+    Occurrence(Owner),
+}
+
+/// How an owner's counts are filtered: `P` NULL counts everything; otherwise `P`'s filter
+/// with its threshold. An owner whose `P` has no project row gets no scope at all: its
+/// threshold is NULL and `score >= NULL` never holds, so nothing counts under it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+enum FilterScope {
+    /// `P` is NULL.
+    Unfiltered,
+    /// `P` and its `default_filters_score_threshold`.
+    Filtered(Id, Score),
+}
+
+impl FilterScope {
+    fn project(self) -> Option<Id> {
+        match self {
+            FilterScope::Unfiltered => None,
+            FilterScope::Filtered(p, _) => Some(p),
+        }
+    }
+}
+
+/// An owner an occurrence may count toward, as seen from the occurrence's event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+enum Target {
+    /// The event itself.
+    Event(FilterScope),
+    /// A deployment named by some occurrence of the event.
+    Deployment(Id, FilterScope),
+}
+
+/// `score_ok` of SPEC §2: a NULL score never passes.
+fn passes_threshold(score: Option<Score>, threshold: Score) -> bool {
+    score.is_some_and(|s| s.passes(threshold))
+}
+
+/// The [`FilterScope`] of every owner given as `(owner, P)`.
+fn scopes<'s, K>(projects: Coll<'s, (K, Option<Id>)>, thresholds: ByKey<'s, Id, Score>) -> Coll<'s, (K, FilterScope)>
+where
+    K: differential_dataflow::ExchangeData + differential_dataflow::Hashable,
+{
+    let unfiltered = projects.clone().flat_map(|(k, p)| match p {
+        None => Some((k, FilterScope::Unfiltered)),
+        Some(_) => None,
+    });
+    let filtered = projects
+        .flat_map(|(k, p)| p.map(|p| (p, k)))
+        .join_core(thresholds, |p, k, threshold| Some((k.clone(), FilterScope::Filtered(*p, *threshold))));
+    unfiltered.concat(filtered)
 }
 
 /// The input handles of the graph, one per table.
@@ -146,7 +194,7 @@ impl Default for Inputs {
 }
 
 /// Wires the count graph in `scope`, reading from `inputs`; returns the output collection.
-pub fn build<'s>(scope: Scope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output> {
+pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output> {
     let images = inputs.images.to_collection(scope);
     let detections = inputs.detections.to_collection(scope);
     let occurrences = inputs.occurrences.to_collection(scope);
@@ -157,46 +205,52 @@ pub fn build<'s>(scope: Scope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output
     let events = inputs.events.to_collection(scope);
     let deployments = inputs.deployments.to_collection(scope);
 
-    // P of every owner row.
-    let deployment_projects = deployments
-        .clone()
-        .map(|(d, row)| (d, row.project))
-        .arrange_by_key_named("Arrange: deployment projects");
+    // P of every owner row, and the scope its counts are filtered under.
+    let deployment_projects = deployments.clone().map(|(d, row)| (d, row.project));
     let deployment_ids = deployments.clone().map(|(d, _)| d);
+    let thresholds = projects.map(|(p, row)| (p, row.threshold)).arrange_by_key_named("Arrange: project thresholds");
+    let deployment_scopes =
+        scopes(deployment_projects.clone(), thresholds.clone()).arrange_by_key_named("Arrange: deployment scopes");
+    let deployment_projects = deployment_projects.arrange_by_key_named("Arrange: deployment projects");
     let event_projects = owners::resolve(
         events.clone().map(|(e, row)| (e, (row.project, row.deployment))),
         deployment_projects.clone(),
         deployment_ids.clone(),
-    )
-    .arrange_by_key_named("Arrange: event projects");
+    );
+    let event_scopes = scopes(event_projects, thresholds.clone()).arrange_by_key_named("Arrange: event scopes");
     let image_projects = owners::resolve(
         images.clone().map(|(i, row)| (i, (row.project, row.deployment))),
-        deployment_projects.clone(),
+        deployment_projects,
         deployment_ids,
     );
 
-    // ((image, P of owner), owner): which project each of an image's owners filters it by.
-    let image_owners = image_projects
-        .map(|(i, p)| ((i, p), Owner::Image(i)))
+    // ((image, scope), owner): the scope each of an image's owners counts its detections under.
+    let image_owners = scopes(image_projects, thresholds)
+        .map(|(i, scope)| ((i, scope), Owner::Image(i)))
         .concat(
             images
                 .clone()
                 .flat_map(|(i, row)| row.event.map(|e| (e, i)))
-                .join_core(event_projects.clone(), |e, i, p| Some(((*i, *p), Owner::Event(*e)))),
+                .join_core(event_scopes.clone(), |e, i, scope| Some(((*i, *scope), Owner::Event(*e)))),
         )
         .concat(
             images
                 .clone()
                 .flat_map(|(i, row)| row.deployment.map(|d| (d, i)))
-                .join_core(deployment_projects.clone(), |d, i, p| Some(((*i, *p), Owner::Deployment(*d)))),
+                .join_core(deployment_scopes.clone(), |d, i, scope| Some(((*i, *scope), Owner::Deployment(*d)))),
         );
     let image_demand = image_owners
         .clone()
-        .flat_map(|((i, p), _owner)| p.map(|p| (i, p)))
+        .flat_map(|((i, scope), _owner)| match scope {
+            FilterScope::Filtered(p, threshold) => Some((i, (p, threshold))),
+            FilterScope::Unfiltered => None,
+        })
         .distinct_total()
         .arrange_by_key_named("Arrange: image demand");
 
     // Valid detections as a multiset of (image, occurrence): detection ids are never needed.
+    // Each is checked against the threshold of every project its image's owners demand; what
+    // remains waits for the taxon verdict, keyed by (determination, project).
     let valid = detections.flat_map(|d| if d.valid { Some((d.image, d.occurrence)) } else { None });
     let determinations = occurrences
         .clone()
@@ -206,81 +260,82 @@ pub fn build<'s>(scope: Scope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output
         .clone()
         .flat_map(|(i, o)| o.map(|o| (o, i)))
         .join_core(determinations, |_o, i, (t, s)| Some((*i, (*t, *s))))
-        .join_core(image_demand, |i, (t, s), p| Some(((*t, *p), (Item::Detection(*i), *s))));
+        .join_core(image_demand, |i, (t, s), (p, threshold)| {
+            passes_threshold(*s, *threshold).then_some(((*t, *p), Item::Detection(*i)))
+        });
 
-    // Occurrences toward their own event and deployment.
-    let event_occurrences = occurrences
+    // Occurrences toward their own event and, when the event is set, their own deployment:
+    // one arrangement by event, joined with each event's targets (the event itself, and every
+    // deployment its occurrences name).
+    let by_event = occurrences
         .clone()
-        .flat_map(|(_o, row)| row.event.map(|e| (e, (row.determination, row.score))))
-        .join_core(event_projects, |e, (t, s), p| Some((*e, *t, *s, *p)));
-    let deployment_occurrences = occurrences
+        .flat_map(|(_o, row)| row.event.map(|e| (e, (row.deployment, row.determination, row.score))));
+    let event_deployments = occurrences
         .flat_map(|(_o, row)| match (row.event, row.deployment) {
-            (Some(_), Some(d)) => Some((d, (row.determination, row.score))),
+            (Some(e), Some(d)) => Some((d, e)),
             _ => None,
         })
-        .join_core(deployment_projects, |d, (t, s), p| Some((*d, *t, *s, *p)));
-    let occurrence_items = event_occurrences
-        .clone()
-        .flat_map(|(e, t, s, p)| p.map(|p| ((t, p), (Item::EventOccurrence(e), s))))
+        .distinct_total();
+    let targets = event_scopes
+        .as_collection(|e, scope| (*e, Target::Event(*scope)))
         .concat(
-            deployment_occurrences
-                .clone()
-                .flat_map(|(d, t, s, p)| p.map(|p| ((t, p), (Item::DeploymentOccurrence(d), s)))),
-        );
+            event_deployments.join_core(deployment_scopes, |d, e, scope| Some((*e, Target::Deployment(*d, *scope)))),
+        )
+        .arrange_by_key_named("Arrange: occurrence targets");
+    let occurrence_hits = by_event.join_core(targets, |e, (d, t, s), target| {
+        let (owner, scope) = match target {
+            Target::Event(scope) => (Owner::Event(*e), scope),
+            Target::Deployment(td, scope) if *d == Some(*td) => (Owner::Deployment(*td), scope),
+            Target::Deployment(..) => return None,
+        };
+        match scope {
+            FilterScope::Unfiltered => Some((owner, *t, None)),
+            FilterScope::Filtered(p, threshold) => passes_threshold(*s, *threshold).then_some((owner, *t, Some(*p))),
+        }
+    });
+    let direct_hits =
+        occurrence_hits.clone().flat_map(|(owner, t, p)| if p.is_none() { Some((owner, t)) } else { None });
+    let occurrence_items = occurrence_hits.flat_map(|(owner, t, p)| p.map(|p| ((t, p), Item::Occurrence(owner))));
 
-    // Filter every item under its P.
+    // The taxon part of the filter, for the (determination, project) pairs in demand.
     let items = detection_items.concat(occurrence_items);
     let verdicts = filter::verdicts(
         items.clone().map(|(key, _)| key),
-        filter::FilterInputs {
-            taxa,
-            projects,
-            include: include.clone(),
-            exclude,
-        },
+        filter::FilterInputs { taxa, include: include.clone(), exclude },
     );
-    let passed = items.join_core(verdicts, |(t, p), (item, score), threshold| match score {
-        Some(score) if score.passes(*threshold) => Some((*t, *p, *item)),
-        _ => None,
-    });
+    let passed = items.join_core(verdicts, |(t, p), item, ()| Some((*t, *p, *item)));
 
-    // Detections per (image, P): filtered ones for each demanded P, all valid ones for P NULL.
+    // Detections per (image, scope): filtered ones per demanded project, all valid ones when
+    // unfiltered; summed into each owner of the image under that owner's scope.
     let image_detections = passed
         .clone()
         .flat_map(|(_t, p, item)| match item {
             Item::Detection(i) => Some((i, Some(p))),
-            _ => None,
+            Item::Occurrence(_) => None,
         })
         .concat(valid.map(|(i, _o)| (i, None)))
         .map(|key| (key, ()))
         .arrange_by_key_named("Arrange: image detections by project");
-    let detection_counts = image_owners.join_core(image_detections, |_key, owner, ()| Some((*owner, Field::Detections)));
+    let detection_counts = image_owners
+        .map(|((i, scope), owner)| ((i, scope.project()), owner))
+        .join_core(image_detections, |_key, owner, ()| Some((*owner, Field::Detections)));
 
     // Occurrence counts and the (deployment, determination) pairs behind taxa_count.
-    let occurrence_counts = passed
-        .clone()
-        .flat_map(|(_t, _p, item)| match item {
-            Item::EventOccurrence(e) => Some((Owner::Event(e), Field::Occurrences)),
-            Item::DeploymentOccurrence(d) => Some((Owner::Deployment(d), Field::Occurrences)),
+    let occurrence_hits = passed
+        .flat_map(|(t, _p, item)| match item {
+            Item::Occurrence(owner) => Some((owner, t)),
             Item::Detection(_) => None,
         })
-        .concat(
-            event_occurrences
-                .flat_map(|(e, _t, _s, p)| if p.is_none() { Some((Owner::Event(e), Field::Occurrences)) } else { None }),
-        )
-        .concat(
-            deployment_occurrences
-                .clone()
-                .flat_map(|(d, _t, _s, p)| if p.is_none() { Some((Owner::Deployment(d), Field::Occurrences)) } else { None }),
-        );
-    let taxa_counts = passed
-        .flat_map(|(t, _p, item)| match item {
-            Item::DeploymentOccurrence(d) => Some((d, t)),
+        .concat(direct_hits);
+    let taxa_counts = occurrence_hits
+        .clone()
+        .flat_map(|(owner, t)| match owner {
+            Owner::Deployment(d) => Some((d, t)),
             _ => None,
         })
-        .concat(deployment_occurrences.flat_map(|(d, t, _s, p)| if p.is_none() { Some((d, t)) } else { None }))
         .distinct_total()
         .map(|(d, _t)| (Owner::Deployment(d), Field::Taxa));
+    let occurrence_counts = occurrence_hits.map(|(owner, _t)| (owner, Field::Occurrences));
 
     // Unfiltered counts.
     let existing = images
@@ -314,20 +369,46 @@ pub fn build<'s>(scope: Scope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output
 }
 
 /// Earliest and latest non-NULL image timestamp per event and per deployment.
+///
+/// A plain `reduce` per owner rescans the owner's whole group on every change (125k images of
+/// a 1M-detection deployment for each new capture). Instead the candidates are reduced in a
+/// tree, as Materialize renders hierarchical min/max: images are hashed into 4,096 buckets per
+/// owner, each bucket keeps only its min and max, those fold into 64 buckets, then into one.
+/// A change rescans one leaf bucket and two small candidate lists.
 fn capture_extremes<'s>(images: Coll<'s, (Id, Image)>) -> Coll<'s, Output> {
-    images
-        .flat_map(|(_i, row)| {
-            let ts = row.timestamp;
-            let event = row.event.zip(ts).map(|(e, t)| (Owner::Event(e), t));
-            let deployment = row.deployment.zip(ts).map(|(d, t)| (Owner::Deployment(d), t));
-            event.into_iter().chain(deployment)
-        })
+    let leaves = images.flat_map(|(i, row)| {
+        let ts = row.timestamp;
+        let bucket = bucket_of(i);
+        let event = row.event.zip(ts).map(|(e, t)| ((Owner::Event(e), bucket), t));
+        let deployment = row.deployment.zip(ts).map(|(d, t)| ((Owner::Deployment(d), bucket), t));
+        event.into_iter().chain(deployment)
+    });
+    let level = |candidates: Coll<'s, ((Owner, u64), Micros)>, name: &str, shift: u32| {
+        candidates
+            .reduce_named(name, |_key, input: &[(&Micros, isize)], output| {
+                // Values arrive sorted, with positive multiplicity.
+                if let (Some(first), Some(last)) = (input.first(), input.last()) {
+                    output.push((*first.0, 1isize));
+                    if last.0 != first.0 {
+                        output.push((*last.0, 1isize));
+                    }
+                }
+            })
+            .map(move |((owner, bucket), ts)| ((owner, bucket >> shift), ts))
+    };
+    let middle = level(leaves, "Reduce: capture extremes, 4096 buckets", 6);
+    let top = level(middle, "Reduce: capture extremes, 64 buckets", 6);
+    top.map(|((owner, _bucket), ts)| (owner, ts))
         .reduce_named("Reduce: capture extremes", |_owner, input: &[(&Micros, isize)], output| {
-            // Values arrive sorted, and only with positive multiplicity.
             if let (Some(first), Some(last)) = (input.first(), input.last()) {
                 output.push(((Field::FirstCapture, *first.0), 1isize));
                 output.push(((Field::LastCapture, *last.0), 1isize));
             }
         })
         .map(|(owner, (field, value))| ((owner, field), value))
+}
+
+/// A 12-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly).
+fn bucket_of(image: Id) -> u64 {
+    image.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52
 }

@@ -26,5 +26,7 @@ pub mod taxonomy;
 
 pub use counts::{AllCounts, CountChanges, DeploymentCounts, EventCounts, ImageCounts};
 pub use engine::{Engine, EngineError};
-pub use model::{Deployment, Detection, Event, FilterTaxon, Id, Image, InputBatch, Micros, Occurrence, Project, Score, Taxon};
+pub use model::{
+    Deployment, Detection, Event, FilterTaxon, Id, Image, InputBatch, Micros, Occurrence, Project, Score, Taxon,
+};
 pub use tables::Tables;

@@ -92,7 +92,8 @@ impl<'a> Oracle<'a> {
         let empty = HashSet::new();
         let include = self.include.get(&p).unwrap_or(&empty);
         let exclude = self.exclude.get(&p).unwrap_or(&empty);
-        let incl_ok = include.is_empty() || (o.determination.is_some() && ancestors.iter().any(|a| include.contains(a)));
+        let incl_ok =
+            include.is_empty() || (o.determination.is_some() && ancestors.iter().any(|a| include.contains(a)));
         let excl_ok = exclude.is_empty() || o.determination.is_none() || !ancestors.iter().any(|a| exclude.contains(a));
         score_ok && incl_ok && excl_ok
     }

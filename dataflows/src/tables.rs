@@ -183,9 +183,6 @@ mod tests {
         let updates = tables.apply(&batch);
         let mut got = updates.deployments.clone();
         got.sort();
-        assert_eq!(
-            got,
-            vec![((1, Deployment { project: Some(7) }), -1), ((1, Deployment { project: Some(9) }), 1)]
-        );
+        assert_eq!(got, vec![((1, Deployment { project: Some(7) }), -1), ((1, Deployment { project: Some(9) }), 1)]);
     }
 }

@@ -1,10 +1,11 @@
 //! Antenna's taxonomy fixtures (`ami/main/fixtures/*-taxa-*.json`) as taxon rows.
 //!
 //! Loading a fixture with `manage.py import_taxa` creates one root (`Arthropoda`, PHYLUM), then
-//! FAMILY → GENUS → SPECIES, and — the quirk of `import_taxa.py:424-437` — an accepted species
-//! listed with `synonym_of` gets its *synonym species* as parent, so its `parents_json` holds
-//! four entries: root, family, genus, synonym. Excluding a synonym therefore also excludes its
-//! accepted species. This module reproduces that result without JSON (the caller parses).
+//! FAMILY → GENUS → SPECIES, and — the quirk of `import_taxa.py:424-437` — a row
+//! `{species: S, synonym_of: A}` creates the accepted species A, if it does not exist yet, with
+//! the synonym S as its parent, so A's `parents_json` holds four entries: root, family, genus,
+//! S. Excluding a synonym therefore also excludes its accepted species. This module reproduces
+//! that result without JSON (the caller parses).
 
 use std::collections::BTreeMap;
 
@@ -51,7 +52,8 @@ pub struct Taxonomy {
 
 impl Taxonomy {
     /// Builds the taxonomy `import_taxa` would create, with ids from `first_id` upward in
-    /// creation order (root, then per row: family, genus, species as first seen).
+    /// creation order (root, then per row: family, genus, species, accepted species as first
+    /// seen). Duplicate names keep their first row.
     pub fn from_fixture(rows: &[FixtureRow], first_id: Id) -> Self {
         let mut t = Taxonomy::default();
         let root = t.add("Arthropoda", Rank::Phylum, Vec::new(), first_id);
@@ -59,24 +61,17 @@ impl Taxonomy {
         for row in rows {
             let family = t.get_or_add(&row.family, Rank::Family, vec![root], &mut next);
             let genus = t.get_or_add(&row.genus, Rank::Genus, vec![root, family], &mut next);
-            t.get_or_add(&row.species, Rank::Species, vec![root, family, genus], &mut next);
-        }
-        // Second pass: an accepted species is re-parented under its synonym (duplicated names
-        // keep their first row, as `import_taxa` updates rather than re-creates).
-        for row in rows {
-            let (Some(synonym), Some(&species)) = (&row.synonym_of, t.ids.get(&row.species)) else {
-                continue;
-            };
-            let Some(&synonym) = t.ids.get(synonym) else {
-                continue;
-            };
-            if synonym == species {
-                continue;
+            let species = t.get_or_add(&row.species, Rank::Species, vec![root, family, genus], &mut next);
+            // `species` is a synonym of the accepted species `synonym_of`. If that one does not
+            // exist yet, `import_taxa` creates it with the synonym as parent, and it keeps that
+            // parent when its own row comes later; if it exists already, nothing changes.
+            if let Some(accepted) = &row.synonym_of {
+                if !t.ids.contains_key(accepted) {
+                    let mut ancestors = t.taxa[&species].ancestors.clone();
+                    ancestors.push(species);
+                    t.get_or_add(accepted, Rank::Species, ancestors, &mut next);
+                }
             }
-            let mut ancestors = t.taxa[&synonym].ancestors.clone();
-            ancestors.retain(|a| t.ranks.get(a) != Some(&Rank::Species));
-            ancestors.push(synonym);
-            t.taxa.insert(species, Taxon { ancestors });
         }
         t
     }

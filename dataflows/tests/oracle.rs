@@ -14,17 +14,8 @@ use tally_dataflows::{
 
 /// Scores and thresholds where Postgres and naive `f64` comparison disagree, plus ordinary ones.
 fn score() -> impl Strategy<Value = Score> {
-    prop_oneof![
-        Just(0.0),
-        Just(-0.0),
-        Just(0.3),
-        Just(0.5),
-        Just(0.7),
-        Just(1.0),
-        Just(f64::NAN),
-        Just(f64::INFINITY),
-    ]
-    .prop_map(Score::new)
+    prop_oneof![Just(0.0), Just(-0.0), Just(0.3), Just(0.5), Just(0.7), Just(1.0), Just(f64::NAN), Just(f64::INFINITY),]
+        .prop_map(Score::new)
 }
 
 fn id(max: u64) -> impl Strategy<Value = u64> {
@@ -62,8 +53,15 @@ fn row<T: std::fmt::Debug + Clone>(s: impl Strategy<Value = T>) -> impl Strategy
 }
 
 fn change() -> impl Strategy<Value = Change> {
-    let image = (opt(EVENTS), opt(DEPLOYMENTS), opt(PROJECTS), proptest::option::of(0i64..5), proptest::option::of(0i64..100))
-        .prop_map(|(event, deployment, project, timestamp, size)| Image { event, deployment, project, timestamp, size });
+    let image =
+        (opt(EVENTS), opt(DEPLOYMENTS), opt(PROJECTS), proptest::option::of(0i64..5), proptest::option::of(0i64..100))
+            .prop_map(|(event, deployment, project, timestamp, size)| Image {
+                event,
+                deployment,
+                project,
+                timestamp,
+                size,
+            });
     let detection = (id(IMAGES), opt(OCCURRENCES), proptest::bool::weighted(0.8))
         .prop_map(|(image, occurrence, valid)| Detection { image, occurrence, valid });
     let occurrence = (opt(EVENTS), opt(DEPLOYMENTS), opt(TAXA), proptest::option::weighted(0.85, score()))

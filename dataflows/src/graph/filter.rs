@@ -2,9 +2,9 @@
 //!
 //! The taxon part of the filter (include / exclude through ancestors) depends only on the
 //! determination `t` and the project `p`; the score part only on the occurrence's score and
-//! `p`'s threshold. So the graph computes, for every `(t, p)` pair that some count actually
-//! needs (the *demand*), whether `t` passes `p`'s taxon filter, and attaches `p`'s threshold;
-//! items keyed by `(t, p)` then join against that and compare their own score.
+//! `p`'s threshold. Scores are checked where owners' scopes are joined (see `graph.rs`); this
+//! module computes, for every `(t, p)` pair some count actually needs (the *demand*), whether
+//! `t` passes `p`'s taxon filter. Items keyed by `(t, p)` join against these verdicts.
 //!
 //! An include or exclude edit changes the verdict of the affected `(t, p)` pairs only, and a
 //! threshold edit the pairs of one project, so a filter edit costs work proportional to the
@@ -13,29 +13,21 @@
 use differential_dataflow::operators::ThresholdTotal;
 
 use crate::graph::owners::{ByKey, Coll};
-use crate::model::{Id, Project, Score, Taxon};
+use crate::model::{Id, Taxon};
 
 /// The inputs the filter reads.
 pub struct FilterInputs<'s> {
     /// `(taxon id, taxon)`: ancestors from `parents_json`.
     pub taxa: Coll<'s, (Id, Taxon)>,
-    /// `(project id, project)`: thresholds.
-    pub projects: Coll<'s, (Id, Project)>,
     /// `(project, taxon)` include rows.
     pub include: Coll<'s, (Id, Id)>,
     /// `(project, taxon)` exclude rows.
     pub exclude: Coll<'s, (Id, Id)>,
 }
 
-/// For every demanded `(t, p)` whose taxon part passes, `((t, p), threshold of p)`.
-///
-/// A pair whose project has no `main_project` row gets no verdict: its threshold is NULL and
-/// `score >= NULL` never holds, so nothing under it passes.
-pub fn verdicts<'s>(
-    demand: Coll<'s, (Option<Id>, Id)>,
-    inputs: FilterInputs<'s>,
-) -> ByKey<'s, (Option<Id>, Id), Score> {
-    let FilterInputs { taxa, projects, include, exclude } = inputs;
+/// Every demanded `(t, p)` whose taxon passes `p`'s include and exclude sets.
+pub fn verdicts<'s>(demand: Coll<'s, (Option<Id>, Id)>, inputs: FilterInputs<'s>) -> ByKey<'s, (Option<Id>, Id), ()> {
+    let FilterInputs { taxa, include, exclude } = inputs;
     let demand = demand.distinct_total();
     let include = include.distinct_total();
     let exclude = exclude.distinct_total();
@@ -44,29 +36,17 @@ pub fn verdicts<'s>(
     // ((p, a), t) for every a in A(t) = {t} ∪ ancestors(t). A taxon without a row has A(t) = {t}.
     let named = demand.clone().flat_map(|(t, p)| t.map(|t| (t, p)));
     let taxa = taxa.arrange_by_key_named("Arrange: taxon ancestors");
-    let ancestors = named
-        .clone()
-        .join_core(taxa, |t, p, taxon| {
-            taxon.ancestors.iter().map(|a| ((*p, *a), *t)).collect::<Vec<_>>()
-        });
+    let ancestors =
+        named.clone().join_core(taxa, |t, p, taxon| taxon.ancestors.iter().map(|a| ((*p, *a), *t)).collect::<Vec<_>>());
     let ancestors = named.clone().map(|(t, p)| ((p, t), t)).concat(ancestors);
-    let hits = |set: Coll<'s, (Id, Id)>| {
-        ancestors
-            .clone()
-            .semijoin(set)
-            .map(|((p, _a), t)| (t, p))
-            .distinct_total()
-    };
+    let hits = |set: Coll<'s, (Id, Id)>| ancestors.clone().semijoin(set).map(|((p, _a), t)| (t, p)).distinct_total();
     let include_hits = hits(include);
     let exclude_hits = hits(exclude);
 
     // excl_ok ∧ incl_ok for a named determination.
     let not_excluded = named.map(|pair| (pair, ())).antijoin(exclude_hits);
     let included = not_excluded.clone().semijoin(include_hits).map(|(pair, ())| pair);
-    let unrestricted = not_excluded
-        .map(|((t, p), ())| (p, t))
-        .antijoin(include_projects.clone())
-        .map(|(p, t)| (t, p));
+    let unrestricted = not_excluded.map(|((t, p), ())| (p, t)).antijoin(include_projects.clone()).map(|(p, t)| (t, p));
     let named_ok = included.concat(unrestricted).map(|(t, p)| (p, Some(t)));
 
     // A NULL determination fails an include set and passes an exclude-only filter.
@@ -78,9 +58,5 @@ pub fn verdicts<'s>(
         .antijoin(include_projects)
         .map(|(p, ())| (p, None));
 
-    let thresholds = projects.arrange_by_key_named("Arrange: project thresholds");
-    named_ok
-        .concat(unnamed_ok)
-        .join_core(thresholds, |p, t, project| Some(((*t, *p), project.threshold)))
-        .arrange_by_key_named("Arrange: filter verdicts")
+    named_ok.concat(unnamed_ok).map(|(p, t)| ((t, p), ())).arrange_by_key_named("Arrange: filter verdicts")
 }

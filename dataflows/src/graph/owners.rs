@@ -18,12 +18,15 @@ pub type Coll<'s, D> = VecCollection<'s, Time, D, isize>;
 /// A collection arranged by key, shareable between joins.
 pub type ByKey<'s, K, V> = Arranged<'s, TraceAgent<ValSpine<K, V, Time, isize>>>;
 
+/// An owner row as `(id, (own project, deployment))`.
+pub type OwnerRow = (Id, (Option<Id>, Option<Id>));
+
 /// `(owner id, P)` for every owner row given as `(id, (own project, deployment))`.
 ///
 /// `deployment_projects` is `(deployment id, project)` for every deployment row, and
 /// `deployment_ids` its keys (needed to find dangling references).
 pub fn resolve<'s>(
-    rows: Coll<'s, (Id, (Option<Id>, Option<Id>))>,
+    rows: Coll<'s, OwnerRow>,
     deployment_projects: ByKey<'s, Id, Option<Id>>,
     deployment_ids: Coll<'s, Id>,
 ) -> Coll<'s, (Id, Option<Id>)> {
@@ -32,18 +35,12 @@ pub fn resolve<'s>(
         Some(_) => None,
         None => Some((deployment, id)),
     });
-    let no_deployment = fallback
-        .clone()
-        .flat_map(|(deployment, id)| match deployment {
-            Some(_) => None,
-            None => Some((id, None)),
-        });
+    let no_deployment = fallback.clone().flat_map(|(deployment, id)| match deployment {
+        Some(_) => None,
+        None => Some((id, None)),
+    });
     let via_deployment = fallback.flat_map(|(deployment, id)| deployment.map(|d| (d, id)));
-    let found = via_deployment
-        .clone()
-        .join_core(deployment_projects, |_d, id, project| Some((*id, *project)));
-    let dangling = via_deployment
-        .antijoin(deployment_ids)
-        .map(|(_d, id)| (id, None));
+    let found = via_deployment.clone().join_core(deployment_projects, |_d, id, project| Some((*id, *project)));
+    let dangling = via_deployment.antijoin(deployment_ids).map(|(_d, id)| (id, None));
     own.concat(no_deployment).concat(found).concat(dangling)
 }
