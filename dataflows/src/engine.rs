@@ -11,7 +11,7 @@
 //! (in the daemon, inside `spawn_blocking`).
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -22,6 +22,7 @@ use timely::WorkerConfig;
 
 use crate::counts::{AllCounts, CountChanges, DeploymentCounts, EventCounts, ImageCounts};
 use crate::graph::{self, Field, Inputs, Output, Owner, Time};
+use crate::hashing::IdMap;
 use crate::model::InputBatch;
 use crate::tables::{Tables, Updates};
 
@@ -61,7 +62,7 @@ pub struct Engine {
     /// The current input rows, to diff upserts against and for the oracle.
     tables: Tables,
     /// The current value of every output field (absent means 0 / NULL).
-    values: HashMap<(Owner, Field), i64>,
+    values: IdMap<(Owner, Field), i64>,
     /// The time the next batch is applied at.
     time: Time,
     /// One command channel per worker.
@@ -125,7 +126,7 @@ impl Engine {
         .map_err(EngineError::Start)?;
         Ok(Engine {
             tables: Tables::default(),
-            values: HashMap::new(),
+            values: IdMap::default(),
             time: 0,
             commands,
             reports,
@@ -146,7 +147,7 @@ impl Engine {
         for commands in &self.commands {
             commands.send(Command { time, updates: Arc::clone(&updates) }).map_err(|_| EngineError::WorkerStopped)?;
         }
-        let mut output: HashMap<Output, isize> = HashMap::new();
+        let mut output: IdMap<Output, isize> = IdMap::default();
         for _ in 0..self.commands.len() {
             let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
             for (record, diff) in report.output {
@@ -158,7 +159,7 @@ impl Engine {
     }
 
     /// Folds one time's consolidated output into `values` and reports the changed owners.
-    fn absorb(&mut self, output: HashMap<Output, isize>) -> CountChanges {
+    fn absorb(&mut self, output: IdMap<Output, isize>) -> CountChanges {
         let touched: BTreeSet<Owner> = output.keys().map(|((owner, _field), _value)| *owner).collect();
         let before: Vec<OwnerCounts> = touched.iter().map(|owner| self.owner_counts(*owner)).collect();
         // Retractions first: a changed field retracts its old value and inserts the new one.

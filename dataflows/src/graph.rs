@@ -8,10 +8,9 @@
 //! The shape, for the counts that depend on the project filter:
 //!
 //! ```text
-//! detections ─(occurrence)─▶ ⋈ occurrences ─(image)─▶ ⋈ image demand ─┐
-//! occurrences ─(event)─────▶ ⋈ event P ──────────────────────────────┼─▶ items keyed (t, P)
-//! occurrences ─(deployment)▶ ⋈ deployment P ─────────────────────────┘        │
-//!                                 filter::verdicts(demanded (t, P)) ─────────▶ ⋈ score ≥ T
+//! detections ─(occurrence)─▶ ⋈ determinations ─(image)─▶ ⋈ image scopes, score ≥ T ─┐
+//! occurrences ─(event)─────▶ ⋈ event targets (event / deployment scopes), score ≥ T ─┴─▶ items (t, P)
+//!                                   filter::verdicts(demanded (t, P)) ───────────────────▶ ⋈ taxon ok
 //! ```
 //!
 //! Detection counts are computed per `(image, P)` and summed per owner, so an image whose

@@ -8,6 +8,7 @@
 //! - [`tables`]: the current rows, and their diffing into differential updates.
 //! - [`graph`]: the dataflow itself; wires operators only, no I/O.
 //! - [`engine`]: runs the graph on timely workers; `apply(batch) -> changed counts`.
+//! - [`hashing`]: a fast hasher for id-keyed maps.
 //! - [`counts`]: the per-owner counts and the change lists the engine reports.
 //! - [`oracle`]: SPEC §2 computed from scratch, as plainly as possible.
 //! - [`taxonomy`]: Antenna's taxonomy fixture format turned into taxon rows.
@@ -19,6 +20,7 @@
 pub mod counts;
 pub mod engine;
 pub mod graph;
+pub mod hashing;
 pub mod model;
 pub mod oracle;
 pub mod tables;

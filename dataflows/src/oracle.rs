@@ -10,30 +10,31 @@
 //! a NULL threshold, and `score >= NULL` is never true, so nothing passes; a detection whose
 //! occurrence row is missing has no occurrence.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 use crate::counts::{AllCounts, DeploymentCounts, EventCounts, ImageCounts};
+use crate::hashing::{IdMap, IdSet};
 use crate::model::{Id, Occurrence};
 use crate::tables::Tables;
 
 /// Indexes over a [`Tables`] snapshot, and the count definitions evaluated over them.
 pub struct Oracle<'a> {
     tables: &'a Tables,
-    detections_by_image: HashMap<Id, Vec<Id>>,
-    images_by_event: HashMap<Id, Vec<Id>>,
-    images_by_deployment: HashMap<Id, Vec<Id>>,
-    occurrences_by_event: HashMap<Id, Vec<Id>>,
-    occurrences_by_deployment: HashMap<Id, Vec<Id>>,
-    events_by_deployment: HashMap<Id, Vec<Id>>,
-    include: HashMap<Id, HashSet<Id>>,
-    exclude: HashMap<Id, HashSet<Id>>,
+    detections_by_image: IdMap<Id, Vec<Id>>,
+    images_by_event: IdMap<Id, Vec<Id>>,
+    images_by_deployment: IdMap<Id, Vec<Id>>,
+    occurrences_by_event: IdMap<Id, Vec<Id>>,
+    occurrences_by_deployment: IdMap<Id, Vec<Id>>,
+    events_by_deployment: IdMap<Id, Vec<Id>>,
+    include: IdMap<Id, IdSet<Id>>,
+    exclude: IdMap<Id, IdSet<Id>>,
 }
 
 impl<'a> Oracle<'a> {
     /// Builds the indexes (one pass over every table).
     pub fn new(tables: &'a Tables) -> Self {
-        fn index<R>(rows: &HashMap<Id, R>, key: impl Fn(&R) -> Option<Id>) -> HashMap<Id, Vec<Id>> {
-            let mut index: HashMap<Id, Vec<Id>> = HashMap::new();
+        fn index<R>(rows: &IdMap<Id, R>, key: impl Fn(&R) -> Option<Id>) -> IdMap<Id, Vec<Id>> {
+            let mut index: IdMap<Id, Vec<Id>> = IdMap::default();
             for (id, row) in rows {
                 if let Some(k) = key(row) {
                     index.entry(k).or_default().push(*id);
@@ -41,11 +42,11 @@ impl<'a> Oracle<'a> {
             }
             index
         }
-        let mut include: HashMap<Id, HashSet<Id>> = HashMap::new();
+        let mut include: IdMap<Id, IdSet<Id>> = IdMap::default();
         for row in tables.include_taxa.values() {
             include.entry(row.project).or_default().insert(row.taxon);
         }
-        let mut exclude: HashMap<Id, HashSet<Id>> = HashMap::new();
+        let mut exclude: IdMap<Id, IdSet<Id>> = IdMap::default();
         for row in tables.exclude_taxa.values() {
             exclude.entry(row.project).or_default().insert(row.taxon);
         }
@@ -89,7 +90,7 @@ impl<'a> Oracle<'a> {
             }
             None => Vec::new(),
         };
-        let empty = HashSet::new();
+        let empty = IdSet::default();
         let include = self.include.get(&p).unwrap_or(&empty);
         let exclude = self.exclude.get(&p).unwrap_or(&empty);
         let incl_ok =

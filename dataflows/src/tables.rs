@@ -5,11 +5,11 @@
 //! NATS ingest) only know the new version. [`Tables`] is that memory. It is also the state the
 //! [`crate::oracle`] recomputes from, so the oracle and the dataflow always see the same input.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hashing::IdMap;
 use crate::model::{
     Deployment, Detection, Event, FilterTaxon, Id, Image, InputBatch, Occurrence, Project, TableChanges, Taxon,
 };
@@ -68,23 +68,23 @@ impl Updates {
 #[derive(Clone, Debug, Default)]
 pub struct Tables {
     /// `main_sourceimage`.
-    pub images: HashMap<Id, Image>,
+    pub images: IdMap<Id, Image>,
     /// `main_detection`.
-    pub detections: HashMap<Id, Detection>,
+    pub detections: IdMap<Id, Detection>,
     /// `main_occurrence`.
-    pub occurrences: HashMap<Id, Occurrence>,
+    pub occurrences: IdMap<Id, Occurrence>,
     /// `main_taxon`.
-    pub taxa: HashMap<Id, Taxon>,
+    pub taxa: IdMap<Id, Taxon>,
     /// `main_project`.
-    pub projects: HashMap<Id, Project>,
+    pub projects: IdMap<Id, Project>,
     /// Include filter rows.
-    pub include_taxa: HashMap<Id, FilterTaxon>,
+    pub include_taxa: IdMap<Id, FilterTaxon>,
     /// Exclude filter rows.
-    pub exclude_taxa: HashMap<Id, FilterTaxon>,
+    pub exclude_taxa: IdMap<Id, FilterTaxon>,
     /// `main_event`.
-    pub events: HashMap<Id, Event>,
+    pub events: IdMap<Id, Event>,
     /// `main_deployment`.
-    pub deployments: HashMap<Id, Deployment>,
+    pub deployments: IdMap<Id, Deployment>,
 }
 
 impl Tables {
@@ -119,6 +119,25 @@ impl Tables {
             + self.deployments.len()
     }
 
+    /// An estimate of the heap bytes the tables hold: hashbrown's bucket arrays (one control
+    /// byte plus one `(id, row)` slot per bucket) plus each taxon's ancestor list.
+    pub fn approx_heap_bytes(&self) -> usize {
+        fn table<R>(t: &IdMap<Id, R>) -> usize {
+            let buckets = if t.capacity() == 0 { 0 } else { (t.capacity() * 8 / 7).next_power_of_two() };
+            buckets * (std::mem::size_of::<(Id, R)>() + 1)
+        }
+        table(&self.images)
+            + table(&self.detections)
+            + table(&self.occurrences)
+            + table(&self.taxa)
+            + self.taxa.values().map(|t| t.ancestors.capacity() * std::mem::size_of::<Id>()).sum::<usize>()
+            + table(&self.projects)
+            + table(&self.include_taxa)
+            + table(&self.exclude_taxa)
+            + table(&self.events)
+            + table(&self.deployments)
+    }
+
     /// True when no table holds a row.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -127,9 +146,9 @@ impl Tables {
 
 /// Applies one table's changes in order, folding repeated ids so that the updates are the
 /// difference between the table before and after the whole list.
-fn apply_table<R: Clone + Eq + Hash>(table: &mut HashMap<Id, R>, changes: &TableChanges<R>) -> TableUpdates<R> {
+fn apply_table<R: Clone + Eq + Hash>(table: &mut IdMap<Id, R>, changes: &TableChanges<R>) -> TableUpdates<R> {
     // The version of each touched row before this batch, recorded on first touch.
-    let mut before: HashMap<Id, Option<R>> = HashMap::new();
+    let mut before: IdMap<Id, Option<R>> = IdMap::default();
     for (id, row) in changes {
         let old = match row {
             Some(row) => table.insert(*id, row.clone()),

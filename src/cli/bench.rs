@@ -74,6 +74,8 @@ struct SizeReport {
     filter_edit_owners: usize,
     /// (e) resident memory growth per loaded detection, bytes.
     bytes_per_detection: Option<f64>,
+    /// Of which the input-row mirror (`Tables`), estimated from hash-table capacity.
+    mirror_bytes_per_detection: f64,
 }
 
 fn dataflow(args: DataflowArgs) -> anyhow::Result<ExitCode> {
@@ -123,6 +125,7 @@ fn measure(size: u64, args: &DataflowArgs) -> anyhow::Result<SizeReport> {
     bar.finish_and_clear();
     let loaded = engine.tables().detections.len() as u64;
     let rss_after = resident_bytes();
+    let mirror_bytes_per_detection = engine.tables().approx_heap_bytes() as f64 / loaded.max(1) as f64;
 
     // (a) single result messages, one dataflow time each.
     let mut incremental = Samples::new();
@@ -176,6 +179,7 @@ fn measure(size: u64, args: &DataflowArgs) -> anyhow::Result<SizeReport> {
         filter_edit_us,
         filter_edit_owners,
         bytes_per_detection,
+        mirror_bytes_per_detection,
     })
 }
 
@@ -188,7 +192,7 @@ fn render(reports: &[SizeReport], args: &DataflowArgs) -> String {
         args.load_batch,
         args.workers
     );
-    out.push_str("| detections in deployment | (a) one result, incremental: mean / p99 | (b) recompute image+event+deployment | (b)/(a) | (c) bulk load | (d) include edit, 10% of detections | (e) memory per detection |\n");
+    out.push_str("| detections in deployment | (a) one result, incremental: mean / p99 | (b) recompute image+event+deployment | (b)/(a) | (c) bulk load | (d) include edit, 10% of detections | (e) memory per detection (of which row mirror) |\n");
     out.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in reports {
         out.push_str(&format!(
@@ -201,7 +205,9 @@ fn render(reports: &[SizeReport], args: &DataflowArgs) -> String {
             thousands(r.load_rate as i64),
             human_us(r.filter_edit_us),
             r.filter_edit_owners,
-            r.bytes_per_detection.map(|b| format!("{b:.0} B")).unwrap_or_else(|| "n/a".into()),
+            r.bytes_per_detection
+                .map(|b| format!("{b:.0} B ({:.0} B)", r.mirror_bytes_per_detection))
+                .unwrap_or_else(|| "n/a".into()),
         ));
     }
     if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
