@@ -1,7 +1,11 @@
 //! Command-line interface: one module per subcommand, dispatched from [`run`].
 
 pub mod bench;
+pub mod counts;
 pub mod demo;
+pub mod migrate;
+pub mod rebuild;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -32,6 +36,17 @@ pub enum Command {
     /// Benchmarks that print figures side by side, measured in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Create Antenna's tables on an empty database (none are touched where they exist) and
+    /// tally's own schema `tally`. Idempotent.
+    Migrate(migrate::MigrateArgs),
+    /// Load every count input from Postgres into the dataflow, then write every stored count
+    /// that differs from its definition.
+    Rebuild(rebuild::RebuildArgs),
+    /// Recompute every count with SQL (independently of the dataflow) and report the stored
+    /// values that differ; exit status 1 when any do. `--fix` writes the correct values.
+    Verify(verify::VerifyArgs),
+    /// List projects, deployments or events with their stored counts (table, CSV or JSON).
+    Counts(counts::CountsArgs),
 }
 
 /// Runs the parsed command line.
@@ -39,5 +54,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Migrate(args) => runtime()?.block_on(migrate::run(args)),
+        Command::Rebuild(args) => runtime()?.block_on(rebuild::run(args)),
+        Command::Verify(args) => runtime()?.block_on(verify::run(args)),
+        Command::Counts(args) => runtime()?.block_on(counts::run(args)),
     }
+}
+
+/// The async runtime of the commands that talk to services.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

@@ -2,9 +2,12 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the subcommands (`demo`, `bench`) and their arguments.
+//! - [`cli`]: the subcommands and their arguments.
+//! - [`config`]: database settings (flags and environment).
+//! - [`store`]: Postgres: migrations, schema checks, bootstrap, sink, verify.
 //! - [`synth`]: a synthetic ADC-like workload for the demo and the benchmarks.
 //! - [`taxa_file`]: Antenna's taxonomy fixture files.
+//! - [`plot`]: small SVG line charts for benchmark reports.
 //! - [`stats`]: means, percentiles and resident memory for reports.
 //! - [`table`]: aligned terminal tables and timestamp formatting.
 //! - [`telemetry`]: `tracing` setup (text or JSON).
@@ -13,7 +16,10 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod config;
+pub mod plot;
 pub mod stats;
+pub mod store;
 pub mod synth;
 pub mod table;
 pub mod taxa_file;

@@ -13,6 +13,7 @@ use tally_dataflows::oracle::Oracle;
 use tally_dataflows::taxonomy::Taxonomy;
 use tally_dataflows::{Engine, InputBatch};
 
+use crate::plot::{Chart, Series};
 use crate::stats::{human_us, resident_bytes, Samples};
 use crate::synth::{Workload, WorkloadConfig};
 use crate::table::thousands;
@@ -46,6 +47,9 @@ pub struct DataflowArgs {
     /// Also write the markdown table to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Also draw per-result cost against deployment size (SVG, log-log) to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Print JSON instead of markdown.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +95,9 @@ fn dataflow(args: DataflowArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(path) = &args.output {
         std::fs::write(path, &markdown).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot(&reports).to_svg()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -181,6 +188,26 @@ fn measure(size: u64, args: &DataflowArgs) -> anyhow::Result<SizeReport> {
         bytes_per_detection,
         mirror_bytes_per_detection,
     })
+}
+
+fn plot(reports: &[SizeReport]) -> Chart {
+    let series = |name: &str, color, y: fn(&SizeReport) -> f64| Series {
+        name: name.to_string(),
+        color,
+        points: reports.iter().map(|r| (r.detections as f64, y(r))).collect(),
+    };
+    Chart {
+        title: "Cost of one ML result vs deployment size".into(),
+        x_label: "detections in the deployment".into(),
+        y_label: "µs per result".into(),
+        series: vec![
+            series("recompute image + event + deployment (what Antenna does)", "#c0392b", |r| r.recompute_mean_us),
+            series("incremental (tally dataflow), mean", "#2471a3", |r| r.incremental_mean_us),
+            series("incremental, p99", "#7fb3d5", |r| r.incremental_p99_us),
+        ],
+        log_x: true,
+        log_y: true,
+    }
 }
 
 fn render(reports: &[SizeReport], args: &DataflowArgs) -> String {

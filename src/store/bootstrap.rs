@@ -1,0 +1,219 @@
+//! Bootstrap: every dataflow input read from Postgres with binary `COPY … TO STDOUT`, fed to
+//! the engine in bounded chunks.
+//!
+//! Memory: one chunk of rows (`CHUNK` rows) in flight besides what the engine holds.
+//! Timestamps are read as microseconds since the Unix epoch of the stored instant; the
+//! dataflow only orders them and the sink writes them back unchanged.
+
+use std::pin::pin;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use tally_dataflows::{
+    Deployment, Detection, Engine, Event, FilterTaxon, Image, InputBatch, Occurrence, Project, Score, Taxon,
+};
+use tokio_postgres::binary_copy::{BinaryCopyOutRow, BinaryCopyOutStream};
+use tokio_postgres::types::Type;
+use tracing::info;
+
+use crate::store::{Store, StoreError};
+
+/// Rows per engine batch during bootstrap.
+const CHUNK: usize = 200_000;
+
+/// What a bootstrap read.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct BootstrapReport {
+    /// Rows read, all tables.
+    pub rows: u64,
+    /// Detections read.
+    pub detections: u64,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// A table's rows as one dataflow input.
+struct Source {
+    name: &'static str,
+    sql: &'static str,
+    types: &'static [Type],
+    push: fn(&BinaryCopyOutRow, &mut InputBatch) -> Result<(), tokio_postgres::Error>,
+}
+
+fn id(row: &BinaryCopyOutRow, i: usize) -> Result<u64, tokio_postgres::Error> {
+    Ok(row.try_get::<i64>(i)? as u64)
+}
+
+fn opt_id(row: &BinaryCopyOutRow, i: usize) -> Result<Option<u64>, tokio_postgres::Error> {
+    Ok(row.try_get::<Option<i64>>(i)?.map(|v| v as u64))
+}
+
+const SOURCES: &[Source] = &[
+    Source {
+        name: "main_taxon",
+        sql: "SELECT t.id, coalesce((SELECT array_agg((e->>'id')::numeric::int8)
+                FROM jsonb_array_elements(CASE jsonb_typeof(t.parents_json) WHEN 'array' THEN t.parents_json ELSE '[]'::jsonb END) e
+                WHERE jsonb_typeof(e) = 'object' AND e ? 'id'), '{}')
+              FROM main_taxon t",
+        types: &[Type::INT8, Type::INT8_ARRAY],
+        push: |r, b| {
+            let ancestors = r.try_get::<Vec<i64>>(1)?.into_iter().map(|a| a as u64).collect();
+            b.taxa.push((id(r, 0)?, Some(Taxon { ancestors })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_project",
+        sql: "SELECT id, default_filters_score_threshold FROM main_project",
+        types: &[Type::INT8, Type::FLOAT8],
+        push: |r, b| {
+            b.projects.push((id(r, 0)?, Some(Project { threshold: Score::new(r.try_get(1)?) })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_project_default_filters_include_taxa",
+        sql: "SELECT id, project_id, taxon_id FROM main_project_default_filters_include_taxa",
+        types: &[Type::INT8, Type::INT8, Type::INT8],
+        push: |r, b| {
+            b.include_taxa.push((id(r, 0)?, Some(FilterTaxon { project: id(r, 1)?, taxon: id(r, 2)? })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_project_default_filters_exclude_taxa",
+        sql: "SELECT id, project_id, taxon_id FROM main_project_default_filters_exclude_taxa",
+        types: &[Type::INT8, Type::INT8, Type::INT8],
+        push: |r, b| {
+            b.exclude_taxa.push((id(r, 0)?, Some(FilterTaxon { project: id(r, 1)?, taxon: id(r, 2)? })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_deployment",
+        sql: "SELECT id, project_id FROM main_deployment",
+        types: &[Type::INT8, Type::INT8],
+        push: |r, b| {
+            b.deployments.push((id(r, 0)?, Some(Deployment { project: opt_id(r, 1)? })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_event",
+        sql: "SELECT id, deployment_id, project_id FROM main_event",
+        types: &[Type::INT8, Type::INT8, Type::INT8],
+        push: |r, b| {
+            b.events.push((id(r, 0)?, Some(Event { deployment: opt_id(r, 1)?, project: opt_id(r, 2)? })));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_sourceimage",
+        sql: "SELECT id, event_id, deployment_id, project_id,
+                (extract(epoch FROM \"timestamp\") * 1000000)::int8, size
+              FROM main_sourceimage",
+        types: &[Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::INT8],
+        push: |r, b| {
+            b.images.push((
+                id(r, 0)?,
+                Some(Image {
+                    event: opt_id(r, 1)?,
+                    deployment: opt_id(r, 2)?,
+                    project: opt_id(r, 3)?,
+                    timestamp: r.try_get(4)?,
+                    size: r.try_get(5)?,
+                }),
+            ));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_occurrence",
+        sql: "SELECT id, event_id, deployment_id, determination_id, determination_score FROM main_occurrence",
+        types: &[Type::INT8, Type::INT8, Type::INT8, Type::INT8, Type::FLOAT8],
+        push: |r, b| {
+            b.occurrences.push((
+                id(r, 0)?,
+                Some(Occurrence {
+                    event: opt_id(r, 1)?,
+                    deployment: opt_id(r, 2)?,
+                    determination: opt_id(r, 3)?,
+                    score: r.try_get::<Option<f64>>(4)?.map(Score::new),
+                }),
+            ));
+            Ok(())
+        },
+    },
+    Source {
+        name: "main_detection",
+        sql: "SELECT id, source_image_id, occurrence_id, bbox IS NOT NULL FROM main_detection",
+        types: &[Type::INT8, Type::INT8, Type::INT8, Type::BOOL],
+        push: |r, b| {
+            b.detections.push((
+                id(r, 0)?,
+                Some(Detection { image: id(r, 1)?, occurrence: opt_id(r, 2)?, valid: r.try_get(3)? }),
+            ));
+            Ok(())
+        },
+    },
+];
+
+/// Reads every input table into `engine`.
+pub async fn bootstrap(store: &Store, engine: &mut Engine) -> Result<BootstrapReport, StoreError> {
+    let client = store.client().await?;
+    let start = Instant::now();
+    let estimate: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(greatest(reltuples, 0)), 0)::int8 FROM pg_class
+             WHERE oid = ANY(ARRAY['main_taxon','main_project','main_deployment','main_event','main_sourceimage',
+                                   'main_occurrence','main_detection']::regclass[])",
+            &[],
+        )
+        .await?
+        .get(0);
+    let bar = ProgressBar::new(estimate.max(1) as u64).with_style(
+        ProgressStyle::with_template("{msg:>24} [{bar:40}] {pos}/~{len} rows  {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut report = BootstrapReport::default();
+    for source in SOURCES {
+        bar.set_message(source.name);
+        let copy = client.copy_out(&format!("COPY ({}) TO STDOUT (FORMAT binary)", source.sql)).await?;
+        let mut rows = pin!(BinaryCopyOutStream::new(copy, source.types));
+        let mut batch = InputBatch::default();
+        let mut read = 0u64;
+        while let Some(row) = rows.next().await {
+            (source.push)(&row?, &mut batch)?;
+            read += 1;
+            if batch.len() >= CHUNK {
+                apply(engine, &batch)?;
+                batch = InputBatch::default();
+                bar.inc(CHUNK as u64);
+                if bar.is_hidden() {
+                    info!(table = source.name, rows = read, "bootstrap progress");
+                }
+            }
+        }
+        apply(engine, &batch)?;
+        bar.inc(batch.len() as u64);
+        if source.name == "main_detection" {
+            report.detections = read;
+        }
+        report.rows += read;
+        info!(table = source.name, rows = read, "bootstrap read table");
+    }
+    bar.finish_and_clear();
+    report.seconds = start.elapsed().as_secs_f64();
+    info!(rows = report.rows, seconds = report.seconds, "bootstrap done");
+    Ok(report)
+}
+
+fn apply(engine: &mut Engine, batch: &InputBatch) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    tokio::task::block_in_place(|| engine.apply(batch))?;
+    Ok(())
+}
