@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand, dispatched from [`run`].
 
 pub mod bench;
+pub mod bench_store;
 pub mod counts;
 pub mod demo;
 pub mod migrate;

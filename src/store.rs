@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod check;
 pub mod connect;
 pub mod migrate;
+pub mod seed;
 pub mod sink;
 pub mod verify;
 

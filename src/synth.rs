@@ -12,7 +12,7 @@ use tally_dataflows::{
 /// Microseconds in one hour.
 const HOUR: Micros = 3_600_000_000;
 
-/// 2026-06-01 00:00, the first night of every synthetic deployment.
+/// 2026-06-01 00:00 UTC, the first night of every synthetic deployment.
 const FIRST_NIGHT: Micros = 20_605 * 24 * HOUR;
 
 /// The shape of a synthetic deployment.
@@ -140,7 +140,7 @@ impl Workload {
         let event = self.events.get(night).copied();
         let image = self.next_image;
         self.next_image += 1;
-        // Captures every 10 s from 21:00 on night `night`.
+        // Captures every 10 s from 21:00 UTC on night `night`.
         let timestamp =
             FIRST_NIGHT + (night as Micros) * 24 * HOUR + 21 * HOUR + ((n % per_night) as Micros) * 10_000_000;
         batch.images.push((

@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 /// A primary key (`bigint` in Antenna).
 pub type Id = u64;
 
-/// A naive wall-clock timestamp in microseconds since 1970-01-01 00:00 (Django stores naive
-/// local time; tally never converts it, it only orders it).
+/// A `timestamp with time zone` as an instant: microseconds since 1970-01-01 00:00 UTC.
+///
+/// The dataflow only orders these (as SQL's `min`/`max` on `timestamptz` do) and the store
+/// writes them back unchanged. Django's convention (naive wall-clock in its TIME_ZONE) matters
+/// only where times are shown or `now()` is written, and the store's session time zone takes
+/// care of both.
 pub type Micros = i64;
 
 /// A `double precision` value that compares exactly as Postgres compares `float8`.

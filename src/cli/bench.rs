@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// The count dataflow alone, no services: per-result cost (incremental vs recompute of the
     /// affected owners) at several deployment sizes, bulk-load rate, a filter edit, memory.
     Dataflow(DataflowArgs),
+    /// Postgres: seed a scratch database with a synthetic deployment, then time the bootstrap,
+    /// the changed-count sink and `verify`.
+    Store(crate::cli::bench_store::StoreBenchArgs),
 }
 
 /// Options of `tally bench dataflow`.
@@ -59,6 +62,10 @@ pub struct DataflowArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Dataflow(args) => dataflow(args),
+        BenchCommand::Store(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::cli::bench_store::run(args)),
     }
 }
 

@@ -204,7 +204,7 @@ fn describe_filters(w: &Workload) {
 }
 
 fn print_counts(counts: &AllCounts, w: &Workload) {
-    let mut events = Table::new(&["event", "start", "end", ">captures", ">detections", ">occurrences"]);
+    let mut events = Table::new(&["event", "start (UTC)", "end (UTC)", ">captures", ">detections", ">occurrences"]);
     for (id, c) in &counts.events {
         events.row(vec![
             id.to_string(),
@@ -226,8 +226,8 @@ fn print_counts(counts: &AllCounts, w: &Workload) {
         ">detections",
         ">occurrences",
         ">taxa",
-        "first capture",
-        "last capture",
+        "first capture (UTC)",
+        "last capture (UTC)",
     ]);
     for (id, c) in &counts.deployments {
         deployments.row(vec![

@@ -1,0 +1,133 @@
+//! Seeding Antenna's tables from a [`Tables`] value: for tests, demos and benchmarks.
+//!
+//! One `INSERT … SELECT FROM UNNEST(…)` per table, in one transaction, supplying every NOT
+//! NULL column as Django would (no database defaults exist).
+
+use tally_dataflows::Tables;
+
+use crate::store::{Store, StoreError};
+
+/// Inserts every row of `tables` into Antenna's tables, supplying every NOT NULL column as
+/// Django would (no database defaults exist). Rows must be referentially consistent: the
+/// foreign keys are checked at commit.
+pub async fn seed(store: &Store, tables: &Tables) -> Result<(), StoreError> {
+    let mut client = store.client().await?;
+    let tx = client.transaction().await?;
+    let sorted = |ids: Vec<u64>| {
+        let mut v: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
+        v.sort();
+        v
+    };
+    let opt = |v: Option<u64>| v.map(|v| v as i64);
+
+    let ids = sorted(tables.taxa.keys().copied().collect());
+    let parents: Vec<serde_json::Value> = ids
+        .iter()
+        .map(|id| {
+            serde_json::Value::Array(
+                tables.taxa[&(*id as u64)]
+                    .ancestors
+                    .iter()
+                    .map(|a| serde_json::json!({"id": a, "name": format!("taxon {a}"), "rank": "GENUS"}))
+                    .collect(),
+            )
+        })
+        .collect();
+    tx.execute(
+        "INSERT INTO main_taxon (id, created_at, updated_at, name, rank, active, author, notes, parents_json)
+         SELECT id, now(), now(), 'taxon ' || id, 'SPECIES', true, '', '', p
+         FROM UNNEST($1::int8[], $2::jsonb[]) AS u(id, p)",
+        &[&ids, &parents],
+    )
+    .await?;
+
+    let ids = sorted(tables.projects.keys().copied().collect());
+    let thresholds: Vec<f64> = ids.iter().map(|id| tables.projects[&(*id as u64)].threshold.get()).collect();
+    tx.execute(
+        "INSERT INTO main_project (id, created_at, updated_at, name, description, active, priority, feature_flags,
+                                   default_filters_score_threshold, session_time_gap_seconds, draft)
+         SELECT id, now(), now(), 'project ' || id, '', true, 1, '{}', t, 7200, false
+         FROM UNNEST($1::int8[], $2::float8[]) AS u(id, t)",
+        &[&ids, &thresholds],
+    )
+    .await?;
+
+    for (table, rows) in [
+        ("main_project_default_filters_include_taxa", &tables.include_taxa),
+        ("main_project_default_filters_exclude_taxa", &tables.exclude_taxa),
+    ] {
+        let ids = sorted(rows.keys().copied().collect());
+        let projects: Vec<i64> = ids.iter().map(|id| rows[&(*id as u64)].project as i64).collect();
+        let taxa: Vec<i64> = ids.iter().map(|id| rows[&(*id as u64)].taxon as i64).collect();
+        tx.execute(
+            &format!("INSERT INTO {table} (id, project_id, taxon_id) SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[])"),
+            &[&ids, &projects, &taxa],
+        )
+        .await?;
+    }
+
+    let ids = sorted(tables.deployments.keys().copied().collect());
+    let projects: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.deployments[&(*id as u64)].project)).collect();
+    tx.execute(
+        "INSERT INTO main_deployment (id, created_at, updated_at, name, description, project_id)
+         SELECT id, now(), now(), 'deployment ' || id, '', p FROM UNNEST($1::int8[], $2::int8[]) AS u(id, p)",
+        &[&ids, &projects],
+    )
+    .await?;
+
+    let ids = sorted(tables.events.keys().copied().collect());
+    let deployments: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.events[&(*id as u64)].deployment)).collect();
+    let projects: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.events[&(*id as u64)].project)).collect();
+    tx.execute(
+        "INSERT INTO main_event (id, created_at, updated_at, group_by, start, deployment_id, project_id)
+         SELECT id, now(), now(), 'group ' || id, timestamptz '2000-01-01', d, p
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS u(id, d, p)",
+        &[&ids, &deployments, &projects],
+    )
+    .await?;
+
+    let ids = sorted(tables.images.keys().copied().collect());
+    let rows: Vec<_> = ids.iter().map(|id| &tables.images[&(*id as u64)]).collect();
+    let events: Vec<Option<i64>> = rows.iter().map(|r| opt(r.event)).collect();
+    let deployments: Vec<Option<i64>> = rows.iter().map(|r| opt(r.deployment)).collect();
+    let projects: Vec<Option<i64>> = rows.iter().map(|r| opt(r.project)).collect();
+    let timestamps: Vec<Option<i64>> = rows.iter().map(|r| r.timestamp).collect();
+    let sizes: Vec<Option<i64>> = rows.iter().map(|r| r.size).collect();
+    tx.execute(
+        "INSERT INTO main_sourceimage (id, created_at, updated_at, path, test_image, event_id, deployment_id, project_id,
+                                       \"timestamp\", size)
+         SELECT id, now(), now(), 'image/' || id || '.jpg', false, e, d, p,
+                timestamptz 'epoch' + ts * interval '1 microsecond', s
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) AS u(id, e, d, p, ts, s)",
+        &[&ids, &events, &deployments, &projects, &timestamps, &sizes],
+    )
+    .await?;
+
+    let ids = sorted(tables.occurrences.keys().copied().collect());
+    let rows: Vec<_> = ids.iter().map(|id| &tables.occurrences[&(*id as u64)]).collect();
+    let events: Vec<Option<i64>> = rows.iter().map(|r| opt(r.event)).collect();
+    let deployments: Vec<Option<i64>> = rows.iter().map(|r| opt(r.deployment)).collect();
+    let determinations: Vec<Option<i64>> = rows.iter().map(|r| opt(r.determination)).collect();
+    let scores: Vec<Option<f64>> = rows.iter().map(|r| r.score.map(|s| s.get())).collect();
+    tx.execute(
+        "INSERT INTO main_occurrence (id, created_at, updated_at, event_id, deployment_id, determination_id, determination_score)
+         SELECT id, now(), now(), e, d, t, s FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::float8[]) AS u(id, e, d, t, s)",
+        &[&ids, &events, &deployments, &determinations, &scores],
+    )
+    .await?;
+
+    let ids = sorted(tables.detections.keys().copied().collect());
+    let rows: Vec<_> = ids.iter().map(|id| &tables.detections[&(*id as u64)]).collect();
+    let images: Vec<i64> = rows.iter().map(|r| r.image as i64).collect();
+    let occurrences: Vec<Option<i64>> = rows.iter().map(|r| opt(r.occurrence)).collect();
+    let valid: Vec<bool> = rows.iter().map(|r| r.valid).collect();
+    tx.execute(
+        "INSERT INTO main_detection (id, created_at, updated_at, source_image_id, occurrence_id, bbox)
+         SELECT id, now(), now(), i, o, CASE WHEN v THEN jsonb_build_array(0.0, 0.0, 10.0, 10.0) END
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::bool[]) AS u(id, i, o, v)",
+        &[&ids, &images, &occurrences, &valid],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
