@@ -43,7 +43,12 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let store = store::connect(&args.db).await?;
     store::check::check_schema(&store).await?;
     let scope = Scope { project: args.project, deployment: args.deployment };
-    let verification = store::verify::verify(&store, scope).await?;
+    // A spinner on a terminal (hidden otherwise): the recompute takes ~50 s per 1M detections.
+    let spinner = indicatif::ProgressBar::new_spinner().with_message("recomputing every count in SQL");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let verification = store::verify::verify(&store, scope).await;
+    spinner.finish_and_clear();
+    let verification = verification?;
     let checked = verification.expected.images.len()
         + verification.expected.events.len()
         + verification.expected.deployments.len();
