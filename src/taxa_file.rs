@@ -3,27 +3,13 @@
 use std::path::Path;
 
 use anyhow::Context;
-use serde::Deserialize;
 use tally_dataflows::taxonomy::{FixtureRow, Taxonomy};
-
-#[derive(Deserialize)]
-struct Row {
-    species: String,
-    genus: String,
-    family: String,
-    #[serde(default)]
-    synonym_of: Option<String>,
-}
 
 /// Loads a fixture file as the taxonomy `import_taxa` would create, ids from 1.
 pub fn load(path: &Path) -> anyhow::Result<Taxonomy> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read taxonomy file {}", path.display()))?;
-    let rows: Vec<Row> = serde_json::from_str(&text)
+    let rows: Vec<FixtureRow> = serde_json::from_str(&text)
         .with_context(|| format!("{} is not an Antenna taxonomy fixture", path.display()))?;
-    let rows: Vec<FixtureRow> = rows
-        .into_iter()
-        .map(|r| FixtureRow { species: r.species, genus: r.genus, family: r.family, synonym_of: r.synonym_of })
-        .collect();
     Ok(Taxonomy::from_fixture(&rows, 1))
 }

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use crate::model::{Id, Taxon};
 
-/// One row of a fixture file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One row of a fixture file (other keys, such as `gbif_taxon_key`, are ignored).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct FixtureRow {
     /// Species name.
     pub species: String,
@@ -20,7 +20,8 @@ pub struct FixtureRow {
     pub genus: String,
     /// Family name.
     pub family: String,
-    /// The species this one is a synonym of, if any.
+    /// The accepted species this one is a synonym of, if any.
+    #[serde(default)]
     pub synonym_of: Option<String>,
 }
 

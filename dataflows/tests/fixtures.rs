@@ -13,22 +13,9 @@ const QUEBEC_VERMONT_2022: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/taxa-quebec-vermont-2022.json");
 const QC_VT_UK_DK_2023: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/taxa-qc-vt-uk-dk-2023.json");
 
-/// One fixture row as stored; other keys (`gbif_taxon_key`, …) are ignored.
-#[derive(serde::Deserialize)]
-struct Row {
-    species: String,
-    genus: String,
-    family: String,
-    #[serde(default)]
-    synonym_of: Option<String>,
-}
-
 fn rows(path: &str) -> Vec<FixtureRow> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-    let rows: Vec<Row> = serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {path}: {e}"));
-    rows.into_iter()
-        .map(|r| FixtureRow { species: r.species, genus: r.genus, family: r.family, synonym_of: r.synonym_of })
-        .collect()
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {path}: {e}"))
 }
 
 fn load(path: &str) -> Taxonomy {
