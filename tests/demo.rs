@@ -20,6 +20,7 @@ fn demo_counts_match_the_recompute() {
     let out = demo(&["--nights", "3", "--images-per-night", "50"]);
     assert!(out.contains("✓ every maintained count equals the from-scratch recompute"), "{out}");
     assert!(out.contains("filter edit:"), "no filter edit reported:\n{out}");
+    assert!(out.contains("filter edit after 75 results: included family"), "mid-stream edit line missing:\n{out}");
     assert!(out.contains("incremental (dataflow)"), "no timing table:\n{out}");
 }
 

@@ -98,12 +98,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 let start = Instant::now();
                 let changes = engine.apply(&edit)?;
                 edited = Some((start.elapsed(), changes.len()));
-                bar.println(format!(
+                let line = format!(
                     "filter edit after {sent} results: included family {} → {} owners changed in {}",
                     workload.taxonomy.names[workload.included_families.last().unwrap_or(&0)],
                     changes.len(),
                     human_us(start.elapsed().as_secs_f64() * 1e6),
-                ));
+                );
+                // On a terminal above the bar; elsewhere the bar is hidden and so is its println.
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
         }
     }
