@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use tally::synth::{Workload, WorkloadConfig};
 use tally_dataflows::oracle::Oracle;
 use tally_dataflows::taxonomy::Taxonomy;
-use tally_dataflows::{Engine, InputBatch};
+use tally_dataflows::Engine;
 
 fn loaded(detections: u64) -> (Engine, Workload) {
     let images_per_night = (detections / 80).max(1) as usize;
@@ -20,11 +20,7 @@ fn loaded(detections: u64) -> (Engine, Workload) {
     let mut engine = Engine::new(1).expect("engine");
     engine.apply(&workload.setup()).expect("setup");
     while (engine.tables().detections.len() as u64) < detections {
-        let mut batch = InputBatch::default();
-        for _ in 0..1000 {
-            workload.add_message(&mut batch);
-        }
-        engine.apply(&batch).expect("load");
+        engine.apply(&workload.messages(1000)).expect("load");
     }
     (engine, workload)
 }
@@ -36,14 +32,9 @@ fn per_result(c: &mut Criterion) {
         let (mut engine, mut workload) = loaded(size);
         // Recompute first: every incremental iteration below adds a result to the deployment.
         let image = *engine.tables().images.keys().next().expect("an image");
-        let row = engine.tables().images[&image].clone();
         let oracle = Oracle::new(engine.tables());
         group.bench_with_input(BenchmarkId::new("recompute", size), &size, |b, _| {
-            b.iter(|| {
-                black_box(oracle.image(image));
-                black_box(row.event.and_then(|e| oracle.event(e)));
-                black_box(row.deployment.and_then(|d| oracle.deployment(d)))
-            })
+            b.iter(|| black_box(oracle.recompute_for_image(image)))
         });
         drop(oracle);
         group.bench_with_input(BenchmarkId::new("incremental", size), &size, |b, _| {
@@ -58,10 +49,7 @@ fn bulk_load(c: &mut Criterion) {
     group.sample_size(10);
     let config = WorkloadConfig { nights: 10, images_per_night: 1_000, ..WorkloadConfig::default() };
     let mut workload = Workload::new(Taxonomy::synthetic(10, 10, 20), config);
-    let mut batch = InputBatch::default();
-    for _ in 0..1_250 {
-        workload.add_message(&mut batch);
-    }
+    let batch = workload.messages(1_250);
     group.throughput(Throughput::Elements(batch.detections.len() as u64));
     group.bench_function("10k detections in one batch", |b| {
         b.iter_batched(

@@ -14,7 +14,7 @@ pub mod verify;
 
 use thiserror::Error;
 
-pub use connect::{connect, Store};
+pub use connect::{connect, sibling_database_url, Store};
 
 /// Errors at the Postgres boundary.
 #[derive(Debug, Error)]

@@ -127,13 +127,20 @@ impl Workload {
     /// with a new occurrence determined to a random species with a random score; an image with
     /// no detection gets a null marker.
     pub fn message(&mut self) -> InputBatch {
+        self.messages(1)
+    }
+
+    /// The next `n` ML results in one batch (for bulk loads and batched ingest).
+    pub fn messages(&mut self, n: usize) -> InputBatch {
         let mut batch = InputBatch::default();
-        self.add_message(&mut batch);
+        for _ in 0..n {
+            self.add_message(&mut batch);
+        }
         batch
     }
 
-    /// Appends one ML result to `batch` (for bulk loads).
-    pub fn add_message(&mut self, batch: &mut InputBatch) {
+    /// Appends one ML result to `batch`.
+    fn add_message(&mut self, batch: &mut InputBatch) {
         let n = (self.next_image - 1_000_000_000) as usize;
         let per_night = self.config.images_per_night.max(1);
         let night = (n / per_night) % self.config.nights.max(1);

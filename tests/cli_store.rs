@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use common::{seed, Flavor, TestDb};
 use tally::synth::{Workload, WorkloadConfig};
 use tally_dataflows::taxonomy::Taxonomy;
-use tally_dataflows::{InputBatch, Tables};
+use tally_dataflows::Tables;
 
 fn tally(args: &[&str], url: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -28,11 +28,7 @@ fn synthetic() -> Tables {
     let mut w = Workload::new(Taxonomy::synthetic(4, 3, 5), config);
     let mut t = Tables::default();
     t.apply(&w.setup());
-    let mut batch = InputBatch::default();
-    for _ in 0..60 {
-        w.add_message(&mut batch);
-    }
-    t.apply(&batch);
+    t.apply(&w.messages(60));
     t
 }
 

@@ -175,6 +175,17 @@ impl<'a> Oracle<'a> {
         })
     }
 
+    /// What Antenna recomputes after saving one result: the image's counts, and those of the
+    /// image's event and deployment (`None` for an owner that does not exist).
+    pub fn recompute_for_image(&self, id: Id) -> (Option<ImageCounts>, Option<EventCounts>, Option<DeploymentCounts>) {
+        let image = self.tables.images.get(&id);
+        (
+            self.image(id),
+            image.and_then(|i| i.event).and_then(|e| self.event(e)),
+            image.and_then(|i| i.deployment).and_then(|d| self.deployment(d)),
+        )
+    }
+
     /// Every owner's counts.
     pub fn all(&self) -> AllCounts {
         let mut all = AllCounts::default();

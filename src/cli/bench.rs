@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tally_dataflows::oracle::Oracle;
 use tally_dataflows::taxonomy::Taxonomy;
-use tally_dataflows::{Engine, InputBatch};
+use tally_dataflows::Engine;
 
 use crate::plot::{Chart, Series};
 use crate::stats::{human_us, resident_bytes, Samples};
@@ -127,10 +127,7 @@ fn measure(size: u64, args: &DataflowArgs) -> anyhow::Result<SizeReport> {
     bar.set_message(format!("load {}", thousands(size as i64)));
     let mut loading = 0.0;
     while (engine.tables().detections.len() as u64) < size {
-        let mut batch = InputBatch::default();
-        for _ in 0..args.load_batch.max(1) {
-            workload.add_message(&mut batch);
-        }
+        let batch = workload.messages(args.load_batch.max(1));
         let start = Instant::now();
         engine.apply(&batch)?;
         loading += start.elapsed().as_secs_f64();
@@ -157,15 +154,8 @@ fn measure(size: u64, args: &DataflowArgs) -> anyhow::Result<SizeReport> {
     let oracle = Oracle::new(engine.tables());
     let mut recompute = Samples::new();
     for image in touched.iter().take(args.recompute_samples.max(1)) {
-        let row = &engine.tables().images[image];
         let start = Instant::now();
-        std::hint::black_box(oracle.image(*image));
-        if let Some(e) = row.event {
-            std::hint::black_box(oracle.event(e));
-        }
-        if let Some(d) = row.deployment {
-            std::hint::black_box(oracle.deployment(d));
-        }
+        std::hint::black_box(oracle.recompute_for_image(*image));
         recompute.push(start.elapsed());
     }
     drop(oracle);

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use tally_dataflows::taxonomy::Taxonomy;
-use tally_dataflows::{Engine, InputBatch, Tables};
+use tally_dataflows::{Engine, Tables};
 use tokio_postgres::NoTls;
 
 use crate::config::DbArgs;
@@ -44,9 +44,8 @@ pub async fn run(args: StoreBenchArgs) -> anyhow::Result<ExitCode> {
     tokio::spawn(connection);
     admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await?;
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let url = match args.database_url.rfind('/') {
-        Some(i) => format!("{}/{name}", &args.database_url[..i]),
-        None => anyhow::bail!("--database-url must end with /<database>"),
+    let Some(url) = store::sibling_database_url(&args.database_url, &name) else {
+        anyhow::bail!("--database-url must end with /<database>");
     };
     let result = measure(&url, &args).await;
     if !args.keep {
@@ -70,11 +69,7 @@ async fn measure(url: &str, args: &StoreBenchArgs) -> anyhow::Result<String> {
     let mut tables = Tables::default();
     tables.apply(&workload.setup());
     while (tables.detections.len() as u64) < args.detections {
-        let mut batch = InputBatch::default();
-        for _ in 0..1000 {
-            workload.add_message(&mut batch);
-        }
-        tables.apply(&batch);
+        tables.apply(&workload.messages(1000));
     }
     let rows = tables.len() as f64;
     let start = Instant::now();

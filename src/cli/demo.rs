@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tally_dataflows::oracle::{recompute, Oracle};
 use tally_dataflows::taxonomy::{Rank, Taxonomy};
-use tally_dataflows::{AllCounts, Engine, InputBatch};
+use tally_dataflows::{AllCounts, Engine};
 
 use crate::stats::{human_us, Samples};
 use crate::synth::{Workload, WorkloadConfig};
@@ -83,11 +83,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut sent = 0;
     let mut edited = None;
     while sent < messages {
-        let mut batch = InputBatch::default();
         let n = batch_size.min(messages - sent);
-        for _ in 0..n {
-            workload.add_message(&mut batch);
-        }
+        let batch = workload.messages(n);
         sent += n;
         let start = Instant::now();
         changed_owners += engine.apply(&batch)?.len();
@@ -127,15 +124,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut affected = Samples::new();
     let images: Vec<u64> = engine.tables().images.keys().copied().take(200).collect();
     for image in images {
-        let row = &engine.tables().images[&image];
         let start = Instant::now();
-        std::hint::black_box(oracle.image(image));
-        if let Some(e) = row.event {
-            std::hint::black_box(oracle.event(e));
-        }
-        if let Some(d) = row.deployment {
-            std::hint::black_box(oracle.deployment(d));
-        }
+        std::hint::black_box(oracle.recompute_for_image(image));
         affected.push(start.elapsed());
     }
 

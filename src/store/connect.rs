@@ -66,6 +66,13 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     Ok(Store { pool, args: args.clone() })
 }
 
+/// `url` with its database replaced by `name` (for scratch databases beside a server's
+/// default one), or `None` when `url` names no database.
+pub fn sibling_database_url(url: &str, name: &str) -> Option<String> {
+    let (server, database) = url.rsplit_once('/')?;
+    (!database.is_empty() && server.contains("://")).then(|| format!("{server}/{name}"))
+}
+
 /// Connection errors that another attempt will not fix.
 fn is_permanent(e: &tokio_postgres::Error) -> bool {
     matches!(
@@ -74,4 +81,19 @@ fn is_permanent(e: &tokio_postgres::Error) -> bool {
             | Some(&SqlState::INVALID_PASSWORD)
             | Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sibling_database_url;
+
+    #[test]
+    fn replaces_only_the_database() {
+        assert_eq!(
+            sibling_database_url("postgres://postgres@127.0.0.1:5432/postgres", "scratch").as_deref(),
+            Some("postgres://postgres@127.0.0.1:5432/scratch")
+        );
+        assert_eq!(sibling_database_url("postgres://postgres@127.0.0.1:5432/", "x"), None);
+        assert_eq!(sibling_database_url("not a url", "x"), None);
+    }
 }

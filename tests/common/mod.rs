@@ -60,11 +60,8 @@ impl TestDb {
         let admin = admin().await;
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.expect("drop old db");
         admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
-        let base = server_url();
-        let url = match base.rfind('/') {
-            Some(i) => format!("{}/{name}", &base[..i]),
-            None => panic!("TALLY_TEST_DATABASE_URL must end with /<database>"),
-        };
+        let url = store::sibling_database_url(&server_url(), &name)
+            .unwrap_or_else(|| panic!("TALLY_TEST_DATABASE_URL must end with /<database>"));
         let db = TestDb { name, url };
         if flavor == Flavor::Antenna {
             // schema.sql clears search_path for its session: load it on a connection of its own.
