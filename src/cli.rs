@@ -1,11 +1,14 @@
 //! Command-line interface: one module per subcommand, dispatched from [`run`].
 
 pub mod bench;
+pub mod bench_ingest;
 pub mod bench_store;
 pub mod counts;
+pub mod dead_letters;
 pub mod demo;
 pub mod migrate;
 pub mod rebuild;
+pub mod serve;
 pub mod verify;
 
 use std::process::ExitCode;
@@ -30,6 +33,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: rebuild the count dataflow from Postgres, then consume ML results from
+    /// NATS JetStream, save them, keep every count exact and ack. Serves /healthz, /readyz and
+    /// /metrics. SIGTERM finishes the batch in hand, acks it and exits.
+    Serve(Box<serve::ServeArgs>),
     /// Run the count dataflow on a synthetic deployment, with no services: stream ML results,
     /// edit a filter mid-stream, print the maintained counts, check them against a from-scratch
     /// recompute, and compare the time of both.
@@ -48,17 +55,23 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// List projects, deployments or events with their stored counts (table, CSV or JSON).
     Counts(counts::CountsArgs),
+    /// Inspect the result messages ingest could not save (stored whole with the reason), and
+    /// re-publish them once the cause is fixed.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => runtime()?.block_on(serve::run(*args)),
         Command::Demo(args) => demo::run(args),
         Command::Bench(command) => bench::run(command),
         Command::Migrate(args) => runtime()?.block_on(migrate::run(args)),
         Command::Rebuild(args) => runtime()?.block_on(rebuild::run(args)),
         Command::Verify(args) => runtime()?.block_on(verify::run(args)),
         Command::Counts(args) => runtime()?.block_on(counts::run(args)),
+        Command::DeadLetters(command) => runtime()?.block_on(dead_letters::run(command)),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Configuration shared by the commands that talk to Postgres: flags, each with an
+//! Configuration shared by the commands that talk to Postgres and NATS: flags, each with an
 //! environment variable.
 
 use std::time::Duration;
@@ -46,5 +46,77 @@ impl DbArgs {
     pub fn backoff(&self, attempt: u32) -> Duration {
         let ms = self.connect_backoff_ms.saturating_mul(1u64 << attempt.saturating_sub(2).min(16));
         Duration::from_millis(ms.min(30_000))
+    }
+}
+
+/// How to reach NATS and which JetStream names to use. Defaults are Antenna's where Antenna has
+/// one (SPEC §4).
+#[derive(Clone, Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// The stream that carries result messages.
+    #[arg(long, env = "TALLY_RESULTS_STREAM", default_value = "TALLY_RESULTS")]
+    pub results_stream: String,
+    /// Results are published on `<prefix>.{job_id}`.
+    #[arg(long, env = "TALLY_RESULTS_SUBJECT_PREFIX", default_value = "tally.results")]
+    pub results_subject_prefix: String,
+    /// Seconds to wait for the first connection (a lost connection is retried forever).
+    #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub nats_connect_timeout: u64,
+    /// Seconds to wait for a JetStream API or acknowledgement reply.
+    #[arg(long, env = "TALLY_NATS_REQUEST_TIMEOUT", default_value_t = 10)]
+    pub nats_request_timeout: u64,
+}
+
+impl NatsArgs {
+    /// The settings for `url`, with every default.
+    pub fn for_url(url: &str) -> Self {
+        NatsArgs {
+            nats_url: url.to_string(),
+            results_stream: "TALLY_RESULTS".into(),
+            results_subject_prefix: "tally.results".into(),
+            nats_connect_timeout: 10,
+            nats_request_timeout: 10,
+        }
+    }
+
+    /// The subject of job `job_id`'s results.
+    pub fn results_subject(&self, job_id: i64) -> String {
+        format!("{}.{job_id}", self.results_subject_prefix)
+    }
+
+    /// Connects (one persistent connection that reconnects on its own once established),
+    /// retrying the first connection for up to `nats_connect_timeout` seconds.
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(self.nats_connect_timeout);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let options = async_nats::ConnectOptions::new()
+                .name("tally")
+                .connection_timeout(Duration::from_secs(self.nats_connect_timeout.clamp(1, 5)))
+                .request_timeout(Some(Duration::from_secs(self.nats_request_timeout)))
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("NATS connected"),
+                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                        other => tracing::info!(event = %other, "NATS event"),
+                    }
+                });
+            match async_nats::connect_with_options(self.nats_url.as_str(), options).await {
+                Ok(client) => return Ok(client),
+                Err(e) if std::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(url = %self.nats_url, error = %e, retry_in = ?delay, "cannot connect to NATS yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => anyhow::bail!(
+                    "cannot connect to NATS at {} within {} s: {e} (is nats-server running with -js?)",
+                    self.nats_url,
+                    self.nats_connect_timeout
+                ),
+            }
+        }
     }
 }

@@ -4,7 +4,13 @@
 //!
 //! - [`cli`]: the subcommands and their arguments.
 //! - [`config`]: database settings (flags and environment).
+//! - [`ingest`]: NATS results → validated rows → incremental counts → acks (`tally serve`).
+//! - [`jobs`]: exact job progress from the per-job image set.
 //! - [`store`]: Postgres: migrations, schema checks, bootstrap, sink, verify.
+//! - [`dead_letters`]: result messages that could not be saved: store, list, replay.
+//! - [`gateway`]: the worker API (claim, tasks, result) and processing-service heartbeats.
+//! - [`http`]: the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
+//! - [`metrics`]: the daemon's Prometheus metric names and recorder.
 //! - [`synth`]: a synthetic ADC-like workload for the demo and the benchmarks.
 //! - [`taxa_file`]: Antenna's taxonomy fixture files.
 //! - [`plot`]: small SVG line charts for benchmark reports.
@@ -17,6 +23,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
+pub mod gateway;
+pub mod http;
+pub mod ingest;
+pub mod jobs;
+pub mod metrics;
 pub mod plot;
 pub mod stats;
 pub mod store;

@@ -32,7 +32,7 @@ pub enum StoreError {
     #[error("database pool: {0}")]
     Pool(String),
     /// A statement failed.
-    #[error("database: {0}")]
+    #[error("database: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     /// Antenna's tables are missing.
     #[error("table {0} does not exist: run `tally migrate` first")]
@@ -51,6 +51,22 @@ pub enum StoreError {
     /// The dataflow engine stopped.
     #[error(transparent)]
     Engine(#[from] tally_dataflows::EngineError),
+}
+
+/// A Postgres error with the server's message, detail and SQLSTATE (tokio-postgres's own
+/// `Display` says only "db error").
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                s.push_str(": ");
+                s.push_str(detail);
+            }
+            s
+        }
+        None => e.to_string(),
+    }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {

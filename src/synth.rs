@@ -2,6 +2,10 @@
 //! and exclude filters, a deployment with several nights of captures, and ML results (one image
 //! each, Poisson-distributed detections, a new occurrence per detection).
 
+pub mod jobs;
+pub mod preload;
+pub mod results;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tally_dataflows::taxonomy::{Rank, Taxonomy};

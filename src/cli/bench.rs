@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Postgres: seed a scratch database with a synthetic deployment, then time the bootstrap,
     /// the changed-count sink and `verify`.
     Store(crate::cli::bench_store::StoreBenchArgs),
+    /// Ingest end to end (NATS JetStream → Postgres → acks) for each count strategy:
+    /// throughput, publish → ack latency, the raw COPY ceiling and issue 4's targets.
+    Ingest(Box<crate::cli::bench_ingest::IngestBenchArgs>),
 }
 
 /// Options of `tally bench dataflow`.
@@ -66,6 +69,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(crate::cli::bench_store::run(args)),
+        BenchCommand::Ingest(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::cli::bench_ingest::run(*args)),
     }
 }
 

@@ -217,3 +217,33 @@ fn apply(engine: &mut Engine, batch: &InputBatch) -> Result<(), StoreError> {
     tokio::task::block_in_place(|| engine.apply(batch))?;
     Ok(())
 }
+
+/// Reads the rows of input table `table` whose `column` is in `ids` into `batch`, as upserts.
+/// Ingest uses this to bring the engine the rows that Django may have created since the
+/// bootstrap (a new image, event or taxon) before it counts anything that refers to them.
+pub async fn read_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    column: &str,
+    ids: &[i64],
+    batch: &mut InputBatch,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let Some(source) = SOURCES.iter().find(|s| s.name == table) else {
+        return Err(StoreError::NotMigrated(format!("{table} (not a dataflow input)")));
+    };
+    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let sql = format!(
+        "COPY (SELECT * FROM ({}) s WHERE s.{column} = ANY('{{{}}}'::int8[])) TO STDOUT (FORMAT binary)",
+        source.sql,
+        list.join(",")
+    );
+    let copy = tx.copy_out(&sql).await?;
+    let mut rows = pin!(BinaryCopyOutStream::new(copy, source.types));
+    while let Some(row) = rows.next().await {
+        (source.push)(&row?, batch)?;
+    }
+    Ok(())
+}

@@ -3,7 +3,9 @@
 //! One `INSERT … SELECT FROM UNNEST(…)` per table, in one transaction, supplying every NOT
 //! NULL column as Django would (no database defaults exist).
 
-use tally_dataflows::Tables;
+use std::collections::BTreeMap;
+
+use tally_dataflows::{Id, Tables};
 
 use crate::store::{Store, StoreError};
 
@@ -11,6 +13,11 @@ use crate::store::{Store, StoreError};
 /// Django would (no database defaults exist). Rows must be referentially consistent: the
 /// foreign keys are checked at commit.
 pub async fn seed(store: &Store, tables: &Tables) -> Result<(), StoreError> {
+    seed_named(store, tables, &BTreeMap::new()).await
+}
+
+/// As [`seed`], naming taxa from `names` (taxa without a name are called `taxon {id}`).
+pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, String>) -> Result<(), StoreError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await?;
     let sorted = |ids: Vec<u64>| {
@@ -33,11 +40,13 @@ pub async fn seed(store: &Store, tables: &Tables) -> Result<(), StoreError> {
             )
         })
         .collect();
+    let taxon_names: Vec<String> =
+        ids.iter().map(|id| names.get(&(*id as Id)).cloned().unwrap_or_else(|| format!("taxon {id}"))).collect();
     tx.execute(
         "INSERT INTO main_taxon (id, created_at, updated_at, name, rank, active, author, notes, parents_json)
-         SELECT id, now(), now(), 'taxon ' || id, 'SPECIES', true, '', '', p
-         FROM UNNEST($1::int8[], $2::jsonb[]) AS u(id, p)",
-        &[&ids, &parents],
+         SELECT id, now(), now(), n, 'SPECIES', true, '', '', p
+         FROM UNNEST($1::int8[], $2::jsonb[], $3::text[]) AS u(id, p, n)",
+        &[&ids, &parents, &taxon_names],
     )
     .await?;
 
@@ -128,6 +137,90 @@ pub async fn seed(store: &Store, tables: &Tables) -> Result<(), StoreError> {
         &[&ids, &images, &occurrences, &valid],
     )
     .await?;
+    // Rows were inserted with explicit ids: move each identity past them, as a restore would,
+    // so that later inserts (Django's, or ingest's) do not collide.
+    for table in SEQUENCED {
+        tx.execute(
+            &format!(
+                "SELECT setval(pg_get_serial_sequence('{table}', 'id'), greatest((SELECT max(id) FROM {table}), 1))"
+            ),
+            &[],
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
+}
+
+/// Tables whose ids [`seed`] supplies.
+const SEQUENCED: &[&str] = &[
+    "main_taxon",
+    "main_project",
+    "main_project_default_filters_include_taxa",
+    "main_project_default_filters_exclude_taxa",
+    "main_deployment",
+    "main_event",
+    "main_sourceimage",
+    "main_occurrence",
+    "main_detection",
+];
+
+/// An ML pipeline as Antenna registers it: a slug and its algorithms, each with its task type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineSpec {
+    /// `ml_pipeline.slug`.
+    pub slug: String,
+    /// `(key, task_type)` of each algorithm linked to it.
+    pub algorithms: Vec<(String, String)>,
+}
+
+impl PipelineSpec {
+    /// A detector, a moth / non-moth binary classifier and a species classifier, with the keys
+    /// of Antenna's test fixtures (`ami/tests/fixtures/ml.py`).
+    pub fn antenna_test(slug: &str) -> Self {
+        PipelineSpec {
+            slug: slug.into(),
+            algorithms: vec![
+                ("random-detector".into(), "detection".into()),
+                ("random-binary-classifier".into(), "classification".into()),
+                ("random-species-classifier".into(), "classification".into()),
+            ],
+        }
+    }
+}
+
+/// Registers `pipeline` (creating algorithms that do not exist by key) and links its
+/// algorithms; returns the pipeline's id. Idempotent.
+pub async fn seed_pipeline(store: &Store, pipeline: &PipelineSpec) -> Result<i64, StoreError> {
+    let client = store.client().await?;
+    let keys: Vec<&str> = pipeline.algorithms.iter().map(|(k, _)| k.as_str()).collect();
+    let tasks: Vec<&str> = pipeline.algorithms.iter().map(|(_, t)| t.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO ml_algorithm (created_at, updated_at, name, key, description, version, task_type)
+             SELECT now(), now(), k, k, '', 1, t FROM UNNEST($1::text[], $2::text[]) AS u(k, t)
+             ON CONFLICT (key) DO NOTHING",
+            &[&keys, &tasks],
+        )
+        .await?;
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO ml_pipeline (created_at, updated_at, name, slug, description, version, version_name,
+                                      stages, default_config)
+             VALUES (now(), now(), $1, $1, '', 1, '', '[]', '{}')
+             ON CONFLICT (slug) DO UPDATE SET updated_at = ml_pipeline.updated_at
+             RETURNING id",
+            &[&pipeline.slug],
+        )
+        .await?
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO ml_pipeline_algorithms (pipeline_id, algorithm_id)
+             SELECT $1, a.id FROM ml_algorithm a WHERE a.key = ANY($2::text[])
+             ON CONFLICT DO NOTHING",
+            &[&id, &keys],
+        )
+        .await?;
+    Ok(id)
 }

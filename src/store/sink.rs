@@ -7,6 +7,7 @@
 //! are written, never an input column. `main_event.calculated_fields_updated_at` is set to
 //! `now()` on every event row written, as Django does when it recomputes.
 
+use deadpool_postgres::GenericClient;
 use tally_dataflows::{AllCounts, CountChanges, Micros};
 
 use crate::store::{Store, StoreError};
@@ -93,6 +94,14 @@ fn int4(n: i64) -> i32 {
 pub async fn write_changes(store: &Store, changes: &CountChanges) -> Result<SinkReport, StoreError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await?;
+    let report = write_changes_in(&tx, changes).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// As [`write_changes`], inside the caller's transaction (ingest commits rows and the counts
+/// that reflect them together).
+pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -> Result<SinkReport, StoreError> {
     let mut report = SinkReport::default();
 
     let images: Vec<_> =
@@ -131,7 +140,6 @@ pub async fn write_changes(store: &Store, changes: &CountChanges) -> Result<Sink
             )
             .await?;
     }
-    tx.commit().await?;
     Ok(report)
 }
 

@@ -1,10 +1,14 @@
 //! Shared by the Postgres integration tests: a scratch database per test, and seeding of
-//! Antenna's tables from a `Tables` value.
+//! Antenna's tables from a `Tables` value. [`services`] starts private Postgres and NATS
+//! servers for tests that restart or crash them.
 //!
 //! The server comes from `TALLY_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`). When it does not answer, tests fail with a
 //! message saying so: they never skip.
 #![allow(dead_code)]
+
+pub mod ingest;
+pub mod services;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,187 @@
+//! `tally serve`: the daemon. Serves `/healthz`, `/readyz`, `/metrics` and the worker API
+//! (the gateway, which needs no bootstrap) at once, rebuilds the dataflow from Postgres
+//! (correcting any count that differs), then consumes results until SIGTERM or SIGINT, when it
+//! finishes and acks the batch in hand and exits. `--no-ingest` and `--no-gateway` turn either
+//! half off.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{DbArgs, NatsArgs};
+use crate::gateway::{self, Gateway, GatewayArgs};
+use crate::http::{self, Health};
+use crate::ingest::batch::Ingestor;
+use crate::ingest::daemon::{self, Hooks, IngestArgs};
+use crate::{dead_letters, metrics, store};
+
+/// Options of `tally serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Database options.
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// NATS options.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Ingest options.
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+    /// Worker gateway options.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Do not ingest results (serve the worker API only; another `tally serve` ingests).
+    #[arg(long, env = "TALLY_NO_INGEST")]
+    pub no_ingest: bool,
+    /// Address of the operations endpoints (/healthz, /readyz, /metrics) and the worker API.
+    #[arg(long, env = "TALLY_LISTEN", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+    /// Run `tally migrate` first.
+    #[arg(long, env = "TALLY_MIGRATE")]
+    pub migrate: bool,
+}
+
+/// Advisory lock key held by the one ingest process allowed per database.
+const INGEST_LOCK: i64 = 7_243_111;
+
+/// Runs the daemon until a signal.
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.no_ingest && args.gateway.no_gateway {
+        anyhow::bail!("--no-ingest and --no-gateway leave nothing to run");
+    }
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let health = Arc::new(Health::default());
+    health.set_not_ready("starting");
+    let handle = metrics::install();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let mut router = http::ops_router(Arc::clone(&health), handle);
+    // The gateway connects in the background and serves while ingest bootstraps.
+    let gateway = (!args.gateway.no_gateway)
+        .then(|| gateway::start(&args.db, &args.nats, &args.ingest.consumer, &args.gateway, shutdown.clone()));
+    if let Some((g, _)) = &gateway {
+        router = router.merge(gateway::router(Arc::clone(g)));
+    }
+    let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
+
+    let result = match (&gateway, args.no_ingest) {
+        (Some((g, _)), true) => gateway_only(&args, Arc::clone(g), Arc::clone(&health), shutdown.clone()).await,
+        _ => ingest(&args, Arc::clone(&health), shutdown.clone()).await,
+    };
+    shutdown.cancel();
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "http server stopped with an error"),
+        Err(e) => warn!(error = %e, "http server task failed"),
+    }
+    if let Some((_, background)) = gateway {
+        if let Err(e) = background.await {
+            warn!(error = %e, "gateway background task failed");
+        }
+    }
+    match result {
+        Ok(()) => {
+            info!("tally stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            error!(error = %e, "tally stopped on an error");
+            Err(e)
+        }
+    }
+}
+
+async fn ingest(args: &ServeArgs, health: Arc<Health>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    health.set_not_ready("connecting to Postgres");
+    let store = store::connect(&args.db).await?;
+    if args.migrate {
+        store::migrate::migrate(&store).await?;
+    }
+    store::check::check_schema(&store).await?;
+    dead_letters::check_table(&store).await?;
+
+    // One ingest writer per database: a second `tally serve` waits here (and is not ready).
+    health.set_not_ready("waiting for the ingest lock (another tally serve holds it)");
+    let lock = store.client().await?;
+    loop {
+        let got: bool = lock.query_one("SELECT pg_try_advisory_lock($1)", &[&INGEST_LOCK]).await?.get(0);
+        if got {
+            break;
+        }
+        warn!("another tally serve is ingesting into this database; waiting for its lock");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+
+    health.set_not_ready("rebuilding the dataflow from Postgres");
+    let ingestor = Ingestor::start(
+        store.clone(),
+        args.ingest.workers,
+        args.nats.results_subject_prefix.clone(),
+        args.ingest.max_result_bytes,
+    )
+    .await?;
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+    health.set_not_ready("connecting to NATS");
+    let client = args.nats.connect().await?;
+    daemon::run(ingestor, client.clone(), &args.nats, &args.ingest, health, Hooks::default(), shutdown).await?;
+    // Make sure every ack left the client before exiting.
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "flushing NATS at shutdown failed");
+    }
+    drop(lock);
+    Ok(())
+}
+
+/// `--no-ingest`: migrates if asked, is ready once the gateway reaches Postgres and NATS, and
+/// runs until a signal.
+async fn gateway_only(
+    args: &ServeArgs,
+    gateway: Arc<Gateway>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if args.migrate {
+        health.set_not_ready("migrating");
+        let store = store::connect(&args.db).await?;
+        store::migrate::migrate(&store).await?;
+    }
+    health.set_not_ready("gateway connecting to Postgres and NATS");
+    tokio::select! {
+        _ = gateway.wait_connected() => health.set_ready(),
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    info!("serving the worker API only (--no-ingest)");
+    shutdown.cancelled().await;
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: finishing the batch in hand, then stopping"),
+            _ = terminate => info!("SIGTERM: finishing the batch in hand, then stopping"),
+        }
+        shutdown.cancel();
+    });
+}

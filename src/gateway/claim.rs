@@ -1,0 +1,291 @@
+//! Claims: `GET /api/v2/jobs?ids_only=1&incomplete_only=1&pipeline__slug__in=a,b&dispatch_mode=async_api`
+//! (what ADC sends) and `GET /api/v2/jobs/next?pipeline__slug__in=a,b` (antenna#1265, not in
+//! Antenna yet: same answer). Each returns one job to work on (`limit` asks for more), in
+//! DRF's `LimitOffsetPagination` shape: `{count, next, previous, results: [{id,
+//! pipeline_slug, user_permissions}], user_permissions}`; ADC reads `results[].id` and
+//! `results[].pipeline_slug`. `count` is the number of claimable jobs; `next` and `previous`
+//! are null (a claim is not a page).
+//!
+//! **Claimable**: `async_api`, status STARTED or RETRY (the only states `/tasks` serves; Antenna
+//! also hands out PENDING jobs, whose tasks come back empty), results stage not final, pipeline
+//! among the requested ones.
+//!
+//! **Fairness**: jobs NATS says have no deliverable task ([`super::queue`]) go after all the
+//! others (those with tasks, and those NATS said nothing about in time: ranking "unknown"
+//! below "yes" would let one slow NATS answer hand a job a run of claims, since each poller
+//! learns deliverability on its own); among equals, the job whose `turn` is lowest. A serve
+//! sets the job's turn to the next number of one global sequence, so the served job goes behind
+//! every other: the jobs rotate, none is served twice while another has waited a whole
+//! rotation, and a job that sat out (not deliverable for a while) or is new (turn 0) is served
+//! next but once, never a run of claims. A per-job counter ("served n times, +1") would
+//! give a job that sat out a run until it caught up, and a turn computed from the statement's
+//! snapshot (max + 1) can be stale under concurrency; the sequence is neither.
+//!
+//! The choice and the serve are one statement on `tally.job_dispatch` under `FOR UPDATE SKIP
+//! LOCKED`, so concurrent pollers never wait for each other and never get a job another poller
+//! is being given. Postgres re-checks a locked row's `WHERE` against its newest version but not
+//! its `ORDER BY`, so a row served by another poller after this statement's snapshot could
+//! still be taken; the statement compares `served_count` with a materialized copy of its
+//! snapshot, and such a row fails the re-check and is skipped. When every candidate is locked
+//! by pollers being served at that instant, the claim retries briefly (jittered, ≤ 100 ms)
+//! rather than answer "no job". 8 pollers over 4 jobs get each job exactly twice per round.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::Json;
+use rand::Rng;
+use serde_json::{json, Value};
+
+use super::auth::Worker;
+use super::heartbeat::Beat;
+use super::queue::Deliverable;
+use super::{Gateway, GatewayError};
+use crate::metrics::names;
+
+/// Jobs one claim may return (DRF's `limit`), at most.
+const MAX_LIMIT: i64 = 100;
+
+/// How long a claim keeps retrying while every claimable job is locked by other claims.
+const CLAIM_BUDGET: Duration = Duration::from_millis(100);
+
+/// Claimable jobs for the requested pipelines (all pipelines when none is named).
+const CANDIDATES: &str = "
+    SELECT j.id, p.slug, d.job_id IS NOT NULL AS known
+    FROM jobs_job j
+    JOIN ml_pipeline p ON p.id = j.pipeline_id
+    LEFT JOIN tally.job_dispatch d ON d.job_id = j.id
+    WHERE j.dispatch_mode = 'async_api'
+      AND j.status IN ('STARTED', 'RETRY')
+      AND (cardinality($1::text[]) = 0 OR p.slug = ANY($1::text[]))
+      AND NOT coalesce(j.progress -> 'stages' @> '[{\"key\": \"results\", \"status\": \"SUCCESS\"}]'
+                    OR j.progress -> 'stages' @> '[{\"key\": \"results\", \"status\": \"FAILURE\"}]'
+                    OR j.progress -> 'stages' @> '[{\"key\": \"results\", \"status\": \"REVOKED\"}]', false)";
+
+/// Bookkeeping rows for jobs claimable for the first time.
+const REGISTER: &str = "
+    INSERT INTO tally.job_dispatch (job_id) SELECT unnest($1::bigint[]) ON CONFLICT DO NOTHING";
+
+/// Takes up to $3 of the jobs $1 (those in $2 are known to have no deliverable task and go
+/// last), the one whose last serve is oldest first (never served: turn 0), and records the
+/// serve: the job's turn becomes the next number of one global sequence, which puts it behind
+/// every job served before. See the module documentation for the `served_count` guard.
+const CLAIM: &str = "
+    WITH seen AS MATERIALIZED (
+        SELECT job_id, served_count FROM tally.job_dispatch WHERE job_id = ANY($1::bigint[])
+    ), pick AS (
+        SELECT d.job_id
+        FROM tally.job_dispatch d
+        JOIN seen ON seen.job_id = d.job_id
+        WHERE d.served_count = seen.served_count
+        ORDER BY d.job_id = ANY($2::bigint[]), d.turn, d.job_id
+        LIMIT $3
+        FOR UPDATE OF d SKIP LOCKED
+    )
+    UPDATE tally.job_dispatch d
+    SET turn = nextval('tally.job_dispatch_turn'),
+        served_count = d.served_count + 1,
+        last_served_at = clock_timestamp()
+    FROM pick
+    WHERE d.job_id = pick.job_id
+    RETURNING d.job_id";
+
+/// What a claim asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimQuery {
+    /// `pipeline__slug__in` (comma-separated, may repeat), sorted and deduplicated; empty: any.
+    pub pipelines: Vec<String>,
+    /// `ids_only`: the worker form of the list call.
+    pub ids_only: bool,
+    /// `dispatch_mode`: only `async_api` jobs are ever claimable.
+    pub dispatch_mode: Option<String>,
+    /// `limit`: jobs to return (default 1, as Antenna's claim paginator).
+    pub limit: i64,
+}
+
+impl ClaimQuery {
+    /// Reads the query string's pairs. Unknown parameters are ignored, as DRF does; a `limit`
+    /// that is not a positive integer means the default, as DRF's paginator does.
+    pub fn parse(pairs: &[(String, String)]) -> ClaimQuery {
+        let mut q = ClaimQuery { pipelines: Vec::new(), ids_only: false, dispatch_mode: None, limit: 1 };
+        for (key, value) in pairs {
+            match key.as_str() {
+                "pipeline__slug__in" => {
+                    q.pipelines.extend(value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from))
+                }
+                "ids_only" => q.ids_only = truthy(value),
+                "dispatch_mode" => q.dispatch_mode = Some(value.clone()),
+                "limit" => q.limit = value.trim().parse::<i64>().ok().filter(|n| *n > 0).unwrap_or(1).min(MAX_LIMIT),
+                _ => {}
+            }
+        }
+        q.pipelines.sort();
+        q.pipelines.dedup();
+        q
+    }
+}
+
+/// Antenna's query booleans: present and empty, or 1/true/yes.
+fn truthy(value: &str) -> bool {
+    matches!(value.trim().to_ascii_lowercase().as_str(), "" | "1" | "true" | "yes")
+}
+
+/// The jobs a claim returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Claimable jobs matching the query.
+    pub count: usize,
+    /// `(id, pipeline slug)` of the jobs handed out.
+    pub jobs: Vec<(i64, String)>,
+}
+
+/// `GET /api/v2/jobs`: only its worker form (`ids_only=1`) is served by tally.
+pub async fn list(
+    _worker: Worker,
+    State(gateway): State<Arc<Gateway>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, GatewayError> {
+    let q = query_of(query)?;
+    if !q.ids_only {
+        return Err(GatewayError::BadRequest(
+            "tally serves only the worker claim: GET /api/v2/jobs?ids_only=1&pipeline__slug__in=…".into(),
+        ));
+    }
+    Ok(Json(page(&claim(&gateway, &q).await?)))
+}
+
+/// `GET /api/v2/jobs/next`.
+pub async fn next(
+    _worker: Worker,
+    State(gateway): State<Arc<Gateway>>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<Value>, GatewayError> {
+    let q = query_of(query)?;
+    Ok(Json(page(&claim(&gateway, &q).await?)))
+}
+
+fn query_of(query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<ClaimQuery, GatewayError> {
+    let Query(pairs) = query.map_err(|e| GatewayError::BadRequest(format!("bad query string: {}", e.body_text())))?;
+    Ok(ClaimQuery::parse(&pairs))
+}
+
+/// DRF's paginated shape.
+fn page(claimed: &Claimed) -> Value {
+    let results: Vec<Value> = claimed
+        .jobs
+        .iter()
+        .map(|(id, slug)| json!({"id": id, "pipeline_slug": slug, "user_permissions": []}))
+        .collect();
+    json!({"count": claimed.count, "next": null, "previous": null, "results": results, "user_permissions": []})
+}
+
+/// Claims up to `q.limit` jobs (see the module documentation).
+pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, GatewayError> {
+    if !q.pipelines.is_empty() {
+        gateway.heartbeats.beat(Beat::Pipelines(q.pipelines.clone()));
+    }
+    let none = Claimed { count: 0, jobs: Vec::new() };
+    if q.dispatch_mode.as_deref().is_some_and(|mode| mode != "async_api") {
+        return Ok(none);
+    }
+    let client = gateway.store()?.client().await.map_err(GatewayError::db)?;
+    let statement = client.prepare_cached(CANDIDATES).await.map_err(GatewayError::db)?;
+    let rows = client.query(&statement, &[&q.pipelines]).await.map_err(GatewayError::db)?;
+    let mut slugs: HashMap<i64, String> = HashMap::with_capacity(rows.len());
+    let mut unknown = Vec::new();
+    for row in &rows {
+        let id: i64 = row.try_get(0).map_err(GatewayError::db)?;
+        slugs.insert(id, row.try_get(1).map_err(GatewayError::db)?);
+        if !row.try_get::<_, bool>(2).map_err(GatewayError::db)? {
+            unknown.push(id);
+        }
+    }
+    if slugs.is_empty() {
+        metrics::counter!(names::GATEWAY_CLAIMS, "outcome" => "none").increment(1);
+        return Ok(none);
+    }
+    if !unknown.is_empty() {
+        let statement = client.prepare_cached(REGISTER).await.map_err(GatewayError::db)?;
+        client.execute(&statement, &[&unknown]).await.map_err(GatewayError::db)?;
+    }
+    let ids: Vec<i64> = slugs.keys().copied().collect();
+    let deliverability = gateway.queues.deliverability(gateway.nats(), &ids).await;
+    let of = |wanted: Deliverable| -> Vec<i64> {
+        deliverability.iter().filter(|(_, d)| **d == wanted).map(|(id, _)| *id).collect()
+    };
+    let no = of(Deliverable::No);
+
+    let statement = client.prepare_cached(CLAIM).await.map_err(GatewayError::db)?;
+    let deadline = Instant::now() + CLAIM_BUDGET;
+    let mut backoff = Duration::from_micros(250);
+    let claimed = loop {
+        let rows = client.query(&statement, &[&ids, &no, &q.limit]).await.map_err(GatewayError::db)?;
+        if !rows.is_empty() || Instant::now() >= deadline {
+            break rows;
+        }
+        // Every claimable row is being served to another poller right now; they commit
+        // within a statement, after which the order has moved on.
+        let jitter = rand::rng().random_range(0..=backoff.as_micros() as u64);
+        tokio::time::sleep(backoff + Duration::from_micros(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_millis(5));
+    };
+    let mut jobs = Vec::with_capacity(claimed.len());
+    for row in claimed {
+        let id: i64 = row.try_get(0).map_err(GatewayError::db)?;
+        jobs.push((id, slugs.remove(&id).unwrap_or_default()));
+    }
+    jobs.sort_by_key(|(id, _)| deliverability.get(id) == Some(&Deliverable::No));
+    let outcome = if jobs.is_empty() { "none" } else { "claimed" };
+    metrics::counter!(names::GATEWAY_CLAIMS, "outcome" => outcome).increment(1);
+    Ok(Claimed { count: ids.len(), jobs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
+        query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn reads_adc_claim_query() {
+        let q = ClaimQuery::parse(&pairs(&[
+            ("pipeline__slug__in", "b, a,,a"),
+            ("ids_only", "1"),
+            ("incomplete_only", "1"),
+            ("dispatch_mode", "async_api"),
+        ]));
+        assert_eq!(q.pipelines, vec!["a".to_string(), "b".to_string()]);
+        assert!(q.ids_only);
+        assert_eq!(q.dispatch_mode.as_deref(), Some("async_api"));
+        assert_eq!(q.limit, 1);
+    }
+
+    #[test]
+    fn booleans_and_limits_as_drf() {
+        assert!(ClaimQuery::parse(&pairs(&[("ids_only", "")])).ids_only);
+        assert!(ClaimQuery::parse(&pairs(&[("ids_only", "True")])).ids_only);
+        assert!(!ClaimQuery::parse(&pairs(&[("ids_only", "0")])).ids_only);
+        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "3")])).limit, 3);
+        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "x")])).limit, 1);
+        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "-2")])).limit, 1);
+        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "100000")])).limit, MAX_LIMIT);
+        let repeated = ClaimQuery::parse(&pairs(&[("pipeline__slug__in", "x"), ("pipeline__slug__in", "y")]));
+        assert_eq!(repeated.pipelines, vec!["x".to_string(), "y".to_string()]);
+    }
+
+    #[test]
+    fn page_has_drf_shape() {
+        let v = page(&Claimed { count: 3, jobs: vec![(9, "moths".into())] });
+        assert_eq!(
+            v,
+            json!({"count": 3, "next": null, "previous": null,
+                   "results": [{"id": 9, "pipeline_slug": "moths", "user_permissions": []}],
+                   "user_permissions": []})
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! Every way a worker request can fail, and the JSON each answers with.
+//!
+//! Bodies follow Django REST framework's `{"detail": …}` except where Antenna's views answer
+//! with their own shapes (the two 503s of `/tasks` and `/result`), which workers may parse.
+
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use thiserror::Error;
+
+/// A request the gateway refuses or cannot serve now.
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    /// 401: no usable `Authorization: Token <key>` (DRF's messages).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 400: the request is malformed or does not apply to the job.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such job (or route).
+    #[error("not found")]
+    NotFound,
+    /// 413: the body is larger than the configured limit, or one result larger than NATS takes.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 503 `{"error": "Task queue temporarily unavailable"}` (Antenna's `/tasks` answer).
+    #[error("task queue unavailable: {0}")]
+    TaskQueue(String),
+    /// 503 `{"status": "error", "job_id", "detail"}` (Antenna's `/result` answer); some results
+    /// of the request may have been published already (as with Antenna).
+    #[error("result queue unavailable for job {job_id}: {reason}")]
+    ResultQueue {
+        /// The job of the request.
+        job_id: i64,
+        /// What failed, for the log.
+        reason: String,
+    },
+    /// 503: Postgres failed; the request can be retried.
+    #[error("database: {0}")]
+    Database(String),
+    /// 503: the gateway has not connected yet.
+    #[error("{0}")]
+    Starting(&'static str),
+}
+
+impl GatewayError {
+    /// A database error (logged; the worker sees a generic 503).
+    pub fn db(e: impl std::fmt::Display) -> GatewayError {
+        GatewayError::Database(e.to_string())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        match &self {
+            GatewayError::Database(_) | GatewayError::TaskQueue(_) | GatewayError::ResultQueue { .. } => {
+                tracing::warn!(error = %self, "worker request failed")
+            }
+            _ => tracing::debug!(error = %self, "worker request refused"),
+        }
+        match self {
+            GatewayError::Unauthorized(detail) => {
+                (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Token")], Json(json!({"detail": detail})))
+                    .into_response()
+            }
+            GatewayError::BadRequest(detail) => {
+                (StatusCode::BAD_REQUEST, Json(json!({"detail": detail}))).into_response()
+            }
+            GatewayError::NotFound => (StatusCode::NOT_FOUND, Json(json!({"detail": "Not found."}))).into_response(),
+            GatewayError::TooLarge(detail) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"detail": detail}))).into_response()
+            }
+            GatewayError::TaskQueue(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "Task queue temporarily unavailable"})))
+                    .into_response()
+            }
+            GatewayError::ResultQueue { job_id, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "error", "job_id": job_id, "detail": "Task queue temporarily unavailable"})),
+            )
+                .into_response(),
+            GatewayError::Database(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"detail": "Database temporarily unavailable"})))
+                    .into_response()
+            }
+            GatewayError::Starting(detail) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"detail": detail}))).into_response()
+            }
+        }
+    }
+}
+
+/// Paths the gateway does not serve.
+pub async fn not_found() -> GatewayError {
+    GatewayError::NotFound
+}
+
+/// A served path with another method (DRF's message).
+pub async fn method_not_allowed(method: Method) -> Response {
+    let body = Json(json!({"detail": format!("Method \"{method}\" not allowed.")}));
+    (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
+}

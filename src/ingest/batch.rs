@@ -1,0 +1,367 @@
+//! One batch of result messages end to end: decode and validate each, then in **one**
+//! Postgres transaction save the valid ones, store the rejected ones as dead letters, feed the
+//! rows to the dataflow and write the counts that changed; commit; and only then tell the
+//! caller what to ack.
+//!
+//! Why this is crash-safe (SPEC §6): rows, dead letters and the counts that reflect them
+//! commit together or not at all, and nothing is acked before that commit. A crash before the
+//! commit loses nothing (the messages are redelivered and saved then); a crash after it and
+//! before the acks makes JetStream redeliver messages whose rows exist, and saving them again
+//! is a no-op (detections, classifications and null markers are found by value, rule 8). The
+//! engine is applied before the commit so that the counts can be written inside it; if
+//! anything fails after that point, the engine may hold rows the database does not (or, if a
+//! commit's outcome is unknown, the reverse), so it is marked dirty and rebuilt from Postgres
+//! before the next batch.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use metrics::{counter, histogram};
+use tally_dataflows::Engine;
+use tracing::{error, info, warn};
+
+use crate::dead_letters::{self, NewDeadLetter};
+use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
+use crate::ingest::save::{self, JobLogLine, RowCounts};
+use crate::ingest::IngestError;
+use crate::metrics::names;
+use crate::store::{self, sink::SinkReport, Store};
+
+/// One message as it came off the stream.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Its subject (`tally.results.{job_id}`).
+    pub subject: String,
+    /// Its body.
+    pub payload: bytes::Bytes,
+    /// Its headers, as JSON, for dead letters.
+    pub headers: Option<serde_json::Value>,
+    /// Its sequence in the results stream.
+    pub stream_sequence: Option<i64>,
+    /// Delivery attempts so far.
+    pub delivered: Option<i64>,
+}
+
+/// What to do with one message after the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Saved (rows and counts committed): ack it and its task.
+    Saved {
+        /// The task's ack subject.
+        reply_subject: String,
+        /// Rows it inserted (0: a replay).
+        inserted: u64,
+    },
+    /// Stored as a dead letter: terminate it (no redelivery); its task is left for NATS to
+    /// redeliver to a worker.
+    DeadLettered {
+        /// The reason code.
+        code: &'static str,
+    },
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    /// Per message, in input order.
+    pub outcomes: Vec<Outcome>,
+    /// Rows inserted.
+    pub rows: RowCounts,
+    /// Count rows written.
+    pub sink: SinkReport,
+    /// Owners whose counts changed.
+    pub changed_owners: usize,
+}
+
+/// How counts are kept while ingesting. Only [`CountStrategy::Incremental`] is tally; the
+/// others exist so that `tally bench ingest` can measure the alternatives side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CountStrategy {
+    /// The dataflow computes the changed counts, written in the batch's transaction.
+    #[default]
+    Incremental,
+    /// After each batch commits, recompute the counts of the affected deployments (with their
+    /// events and images) from scratch in SQL and write those that differ, as Antenna does
+    /// after every result.
+    Recompute,
+    /// Write no counts while ingesting (the caller recomputes once at the end).
+    Deferred,
+}
+
+/// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
+pub struct Ingestor {
+    store: Store,
+    engine: Engine,
+    workers: usize,
+    prefix: String,
+    max_bytes: usize,
+    dirty: bool,
+    strategy: CountStrategy,
+}
+
+impl Ingestor {
+    /// An ingestor over `store` whose engine is bootstrapped from it (and every count that
+    /// differs corrected), with `workers` timely workers.
+    pub async fn start(store: Store, workers: usize, prefix: String, max_bytes: usize) -> Result<Self, IngestError> {
+        let engine = Engine::new(workers).map_err(store::StoreError::from)?;
+        let mut ingestor =
+            Ingestor { store, engine, workers, prefix, max_bytes, dirty: true, strategy: CountStrategy::Incremental };
+        ingestor.rebuild().await?;
+        Ok(ingestor)
+    }
+
+    /// An ingestor that keeps counts with `strategy` instead of the dataflow (for benchmarks).
+    /// No bootstrap: the engine stays empty unless the strategy is incremental.
+    pub async fn with_strategy(
+        store: Store,
+        workers: usize,
+        prefix: String,
+        max_bytes: usize,
+        strategy: CountStrategy,
+    ) -> Result<Self, IngestError> {
+        if strategy == CountStrategy::Incremental {
+            return Ingestor::start(store, workers, prefix, max_bytes).await;
+        }
+        let engine = Engine::new(workers).map_err(store::StoreError::from)?;
+        Ok(Ingestor { store, engine, workers, prefix, max_bytes, dirty: false, strategy })
+    }
+
+    /// The engine (for snapshots and tests).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the engine must be rebuilt before the next batch.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Reloads the engine from Postgres and writes every count that differs (SPEC §6: on
+    /// start, and after a batch failed with the engine applied).
+    pub async fn rebuild(&mut self) -> Result<(), IngestError> {
+        let mut engine = Engine::new(self.workers).map_err(store::StoreError::from)?;
+        let loaded = store::bootstrap::bootstrap(&self.store, &mut engine).await?;
+        let corrected = store::sink::write_all(&self.store, &engine.snapshot()).await?;
+        info!(
+            rows = loaded.rows,
+            detections = loaded.detections,
+            seconds = loaded.seconds,
+            corrected = corrected.total(),
+            "dataflow state rebuilt from Postgres"
+        );
+        self.engine = engine;
+        self.dirty = false;
+        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
+        Ok(())
+    }
+
+    /// Processes one batch. `Err` means a transient failure of the whole batch: nothing was
+    /// committed, and every message should be retried later.
+    pub async fn process(&mut self, batch: &[Incoming]) -> Result<BatchReport, IngestError> {
+        if self.dirty {
+            self.rebuild().await?;
+        }
+        let started = Instant::now();
+        let decoded: Vec<Result<ResultMessage, Rejection>> = batch
+            .iter()
+            .map(|m| {
+                let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
+                message::decode(&envelope, &m.payload)
+            })
+            .collect();
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
+        let all: Vec<usize> = (0..batch.len()).collect();
+        match self.commit(batch, &decoded, &all).await {
+            Ok(report) => Ok(report),
+            Err(e) if e.is_transient() || batch.len() == 1 && decoded[0].is_err() => Err(e),
+            Err(e) => {
+                // Something in the batch fails for good (a value Postgres refuses, a constraint):
+                // find it by saving each message on its own, so that one bad message never fails
+                // the others.
+                warn!(error = %e, messages = batch.len(), "batch failed permanently; saving its messages one by one");
+                let mut report = BatchReport { outcomes: Vec::with_capacity(batch.len()), ..BatchReport::default() };
+                for i in 0..batch.len() {
+                    if self.dirty {
+                        self.rebuild().await?;
+                    }
+                    let one = match self.commit(batch, &decoded, &[i]).await {
+                        Ok(one) => one,
+                        Err(e) if e.is_transient() => return Err(e),
+                        Err(e) => {
+                            let failed: Vec<Result<ResultMessage, Rejection>> = vec![Err(Rejection::new(
+                                message::REASON_SAVE_FAILED,
+                                format!("saving failed and retrying cannot help: {e}"),
+                            ))];
+                            if self.dirty {
+                                self.rebuild().await?;
+                            }
+                            self.commit(&batch[i..=i], &failed, &[0]).await?
+                        }
+                    };
+                    report.rows = add(report.rows, one.rows);
+                    report.changed_owners += one.changed_owners;
+                    report.outcomes.extend(one.outcomes);
+                }
+                Ok(report)
+            }
+        }
+    }
+
+    /// Saves `decoded[i]` for `i` in `which` in one transaction.
+    async fn commit(
+        &mut self,
+        batch: &[Incoming],
+        decoded: &[Result<ResultMessage, Rejection>],
+        which: &[usize],
+    ) -> Result<BatchReport, IngestError> {
+        let save_started = Instant::now();
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await.map_err(store::StoreError::from)?;
+        let valid: Vec<usize> = which.iter().copied().filter(|&i| decoded[i].is_ok()).collect();
+        let messages: Vec<&ResultMessage> = valid.iter().filter_map(|&i| decoded[i].as_ref().ok()).collect();
+        let saved = save::save(&tx, self.engine.tables(), &messages).await?;
+
+        let mut rejected: HashMap<usize, Rejection> =
+            saved.rejected.iter().map(|(k, r)| (valid[*k], r.clone())).collect();
+        for &i in which {
+            if let Err(r) = &decoded[i] {
+                rejected.insert(i, r.clone());
+            }
+        }
+        let mut order: Vec<usize> = rejected.keys().copied().collect();
+        order.sort_unstable();
+        let mut letters = Vec::with_capacity(order.len());
+        let mut logs: Vec<JobLogLine> = saved.job_logs.clone();
+        for &i in &order {
+            let m = &batch[i];
+            let r = &rejected[&i];
+            let job_id = message::job_of_subject(&m.subject, &self.prefix);
+            let reply_subject =
+                decoded[i].as_ref().ok().map(|d| d.reply_subject.clone()).or_else(|| reply_of(&m.payload));
+            error!(
+                subject = %m.subject,
+                job_id,
+                reason = r.code,
+                detail = %r.detail,
+                bytes = m.payload.len(),
+                "result dead-lettered"
+            );
+            counter!(names::INGEST_DEAD_LETTERS, "reason" => r.code).increment(1);
+            if let Some(job_id) = job_id {
+                logs.push(JobLogLine {
+                    job_id,
+                    level: "ERROR",
+                    message: format!("result rejected ({}): {}", r.code, r.detail),
+                    context: serde_json::json!({"source": "tally", "reply_subject": reply_subject, "stream_sequence": m.stream_sequence}),
+                });
+            }
+            letters.push(NewDeadLetter {
+                subject: m.subject.clone(),
+                job_id,
+                reply_subject,
+                stream_sequence: m.stream_sequence,
+                delivered: m.delivered,
+                reason_code: r.code.to_string(),
+                reason: r.detail.clone(),
+                headers: m.headers.clone(),
+                payload: m.payload.to_vec(),
+            });
+        }
+        dead_letters::insert_in(&tx, &letters).await?;
+        for p in crate::jobs::progress::update(&tx, &saved.progress_jobs).await? {
+            if let Some(status) = p.finished {
+                info!(
+                    job_id = p.job_id,
+                    status,
+                    processed = p.figures.processed,
+                    failed = p.figures.failed,
+                    "job finished"
+                );
+                logs.push(JobLogLine {
+                    job_id: p.job_id,
+                    level: "INFO",
+                    message: format!(
+                        "job finished: {status} ({} images processed, {} failed, {} detections, {} classifications)",
+                        p.figures.processed, p.figures.failed, p.figures.detections, p.figures.classifications
+                    ),
+                    context: serde_json::json!({"source": "tally"}),
+                });
+            }
+        }
+        save::write_job_logs(&tx, &logs).await?;
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "save").record(save_started.elapsed().as_secs_f64());
+
+        let dataflow_started = Instant::now();
+        self.dirty = true;
+        let engine = &mut self.engine;
+        let changes = tokio::task::block_in_place(|| engine.apply(&saved.input)).map_err(store::StoreError::from)?;
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "dataflow").record(dataflow_started.elapsed().as_secs_f64());
+
+        let commit_started = Instant::now();
+        let sink = store::sink::write_changes_in(&tx, &changes).await?;
+        tx.commit().await.map_err(store::StoreError::from)?;
+        self.dirty = false;
+        if self.strategy == CountStrategy::Recompute {
+            let mut deployments: Vec<u64> =
+                saved.input.images.iter().filter_map(|(_, i)| i.as_ref().and_then(|i| i.deployment)).collect();
+            deployments.sort_unstable();
+            deployments.dedup();
+            for deployment in deployments {
+                let scope = store::verify::Scope { project: None, deployment: Some(deployment) };
+                let verification = store::verify::verify(&self.store, scope).await?;
+                store::verify::fix(&self.store, &verification).await?;
+            }
+        }
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "commit").record(commit_started.elapsed().as_secs_f64());
+
+        let rows = saved.rows;
+        counter!(names::INGEST_ROWS, "table" => "detection").increment(rows.detections);
+        counter!(names::INGEST_ROWS, "table" => "null_marker").increment(rows.null_markers);
+        counter!(names::INGEST_ROWS, "table" => "classification").increment(rows.classifications);
+        counter!(names::INGEST_ROWS, "table" => "occurrence").increment(rows.occurrences);
+        counter!(names::INGEST_ROWS, "table" => "taxon").increment(rows.taxa);
+        counter!(names::COUNT_WRITES, "table" => "main_sourceimage").increment(sink.images);
+        counter!(names::COUNT_WRITES, "table" => "main_event").increment(sink.events);
+        counter!(names::COUNT_WRITES, "table" => "main_deployment").increment(sink.deployments);
+        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
+
+        let mut inserted = saved.inserted.iter();
+        let mut outcomes = Vec::with_capacity(which.len());
+        let mut valid_iter = valid.iter().peekable();
+        for &i in which {
+            if let Some(r) = rejected.get(&i) {
+                if valid_iter.peek() == Some(&&i) {
+                    valid_iter.next();
+                    inserted.next();
+                }
+                outcomes.push(Outcome::DeadLettered { code: r.code });
+                continue;
+            }
+            valid_iter.next();
+            let n = inserted.next().copied().unwrap_or(0);
+            let reply_subject = decoded[i].as_ref().map(|d| d.reply_subject.clone()).unwrap_or_default();
+            outcomes.push(Outcome::Saved { reply_subject, inserted: n });
+        }
+        Ok(BatchReport { outcomes, rows, sink, changed_owners: changes.len() })
+    }
+}
+
+fn add(a: RowCounts, b: RowCounts) -> RowCounts {
+    RowCounts {
+        detections: a.detections + b.detections,
+        null_markers: a.null_markers + b.null_markers,
+        classifications: a.classifications + b.classifications,
+        occurrences: a.occurrences + b.occurrences,
+        taxa: a.taxa + b.taxa,
+        determinations: a.determinations + b.determinations,
+    }
+}
+
+/// The `reply_subject` of a body that failed validation, if it can still be read.
+fn reply_of(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        reply_subject: String,
+    }
+    serde_json::from_slice::<Reply>(payload).ok().map(|r| r.reply_subject)
+}

@@ -1,0 +1,507 @@
+//! Decoding and validation of one result message (`PipelineTaskResult`, SPEC §3) without any
+//! database: everything that can be rejected from the bytes alone is rejected here, with a
+//! stable reason code for the dead-letter table and metrics.
+//!
+//! Shapes follow Antenna's pydantic (v1) models: unknown fields are ignored, image ids are
+//! strings of digits (numbers are accepted too), and a result is a `PipelineResultsResponse`
+//! when it carries `pipeline`, else a `PipelineResultsError` when it carries `error`.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// Longest label, algorithm key or URL that fits Antenna's `varchar(255)` columns.
+pub const MAX_TEXT: usize = 255;
+
+/// Why a message is rejected. The code is stable (dead letters, metrics labels); the detail
+/// says what exactly was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// One of the `REASON_*` codes.
+    pub code: &'static str,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+impl Rejection {
+    /// A rejection with `code` and `detail`.
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Rejection { code, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.detail)
+    }
+}
+
+/// The body is larger than the configured limit.
+pub const REASON_OVERSIZED: &str = "oversized";
+/// The body is not JSON.
+pub const REASON_INVALID_JSON: &str = "invalid_json";
+/// JSON, but not a `PipelineTaskResult`.
+pub const REASON_WRONG_SHAPE: &str = "wrong_shape";
+/// The NATS subject does not name a job (`<prefix>.{job_id}`).
+pub const REASON_BAD_SUBJECT: &str = "bad_subject";
+/// The reply subject is not an ack subject of this job's task consumer.
+pub const REASON_FOREIGN_REPLY_SUBJECT: &str = "foreign_reply_subject";
+/// A bounding box with a non-finite coordinate or `x2 < x1` / `y2 < y1`.
+pub const REASON_BAD_BBOX: &str = "bad_bbox";
+/// A classification with no scores, or a non-finite score or logit.
+pub const REASON_BAD_SCORES: &str = "bad_scores";
+/// A label, key or URL longer than 255 characters.
+pub const REASON_TEXT_TOO_LONG: &str = "text_too_long";
+/// A timestamp that is not an ISO 8601 date-time.
+pub const REASON_BAD_TIMESTAMP: &str = "bad_timestamp";
+/// The pipeline slug is not in `ml_pipeline`.
+pub const REASON_UNKNOWN_PIPELINE: &str = "unknown_pipeline";
+/// An algorithm key that is not linked to the pipeline, or a pipeline without exactly one
+/// detector.
+pub const REASON_PIPELINE_NOT_CONFIGURED: &str = "pipeline_not_configured";
+/// An image id that is not in `main_sourceimage`.
+pub const REASON_UNKNOWN_IMAGE: &str = "unknown_image";
+/// Saving failed for a reason that retrying will not fix (found by saving alone).
+pub const REASON_SAVE_FAILED: &str = "save_failed";
+
+/// Every reason code, for documentation and metrics.
+pub const REASONS: &[&str] = &[
+    REASON_OVERSIZED,
+    REASON_INVALID_JSON,
+    REASON_WRONG_SHAPE,
+    REASON_BAD_SUBJECT,
+    REASON_FOREIGN_REPLY_SUBJECT,
+    REASON_BAD_BBOX,
+    REASON_BAD_SCORES,
+    REASON_TEXT_TOO_LONG,
+    REASON_BAD_TIMESTAMP,
+    REASON_UNKNOWN_PIPELINE,
+    REASON_PIPELINE_NOT_CONFIGURED,
+    REASON_UNKNOWN_IMAGE,
+    REASON_SAVE_FAILED,
+];
+
+/// One validated result message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultMessage {
+    /// The job named by the NATS subject.
+    pub job_id: i64,
+    /// The task's ack subject (`$JS.ACK.job_{id}.job-{id}-consumer.…`).
+    pub reply_subject: String,
+    /// What the worker sent.
+    pub body: ResultBody,
+}
+
+/// A `PipelineResultsResponse` or a `PipelineResultsError`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResultBody {
+    /// Detections and classifications for some images.
+    Response(PipelineResults),
+    /// The worker could not process an image.
+    Error {
+        /// What went wrong, as the worker said it.
+        error: String,
+        /// The image, when the worker knew it.
+        image_id: Option<i64>,
+    },
+}
+
+/// The parts of a `PipelineResultsResponse` that `save_results` uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineResults {
+    /// The pipeline slug.
+    pub pipeline: String,
+    /// `source_images[].id`, in message order.
+    pub source_images: Vec<i64>,
+    /// The detections, in message order.
+    pub detections: Vec<DetectionResult>,
+}
+
+/// One detection of a result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectionResult {
+    /// The image it was found on.
+    pub image_id: i64,
+    /// `[x1, y1, x2, y2]`, or `None` for a null marker.
+    pub bbox: Option<[f64; 4]>,
+    /// The detector's key.
+    pub algorithm: String,
+    /// When the detector ran (ISO 8601, naive means the configured time zone).
+    pub timestamp: Option<String>,
+    /// The crop's URL, if any.
+    pub crop_image_url: Option<String>,
+    /// The classifications made of this detection, in message order.
+    pub classifications: Vec<ClassificationResult>,
+}
+
+/// One classification of a detection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassificationResult {
+    /// The label, resolved to a taxon by name or search name.
+    pub label: String,
+    /// Calibrated scores (non-empty, finite).
+    pub scores: Vec<f64>,
+    /// Raw logits, if sent.
+    pub logits: Option<Vec<f64>>,
+    /// The classifier's key.
+    pub algorithm: String,
+    /// Whether this is a pipeline's final classification.
+    pub terminal: bool,
+    /// When the classifier ran.
+    pub timestamp: Option<String>,
+}
+
+impl ClassificationResult {
+    /// `max(scores)`, the stored `score` (scores are non-empty and finite once validated).
+    pub fn score(&self) -> f64 {
+        self.scores.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+impl ResultMessage {
+    /// The images this result is about (processed or failed), deduplicated, in order.
+    pub fn image_ids(&self) -> Vec<i64> {
+        let mut ids = Vec::new();
+        match &self.body {
+            ResultBody::Response(r) => {
+                for id in r.source_images.iter().chain(r.detections.iter().map(|d| &d.image_id)) {
+                    if !ids.contains(id) {
+                        ids.push(*id);
+                    }
+                }
+            }
+            ResultBody::Error { image_id, .. } => ids.extend(image_id),
+        }
+        ids
+    }
+}
+
+// ---- wire shapes -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct WireTask {
+    reply_subject: String,
+    result: WireResult,
+}
+
+#[derive(Deserialize)]
+struct WireResult {
+    pipeline: Option<String>,
+    #[serde(default)]
+    source_images: Option<Vec<WireImage>>,
+    #[serde(default)]
+    detections: Option<Vec<WireDetection>>,
+    #[serde(default, deserialize_with = "present")]
+    error: Option<Option<String>>,
+    #[serde(default, deserialize_with = "opt_image_id")]
+    image_id: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct WireImage {
+    #[serde(deserialize_with = "image_id")]
+    id: i64,
+}
+
+#[derive(Deserialize)]
+struct WireBbox {
+    x1: f64,
+    y1: f64,
+    x2: f64,
+    y2: f64,
+}
+
+#[derive(Deserialize)]
+struct WireAlgorithm {
+    key: String,
+}
+
+#[derive(Deserialize)]
+struct WireDetection {
+    #[serde(deserialize_with = "image_id")]
+    source_image_id: i64,
+    bbox: Option<WireBbox>,
+    algorithm: WireAlgorithm,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default)]
+    crop_image_url: Option<String>,
+    #[serde(default)]
+    classifications: Vec<WireClassification>,
+}
+
+#[derive(Deserialize)]
+struct WireClassification {
+    classification: String,
+    scores: Vec<Option<f64>>,
+    #[serde(default)]
+    logits: Option<Vec<Option<f64>>>,
+    algorithm: WireAlgorithm,
+    #[serde(default = "yes")]
+    terminal: bool,
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A field that may be present with a `null` value (`Some(None)`) or absent (`None`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Ok(Some(Option::<String>::deserialize(d)?))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireId {
+    Int(i64),
+    Text(String),
+}
+
+fn parse_id<E: de::Error>(id: WireId) -> Result<i64, E> {
+    match id {
+        WireId::Int(n) => Ok(n),
+        WireId::Text(s) => s.trim().parse::<i64>().map_err(|_| E::custom(format!("image id {s:?} is not a number"))),
+    }
+}
+
+fn image_id<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    parse_id(WireId::deserialize(d)?)
+}
+
+fn opt_image_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<WireId>::deserialize(d)?.map(parse_id).transpose()
+}
+
+// ---- decoding ----------------------------------------------------------------------------
+
+/// Where a message came from, as far as validation needs it.
+#[derive(Debug, Clone)]
+pub struct Envelope<'a> {
+    /// The NATS subject (`<prefix>.{job_id}`).
+    pub subject: &'a str,
+    /// The results subject prefix (`tally.results`).
+    pub prefix: &'a str,
+    /// The largest body accepted, in bytes.
+    pub max_bytes: usize,
+}
+
+/// The job named by `subject` (`<prefix>.{job_id}`).
+pub fn job_of_subject(subject: &str, prefix: &str) -> Option<i64> {
+    subject.strip_prefix(prefix)?.strip_prefix('.')?.parse().ok()
+}
+
+/// The job whose task consumer issued `reply_subject`: the JetStream ack subject
+/// `$JS.ACK.<stream>.<consumer>.…` (9 tokens) or `$JS.ACK.<domain>.<account>.<stream>.<consumer>.…`
+/// (12 tokens), with stream `job_{id}` and consumer `job-{id}-consumer` (Antenna's names).
+pub fn job_of_reply_subject(reply_subject: &str) -> Option<i64> {
+    let tokens: Vec<&str> = reply_subject.split('.').collect();
+    if tokens.len() < 9 || tokens[0] != "$JS" || tokens[1] != "ACK" {
+        return None;
+    }
+    let (stream, consumer) = if tokens.len() >= 12 { (tokens[4], tokens[5]) } else { (tokens[2], tokens[3]) };
+    let job: i64 = stream.strip_prefix("job_")?.parse().ok()?;
+    (consumer == format!("job-{job}-consumer")).then_some(job)
+}
+
+/// Decodes and validates one message body.
+pub fn decode(envelope: &Envelope<'_>, payload: &[u8]) -> Result<ResultMessage, Rejection> {
+    if payload.len() > envelope.max_bytes {
+        return Err(Rejection::new(
+            REASON_OVERSIZED,
+            format!("body of {} bytes is over the limit of {} bytes", payload.len(), envelope.max_bytes),
+        ));
+    }
+    let job_id = job_of_subject(envelope.subject, envelope.prefix).ok_or_else(|| {
+        Rejection::new(
+            REASON_BAD_SUBJECT,
+            format!("subject {:?} is not {}.<job id>", envelope.subject, envelope.prefix),
+        )
+    })?;
+    let wire: WireTask = serde_json::from_slice(payload).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            Rejection::new(REASON_INVALID_JSON, e.to_string())
+        } else {
+            Rejection::new(REASON_WRONG_SHAPE, format!("not a PipelineTaskResult: {e}"))
+        }
+    })?;
+    match job_of_reply_subject(&wire.reply_subject) {
+        Some(job) if job == job_id => {}
+        _ => {
+            return Err(Rejection::new(
+                REASON_FOREIGN_REPLY_SUBJECT,
+                format!("reply_subject {:?} is not an ack subject of job {job_id}'s task consumer", wire.reply_subject),
+            ))
+        }
+    }
+    let body = body(wire.result)?;
+    Ok(ResultMessage { job_id, reply_subject: wire.reply_subject, body })
+}
+
+fn body(result: WireResult) -> Result<ResultBody, Rejection> {
+    let Some(pipeline) = result.pipeline else {
+        return match result.error {
+            Some(error) => Ok(ResultBody::Error { error: error.unwrap_or_default(), image_id: result.image_id }),
+            None => Err(Rejection::new(REASON_WRONG_SHAPE, "result has neither `pipeline` nor `error`")),
+        };
+    };
+    let source_images = result
+        .source_images
+        .ok_or_else(|| Rejection::new(REASON_WRONG_SHAPE, "result has no `source_images`"))?
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    let detections = result
+        .detections
+        .ok_or_else(|| Rejection::new(REASON_WRONG_SHAPE, "result has no `detections`"))?
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| detection(i, d))
+        .collect::<Result<_, _>>()?;
+    check_text("pipeline", &pipeline)?;
+    Ok(ResultBody::Response(PipelineResults { pipeline, source_images, detections }))
+}
+
+fn check_text(what: &str, text: &str) -> Result<(), Rejection> {
+    if text.chars().count() > MAX_TEXT {
+        return Err(Rejection::new(
+            REASON_TEXT_TOO_LONG,
+            format!("{what} of {} characters is over {MAX_TEXT}", text.chars().count()),
+        ));
+    }
+    Ok(())
+}
+
+fn detection(index: usize, d: WireDetection) -> Result<DetectionResult, Rejection> {
+    let bbox = match d.bbox {
+        None => None,
+        Some(b) => {
+            let coords = [b.x1, b.y1, b.x2, b.y2];
+            if coords.iter().any(|c| !c.is_finite()) {
+                return Err(Rejection::new(
+                    REASON_BAD_BBOX,
+                    format!("detection {index}: bbox {coords:?} is not finite"),
+                ));
+            }
+            if b.x2 < b.x1 || b.y2 < b.y1 {
+                return Err(Rejection::new(
+                    REASON_BAD_BBOX,
+                    format!("detection {index}: bbox {coords:?} has x2 < x1 or y2 < y1"),
+                ));
+            }
+            Some(coords)
+        }
+    };
+    check_text("detection algorithm key", &d.algorithm.key)?;
+    let crop_image_url = d.crop_image_url.filter(|u| !u.is_empty());
+    if let Some(url) = &crop_image_url {
+        check_text("crop_image_url", url)?;
+    }
+    check_timestamp(&d.timestamp, || format!("detection {index}"))?;
+    let classifications = d
+        .classifications
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| classification(index, j, c))
+        .collect::<Result<_, _>>()?;
+    Ok(DetectionResult {
+        image_id: d.source_image_id,
+        bbox,
+        algorithm: d.algorithm.key,
+        timestamp: d.timestamp,
+        crop_image_url,
+        classifications,
+    })
+}
+
+fn finite(values: Vec<Option<f64>>) -> Option<Vec<f64>> {
+    values.into_iter().map(|v| v.filter(|v| v.is_finite())).collect()
+}
+
+fn classification(d: usize, j: usize, c: WireClassification) -> Result<ClassificationResult, Rejection> {
+    let at = || format!("detection {d}, classification {j}");
+    check_text("label", &c.classification).map_err(|r| Rejection::new(r.code, format!("{}: {}", at(), r.detail)))?;
+    check_text("classification algorithm key", &c.algorithm.key)?;
+    if c.scores.is_empty() {
+        return Err(Rejection::new(REASON_BAD_SCORES, format!("{}: scores are empty", at())));
+    }
+    let scores = finite(c.scores)
+        .ok_or_else(|| Rejection::new(REASON_BAD_SCORES, format!("{}: a score is NaN, infinite or null", at())))?;
+    let logits =
+        match c.logits {
+            None => None,
+            Some(l) => Some(finite(l).ok_or_else(|| {
+                Rejection::new(REASON_BAD_SCORES, format!("{}: a logit is NaN, infinite or null", at()))
+            })?),
+        };
+    check_timestamp(&c.timestamp, at)?;
+    Ok(ClassificationResult {
+        label: c.classification,
+        scores,
+        logits,
+        algorithm: c.algorithm.key,
+        terminal: c.terminal,
+        timestamp: c.timestamp,
+    })
+}
+
+fn check_timestamp(ts: &Option<String>, at: impl Fn() -> String) -> Result<(), Rejection> {
+    match ts {
+        Some(t) if !is_iso_datetime(t) => {
+            Err(Rejection::new(REASON_BAD_TIMESTAMP, format!("{}: timestamp {t:?} is not ISO 8601", at())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `YYYY-MM-DD[T ]HH:MM[:SS[.f…]][Z|±HH[:MM]]`, which Postgres reads as `timestamptz` (a naive
+/// value in the session's time zone, as Django writes them).
+pub fn is_iso_datetime(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let num = |r: std::ops::Range<usize>| -> u32 { s.get(r).and_then(|x| x.parse().ok()).unwrap_or(99) };
+    if b.len() < 16 || !digits(0..4) || b[4] != b'-' || !digits(5..7) || b[7] != b'-' || !digits(8..10) {
+        return false;
+    }
+    if !(b[10] == b'T' || b[10] == b' ') || !digits(11..13) || b[13] != b':' || !digits(14..16) {
+        return false;
+    }
+    if !(1..=12).contains(&num(5..7)) || !(1..=31).contains(&num(8..10)) || num(11..13) > 23 || num(14..16) > 59 {
+        return false;
+    }
+    let mut i = 16;
+    if b.get(i) == Some(&b':') {
+        if !digits(i + 1..i + 3) || num(i + 1..i + 3) > 60 {
+            return false;
+        }
+        i += 3;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            i = start;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == start {
+                return false;
+            }
+        }
+    }
+    match b.get(i) {
+        None => true,
+        Some(b'Z') => i + 1 == b.len(),
+        Some(b'+') | Some(b'-') => {
+            let rest = &s[i + 1..];
+            let ok_hh = |h: &str| h.len() == 2 && h.bytes().all(|c| c.is_ascii_digit());
+            match rest.split_once(':') {
+                Some((h, m)) => ok_hh(h) && ok_hh(m),
+                None => ok_hh(rest) || (rest.len() == 4 && rest.bytes().all(|c| c.is_ascii_digit())),
+            }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;

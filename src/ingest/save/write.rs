@@ -1,0 +1,266 @@
+//! Writes of a batch save: one bulk statement per table (`INSERT … SELECT FROM UNNEST`), with
+//! ids allocated up front and every NOT NULL column supplied as Django would.
+
+use std::collections::HashMap;
+
+use tally_dataflows::{Detection, Id, InputBatch, Occurrence, Score};
+use tokio_postgres::Transaction;
+
+use super::read::OccurrenceUpdate;
+use super::{JobImage, JobLogLine, NewClassification, NewDetection, NewOccurrence};
+use crate::store::StoreError;
+
+/// Many float vectors as one: the values end to end (sent as one binary `float8[]`, which
+/// Postgres reads without parsing text) and, per vector, its 1-based bounds in them, so that
+/// `flat[lo:hi]` is the vector again (`hi = lo - 1` for an empty one, both NULL for none).
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct FlatVectors {
+    pub(super) values: Vec<f64>,
+    pub(super) lo: Vec<Option<i32>>,
+    pub(super) hi: Vec<Option<i32>>,
+}
+
+impl FlatVectors {
+    pub(super) fn push(&mut self, vector: Option<&[f64]>) {
+        match vector {
+            Some(v) => {
+                self.lo.push(Some(self.values.len() as i32 + 1));
+                self.values.extend_from_slice(v);
+                self.hi.push(Some(self.values.len() as i32));
+            }
+            None => {
+                self.lo.push(None);
+                self.hi.push(None);
+            }
+        }
+    }
+}
+
+pub(super) fn bbox_json(b: [f64; 4]) -> String {
+    serde_json::Value::from(b.to_vec()).to_string()
+}
+
+pub(super) async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Result<Vec<i64>, StoreError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = tx
+        .query(
+            "SELECT nextval(pg_get_serial_sequence($1, 'id')) FROM generate_series(1, $2::int8)",
+            &[&table, &(n as i64)],
+        )
+        .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+pub(super) async fn insert_occurrences(
+    tx: &Transaction<'_>,
+    new: &[NewOccurrence],
+    ids: &[i64],
+    images: &HashMap<i64, tally_dataflows::Image>,
+    input: &mut InputBatch,
+) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let image = |o: &NewOccurrence| images.get(&o.image).cloned();
+    let opt = |v: Option<Id>| v.map(|v| v as i64);
+    let events: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.event))).collect();
+    let deployments: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.deployment))).collect();
+    let projects: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.project))).collect();
+    let taxa: Vec<Option<i64>> = new.iter().map(|o| o.determination.and_then(|d| d.0)).collect();
+    let scores: Vec<Option<f64>> = new.iter().map(|o| o.determination.and_then(|d| d.1)).collect();
+    tx.execute(
+        "INSERT INTO main_occurrence (id, created_at, updated_at, event_id, deployment_id, project_id,
+                                      determination_id, determination_score)
+         SELECT u.id, now(), now(), u.event, u.deployment, u.project, u.taxon, u.score
+         FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::float8[])
+              AS u(id, event, deployment, project, taxon, score)",
+        &[&ids, &events, &deployments, &projects, &taxa, &scores],
+    )
+    .await?;
+    for (n, id) in ids.iter().enumerate() {
+        input.occurrences.push((
+            *id as Id,
+            Some(Occurrence {
+                event: events[n].map(|v| v as Id),
+                deployment: deployments[n].map(|v| v as Id),
+                determination: taxa[n].map(|v| v as Id),
+                score: scores[n].map(Score::new),
+            }),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn insert_detections(
+    tx: &Transaction<'_>,
+    new: &[NewDetection],
+    ids: &[i64],
+    occurrence_ids: &[i64],
+    input: &mut InputBatch,
+) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let bboxes: Vec<Option<String>> = new.iter().map(|d| d.bbox.map(bbox_json)).collect();
+    let paths: Vec<Option<&str>> = new.iter().map(|d| d.path.as_deref()).collect();
+    let times: Vec<Option<&str>> = new.iter().map(|d| d.time.as_deref()).collect();
+    let occurrences: Vec<Option<i64>> = new.iter().map(|d| d.occurrence.map(|n| occurrence_ids[n])).collect();
+    let images: Vec<i64> = new.iter().map(|d| d.image).collect();
+    let algorithms: Vec<i64> = new.iter().map(|d| d.algorithm).collect();
+    tx.execute(
+        "INSERT INTO main_detection (id, created_at, updated_at, bbox, \"timestamp\", path, detection_time,
+                                     occurrence_id, source_image_id, detection_algorithm_id)
+         SELECT u.id, now(), now(), u.bbox::jsonb,
+                (SELECT s.\"timestamp\" FROM main_sourceimage s WHERE s.id = u.image),
+                u.path, u.time::timestamptz, u.occ, u.image, u.alg
+         FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
+              AS u(id, bbox, path, time, occ, image, alg)",
+        &[&ids, &bboxes, &paths, &times, &occurrences, &images, &algorithms],
+    )
+    .await?;
+    for (n, id) in ids.iter().enumerate() {
+        input.detections.push((
+            *id as Id,
+            Some(Detection {
+                image: images[n] as Id,
+                occurrence: occurrences[n].map(|v| v as Id),
+                valid: new[n].bbox.is_some(),
+            }),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn insert_classifications(
+    tx: &Transaction<'_>,
+    new: &[NewClassification],
+    detections: &[i64],
+) -> Result<(), StoreError> {
+    if new.is_empty() {
+        return Ok(());
+    }
+    let scores: Vec<f64> = new.iter().map(|c| c.score).collect();
+    let times: Vec<Option<&str>> = new.iter().map(|c| c.time.as_deref()).collect();
+    let algorithms: Vec<i64> = new.iter().map(|c| c.algorithm.id).collect();
+    let taxa: Vec<i64> = new.iter().map(|c| c.taxon).collect();
+    let maps: Vec<Option<i64>> = new.iter().map(|c| c.algorithm.category_map).collect();
+    let mut vectors = FlatVectors::default();
+    let mut logits = FlatVectors::default();
+    for c in new {
+        vectors.push(Some(&c.scores));
+        logits.push(c.logits.as_deref());
+    }
+    let terminal: Vec<bool> = new.iter().map(|c| c.terminal).collect();
+    // Score vectors travel as one binary array each (see FlatVectors): as text they cost
+    // Postgres a float parse per element, which dominated the save of long vectors.
+    tx.execute(
+        "INSERT INTO main_classification (created_at, updated_at, score, \"timestamp\", algorithm_id, detection_id,
+                                          taxon_id, category_map_id, logits, scores, terminal)
+         SELECT now(), now(), u.score, coalesce(u.time::timestamptz, now()), u.alg, u.det, u.taxon, u.cmap,
+                ($12::float8[])[u.logits_lo:u.logits_hi], ($9::float8[])[u.scores_lo:u.scores_hi], u.terminal
+         FROM UNNEST($1::float8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int4[],
+                     $8::int4[], $10::int4[], $11::int4[], $13::bool[])
+              AS u(score, time, alg, det, taxon, cmap, scores_lo, scores_hi, logits_lo, logits_hi, terminal)",
+        &[
+            &scores,
+            &times,
+            &algorithms,
+            &detections,
+            &taxa,
+            &maps,
+            &vectors.lo,
+            &vectors.hi,
+            &vectors.values,
+            &logits.lo,
+            &logits.hi,
+            &logits.values,
+            &terminal,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn write_determinations(tx: &Transaction<'_>, updates: &[OccurrenceUpdate]) -> Result<(), StoreError> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
+    let taxa: Vec<Option<i64>> = updates.iter().map(|u| u.taxon).collect();
+    let scores: Vec<Option<f64>> = updates.iter().map(|u| u.score).collect();
+    // Antenna's bulk_update of determination fields does not bump updated_at.
+    tx.execute(
+        "UPDATE main_occurrence o SET determination_id = u.taxon,
+                determination_score = coalesce(u.score, o.determination_score)
+         FROM UNNEST($1::int8[], $2::int8[], $3::float8[]) AS u(id, taxon, score) WHERE o.id = u.id",
+        &[&ids, &taxa, &scores],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn write_job_images(
+    tx: &Transaction<'_>,
+    rows: HashMap<(i64, i64), JobImage>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut jobs = Vec::new();
+    let mut images = Vec::new();
+    let mut failed = Vec::new();
+    let mut errors = Vec::new();
+    let mut detections = Vec::new();
+    let mut classifications = Vec::new();
+    for ((job, image), row) in rows {
+        jobs.push(job);
+        images.push(image);
+        failed.push(row.failed);
+        errors.push(row.error);
+        detections.push(row.detections as i64);
+        classifications.push(row.classifications as i64);
+    }
+    tx.execute(
+        "INSERT INTO tally.job_image (job_id, image_id, failed, error, detections, classifications)
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::bool[], $4::text[], $5::int8[], $6::int8[])
+         ON CONFLICT (job_id, image_id) DO UPDATE SET
+             failed = tally.job_image.failed OR EXCLUDED.failed,
+             error = coalesce(tally.job_image.error, EXCLUDED.error),
+             detections = tally.job_image.detections + EXCLUDED.detections,
+             classifications = tally.job_image.classifications + EXCLUDED.classifications,
+             last_seen = now()",
+        &[&jobs, &images, &failed, &errors, &detections, &classifications],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes job log lines for the jobs that exist (`jobs_joblog.job_id` is NOT NULL and a
+/// foreign key), inside the batch transaction, with the one INSERT for `jobs_joblog`
+/// ([`crate::jobs::logs::insert`]).
+pub async fn write_job_logs(tx: &Transaction<'_>, lines: &[JobLogLine]) -> Result<u64, StoreError> {
+    let mut rows = crate::jobs::logs::Rows::default();
+    for l in lines {
+        rows.push(l.job_id, l.level, &l.message, &l.context, None);
+    }
+    crate::jobs::logs::insert(tx, &rows).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlatVectors;
+
+    #[test]
+    fn flat_vectors_slice_back_to_each_vector() {
+        let mut flat = FlatVectors::default();
+        flat.push(Some(&[0.25, 0.75]));
+        flat.push(None);
+        flat.push(Some(&[]));
+        flat.push(Some(&[1.0]));
+        assert_eq!(flat.values, vec![0.25, 0.75, 1.0]);
+        assert_eq!(flat.lo, vec![Some(1), None, Some(3), Some(3)]);
+        assert_eq!(flat.hi, vec![Some(2), None, Some(2), Some(3)]);
+    }
+}

@@ -1,0 +1,171 @@
+//! The daemon's Prometheus metrics: their names, descriptions and histogram buckets, and the
+//! one global recorder that `/metrics` renders.
+//!
+//! Code records with the `metrics` macros and the names in [`names`]
+//! (`metrics::counter!(names::INGEST_MESSAGES, "outcome" => "saved").increment(n)`), so a
+//! misspelt name is a compile error rather than a silently separate series. Label values are
+//! listed on each name; keep them to those fixed sets, since every distinct value is a series
+//! that Prometheus stores forever.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// One constant per metric name.
+pub mod names {
+    /// Counter of result messages handled, label `outcome` = `saved` | `dead_lettered` |
+    /// `retried` (NAKed for redelivery after a transient failure) | `replay_noop` (a replay or
+    /// redelivery that created no rows).
+    pub const INGEST_MESSAGES: &str = "tally_ingest_messages_total";
+    /// Counter of rows inserted into Antenna's tables, label `table` = `detection` |
+    /// `classification` | `occurrence` | `taxon` | `null_marker`.
+    pub const INGEST_ROWS: &str = "tally_ingest_rows_total";
+    /// Histogram of messages per ingest batch: shows whether batching is effective.
+    pub const INGEST_BATCH_MESSAGES: &str = "tally_ingest_batch_messages";
+    /// Histogram of seconds per ingest batch, label `stage` = `decode` | `save` | `dataflow` |
+    /// `commit` | `ack` | `total`: says which stage to look at when ingest is slow.
+    pub const INGEST_BATCH_SECONDS: &str = "tally_ingest_batch_seconds";
+    /// Counter of messages stored as dead letters, label `reason` (the dead letter's
+    /// `reason_code`, a fixed set such as `invalid_json`, `unknown_pipeline`).
+    pub const INGEST_DEAD_LETTERS: &str = "tally_ingest_dead_letters_total";
+    /// Counter of count rows written, label `table` = `main_sourceimage` | `main_event` |
+    /// `main_deployment`.
+    pub const COUNT_WRITES: &str = "tally_count_writes_total";
+    /// Gauge: seconds between the oldest publish time in the last committed batch and its
+    /// commit, i.e. how stale the stored counts were just before that commit.
+    pub const DATAFLOW_LAG_SECONDS: &str = "tally_dataflow_lag_seconds";
+    /// Histogram of seconds from a result's publish to its ack: the end-to-end latency a
+    /// worker sees.
+    pub const PUBLISH_TO_ACK_SECONDS: &str = "tally_publish_to_ack_seconds";
+    /// Counter of task-message acks, label `outcome` = `acked` | `no_stream` (the job's stream
+    /// is gone, e.g. the job was cleaned up) | `failed`.
+    pub const TASK_ACKS: &str = "tally_task_acks_total";
+    /// Counter of failed pulls from the results stream (each is retried).
+    pub const NATS_PULL_ERRORS: &str = "tally_nats_pull_errors_total";
+    /// Gauge, 1 while the daemon is ready to ingest and 0 otherwise (mirrors `/readyz`).
+    pub const INGEST_READY: &str = "tally_ingest_ready";
+    /// Gauge of rows mirrored by the dataflow engine: its memory grows with it.
+    pub const DATAFLOW_ROWS: &str = "tally_dataflow_rows";
+    /// Counter of worker API requests, labels `route` = `claim` | `next` | `tasks` | `result`
+    /// and `status` (the HTTP status code).
+    pub const GATEWAY_REQUESTS: &str = "tally_gateway_requests_total";
+    /// Histogram of seconds per worker API request, label `route` (as above).
+    pub const GATEWAY_REQUEST_SECONDS: &str = "tally_gateway_request_seconds";
+    /// Counter of claims, label `outcome` = `claimed` | `none` (no claimable job).
+    pub const GATEWAY_CLAIMS: &str = "tally_gateway_claims_total";
+    /// Counter of tasks handed to workers by `/tasks`.
+    pub const GATEWAY_TASKS: &str = "tally_gateway_tasks_served_total";
+    /// Counter of task messages that were not JSON objects, terminated instead of served.
+    pub const GATEWAY_BAD_TASKS: &str = "tally_gateway_bad_tasks_total";
+    /// Counter of results published by `/result`, label `outcome` = `queued` | `duplicate`
+    /// (JetStream dropped it as a repeat of a result already in the stream).
+    pub const GATEWAY_RESULTS: &str = "tally_gateway_results_total";
+    /// Counter of heartbeats, label `outcome` = `written` | `throttled` | `dropped` (channel
+    /// full) | `failed` (database error).
+    pub const GATEWAY_HEARTBEATS: &str = "tally_gateway_heartbeats_total";
+    /// Counter of processing services marked offline by the sweep.
+    pub const GATEWAY_SERVICES_OFFLINE: &str = "tally_gateway_services_marked_offline_total";
+    /// Counter of buffered job log lines, label `outcome` = `written` | `dropped` (buffer full) |
+    /// `failed` (the database refused their batch) | `no_job` (their job does not exist).
+    pub const JOB_LOG_LINES: &str = "tally_job_log_lines_total";
+}
+
+/// Bucket bounds for durations in seconds: half a millisecond (one small batch's decode) to a
+/// minute (a bootstrap-sized commit).
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Bucket bounds for batch sizes in messages, 1 to 10 000 (the largest fetch tally asks for).
+pub const BATCH_BUCKETS: &[f64] =
+    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder on the first call and returns its handle; later
+/// calls return a clone of the same handle, so the daemon and every test in one process can
+/// call it freely (a process has exactly one global recorder).
+///
+/// If another recorder was installed by someone else first, the metrics macros report to that
+/// one; the returned handle then renders an empty recorder, and a warning says so.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = match builder().install_recorder() {
+                Ok(handle) => handle,
+                Err(error) => {
+                    tracing::warn!(%error, "a metrics recorder is already installed: /metrics will be empty");
+                    builder().build_recorder().handle()
+                }
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// The exporter's configuration: histograms as true Prometheus histograms with our buckets
+/// (summaries cannot be aggregated across instances).
+fn builder() -> PrometheusBuilder {
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in [
+        (names::INGEST_BATCH_SECONDS, SECONDS_BUCKETS),
+        (names::PUBLISH_TO_ACK_SECONDS, SECONDS_BUCKETS),
+        (names::GATEWAY_REQUEST_SECONDS, SECONDS_BUCKETS),
+        (names::INGEST_BATCH_MESSAGES, BATCH_BUCKETS),
+    ] {
+        // Only an empty bucket list is refused, and ours are non-empty constants.
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+            .expect("bucket lists are not empty");
+    }
+    builder
+}
+
+/// Registers the help text of every metric with the installed recorder.
+fn describe() {
+    use names::*;
+    describe_counter!(INGEST_MESSAGES, Unit::Count, "Result messages handled, by outcome.");
+    describe_counter!(INGEST_ROWS, Unit::Count, "Rows inserted into Antenna's tables, by table.");
+    describe_histogram!(INGEST_BATCH_MESSAGES, Unit::Count, "Messages per ingest batch.");
+    describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
+    describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");
+    describe_counter!(COUNT_WRITES, Unit::Count, "Count rows written to Antenna's tables, by table.");
+    describe_gauge!(
+        DATAFLOW_LAG_SECONDS,
+        Unit::Seconds,
+        "Seconds from the oldest publish in the last committed batch to its commit."
+    );
+    describe_histogram!(PUBLISH_TO_ACK_SECONDS, Unit::Seconds, "Seconds from a result's publish to its ack.");
+    describe_counter!(TASK_ACKS, Unit::Count, "Task message acks, by outcome.");
+    describe_counter!(NATS_PULL_ERRORS, Unit::Count, "Failed pulls from the results stream.");
+    describe_gauge!(INGEST_READY, "1 while ready to ingest, else 0.");
+    describe_gauge!(DATAFLOW_ROWS, Unit::Count, "Rows mirrored by the dataflow engine.");
+    describe_counter!(GATEWAY_REQUESTS, Unit::Count, "Worker API requests, by route and status.");
+    describe_histogram!(GATEWAY_REQUEST_SECONDS, Unit::Seconds, "Seconds per worker API request, by route.");
+    describe_counter!(GATEWAY_CLAIMS, Unit::Count, "Job claims, by outcome.");
+    describe_counter!(GATEWAY_TASKS, Unit::Count, "Tasks handed to workers.");
+    describe_counter!(GATEWAY_BAD_TASKS, Unit::Count, "Task messages that were not JSON objects (terminated).");
+    describe_counter!(GATEWAY_RESULTS, Unit::Count, "Results published for ingest, by outcome.");
+    describe_counter!(GATEWAY_HEARTBEATS, Unit::Count, "Processing-service heartbeats, by outcome.");
+    describe_counter!(GATEWAY_SERVICES_OFFLINE, Unit::Count, "Processing services marked offline by the sweep.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installs_once_and_renders_with_buckets_and_help() {
+        let first = install();
+        let second = install();
+        metrics::counter!(names::TASK_ACKS, "outcome" => "acked").increment(2);
+        metrics::histogram!(names::INGEST_BATCH_SECONDS, "stage" => "total").record(0.003);
+        first.run_upkeep();
+        let text = second.render();
+        assert!(text.contains("tally_task_acks_total{outcome=\"acked\"} 2"), "{text}");
+        assert!(text.contains("# HELP tally_task_acks_total Task message acks, by outcome."), "{text}");
+        assert!(text.contains("tally_ingest_batch_seconds_bucket{stage=\"total\",le=\"0.005\"} 1"), "{text}");
+        assert!(text.contains("tally_ingest_batch_seconds_bucket{stage=\"total\",le=\"0.0025\"} 0"), "{text}");
+    }
+}

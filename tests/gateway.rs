@@ -1,0 +1,756 @@
+//! The worker gateway against real Postgres, NATS and HTTP: the server runs in-process on
+//! `127.0.0.1:0` and is spoken to as ADC does (plain HTTP/1.1). Auth, claims and their
+//! fairness, tasks, results (read back from the stream), refusals that publish nothing,
+//! heartbeats and the offline sweep, and `tally serve --no-ingest`.
+
+#[path = "gateway/client.rs"]
+mod client;
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{consumer, stream};
+use client::{Client, Response};
+use common::ingest::{self, antenna_progress, world, Fixture, PIPELINE};
+use common::Flavor;
+use serde_json::{json, Value};
+use tally::config::DbArgs;
+use tally::gateway::{self, Gateway, GatewayArgs};
+use tally::ingest::daemon::IngestArgs;
+use tally::ingest::message::job_of_reply_subject;
+use tally::store::seed::{self, PipelineSpec};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The token of an active superuser.
+const TOKEN: &str = "0123456789abcdef0123456789abcdef01234567";
+/// The token of a deactivated user.
+const INACTIVE_TOKEN: &str = "fedcba9876543210fedcba9876543210fedcba98";
+/// A second pipeline, for jobs a claim for [`PIPELINE`] must not return.
+const OTHER_PIPELINE: &str = "tally-test-other-pipeline";
+
+/// A gateway served in-process on an ephemeral port.
+struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    background: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(gateway: Arc<Gateway>) -> Server {
+        tally::metrics::install();
+        let shutdown = CancellationToken::new();
+        let background = gateway.run_background(shutdown.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(tally::http::serve(listener, gateway::router(gateway), shutdown.clone()));
+        Server { addr, shutdown, server, background }
+    }
+
+    fn worker(&self) -> Client {
+        Client { addr: self.addr, token: Some(TOKEN.into()) }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.expect("server task").expect("server");
+        self.background.await.expect("background task");
+    }
+}
+
+/// A fixture plus a gateway serving it.
+struct Bench {
+    fx: Fixture,
+    server: Server,
+    addr: SocketAddr,
+}
+
+impl Bench {
+    /// A seeded database with a worker token and two pipelines, and a gateway with `args`
+    /// (its own pool of 16, so concurrent claims really are concurrent).
+    async fn new(label: &str, args: GatewayArgs) -> Bench {
+        let fx = Fixture::new(label, Flavor::Empty, world(2, 4)).await;
+        seed::seed_pipeline(&fx.store, &PipelineSpec::antenna_test(OTHER_PIPELINE)).await.expect("second pipeline");
+        let c = fx.store.client().await.expect("client");
+        c.batch_execute(&format!(
+            "INSERT INTO users_user (id, password, is_superuser, email, is_staff, is_active, date_joined, name)
+             VALUES (100, '', true, 'worker@example.org', true, true, now(), 'worker'),
+                    (101, '', true, 'gone@example.org', true, false, now(), 'gone');
+             INSERT INTO authtoken_token (key, created, user_id)
+             VALUES ('{TOKEN}', now(), 100), ('{INACTIVE_TOKEN}', now(), 101);"
+        ))
+        .await
+        .expect("users and tokens");
+        let url = &fx.db.as_ref().expect("test database").url;
+        let store = tally::store::connect(&DbArgs { pool_size: 16, ..DbArgs::for_url(url) }).await.expect("pool");
+        let gateway = Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), args);
+        let server = Server::start(gateway).await;
+        Bench { fx, addr: server.addr, server }
+    }
+
+    fn worker(&self) -> Client {
+        self.server.worker()
+    }
+
+    fn anonymous(&self) -> Client {
+        Client { addr: self.addr, token: None }
+    }
+
+    /// Creates an async job of `pipeline` as Antenna does (row, stream `job_{id}`, consumer
+    /// `job-{id}-consumer`, one task per image) without pulling any task.
+    async fn job(&mut self, images: &[u64], status: &str, pipeline: &str) -> i64 {
+        self.job_in(images, status, pipeline, "async_api", 1).await
+    }
+
+    async fn job_in(&mut self, images: &[u64], status: &str, pipeline: &str, mode: &str, project: i64) -> i64 {
+        let c = self.fx.store.client().await.expect("client");
+        let pipeline: i64 =
+            c.query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&pipeline]).await.expect("pipeline").get(0);
+        let job = ingest::unique() as i64;
+        c.execute(
+            "INSERT INTO jobs_job (id, created_at, updated_at, name, queue, status, progress, project_id, delay,
+                                   shuffle, job_type_key, logs, dispatch_mode, pipeline_id)
+             VALUES ($1, now(), now(), 'test job', 'default', $2, $3, $4, 0, false, 'ml',
+                     '{\"stdout\": [], \"stderr\": []}', $5, $6)",
+            &[&job, &status, &antenna_progress(images.len()), &project, &mode, &pipeline],
+        )
+        .await
+        .expect("insert job");
+        let name = format!("job_{job}");
+        let _ = self.fx.js.delete_stream(&name).await;
+        let s = self
+            .fx
+            .js
+            .create_stream(stream::Config {
+                name,
+                subjects: vec![format!("job.{job}.tasks")],
+                max_age: Duration::from_secs(3600),
+                ..Default::default()
+            })
+            .await
+            .expect("job stream");
+        self.fx.jobs.push(job);
+        s.create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("job-{job}-consumer")),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(300),
+            max_deliver: 2,
+            max_ack_pending: 1000,
+            filter_subject: format!("job.{job}.tasks"),
+            ..Default::default()
+        })
+        .await
+        .expect("job consumer");
+        for image in images {
+            let task = json!({"id": image.to_string(), "image_id": image.to_string(),
+                              "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
+            self.fx
+                .js
+                .publish(format!("job.{job}.tasks"), serde_json::to_vec(&task).expect("json").into())
+                .await
+                .expect("publish task")
+                .await
+                .expect("task stored");
+        }
+        job
+    }
+
+    /// Messages in the test's results stream.
+    async fn results_in_stream(&self) -> u64 {
+        let mut s = self.fx.js.get_stream(&self.fx.nats_args.results_stream).await.expect("results stream");
+        s.info().await.expect("stream info").state.messages
+    }
+
+    async fn stop(self) {
+        self.server.stop().await;
+        self.fx.cleanup().await;
+    }
+}
+
+/// Arguments for tests: heartbeats and sweeps that do not get in the way.
+fn args() -> GatewayArgs {
+    GatewayArgs { gateway_fetch_wait: Duration::from_millis(200), ..GatewayArgs::default() }
+}
+
+/// `results[].id` of a claim.
+fn claimed(r: &Response) -> Vec<i64> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["results"].as_array().expect("results").iter().map(|j| j["id"].as_i64().expect("id")).collect()
+}
+
+/// `(image, reply_subject)` of a tasks answer.
+fn tasks_of(r: &Response) -> Vec<(u64, String)> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            assert_eq!(t["id"], t["image_id"]);
+            let image: u64 = t["image_id"].as_str().and_then(|s| s.parse().ok()).expect("image id");
+            assert_eq!(t["image_url"], format!("https://example.org/{image}.jpg"));
+            (image, t["reply_subject"].as_str().expect("reply subject").to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auth_refuses_missing_wrong_and_inactive_tokens() {
+    let mut b = Bench::new("gw_auth", args()).await;
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let path = format!("/api/v2/jobs?pipeline__slug__in={PIPELINE}&ids_only=1&incomplete_only=1");
+    let cases = [
+        (None, "Authentication credentials were not provided."),
+        (Some("nope"), "Invalid token."),
+        (Some(INACTIVE_TOKEN), "User inactive or deleted."),
+    ];
+    for (token, detail) in cases {
+        let c = Client { addr: b.addr, token: token.map(String::from) };
+        for r in [
+            c.get(&path).await,
+            c.tasks(job, 1).await,
+            c.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": []})).await,
+        ] {
+            assert_eq!(r.status, 401, "{token:?}: {}", r.body);
+            assert_eq!(r.detail(), detail);
+            assert_eq!(r.header("www-authenticate"), Some("Token"));
+        }
+    }
+    assert_eq!(b.anonymous().get(&format!("/api/v2/jobs/next?pipeline__slug__in={PIPELINE}")).await.status, 401);
+    // A scheme other than Token is no credential at all (DRF).
+    let bearer = client::exchange(
+        b.addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(bearer.status, 401);
+    // The right token, twice (the second from the cache).
+    for _ in 0..2 {
+        assert_eq!(claimed(&b.worker().get(&path).await), vec![job]);
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claim_answers_in_antenna_s_shape_with_claimable_jobs_only() {
+    let mut b = Bench::new("gw_claim", args()).await;
+    let started = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let retry = b.job(&[3], "RETRY", PIPELINE).await;
+    // None of these is claimable for PIPELINE.
+    b.job(&[4], "PENDING", PIPELINE).await;
+    b.job(&[5], "SUCCESS", PIPELINE).await;
+    b.job(&[6], "STARTED", OTHER_PIPELINE).await;
+    b.job_in(&[7], "STARTED", PIPELINE, "sync_api", 1).await;
+    let finished_results = b.job(&[8], "STARTED", PIPELINE).await;
+    let c = b.fx.store.client().await.expect("client");
+    c.execute(
+        "UPDATE jobs_job SET progress = jsonb_set(progress, '{stages,2,status}', '\"SUCCESS\"') WHERE id = $1",
+        &[&finished_results],
+    )
+    .await
+    .expect("results stage final");
+
+    let w = b.worker();
+    let r = w.claim(PIPELINE).await;
+    let body = r.json();
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let first = body["results"][0]["id"].as_i64().expect("a job");
+    assert!([started, retry].contains(&first), "{body}");
+    assert_eq!(body["count"], 2);
+    assert_eq!(body["next"], Value::Null);
+    assert_eq!(body["previous"], Value::Null);
+    assert_eq!(body["user_permissions"], json!([]));
+    assert_eq!(body["results"][0]["pipeline_slug"], PIPELINE);
+    assert_eq!(body["results"][0]["user_permissions"], json!([]));
+    assert_eq!(body["results"].as_array().map(Vec::len), Some(1), "one job per claim: {body}");
+    // The other job next, then the first again.
+    let second = claimed(&w.claim(PIPELINE).await);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0], first);
+    assert_eq!(claimed(&w.claim(PIPELINE).await), vec![first]);
+    // /next gives the same shape.
+    let next = w.get(&format!("/api/v2/jobs/next?pipeline__slug__in={PIPELINE}")).await;
+    assert_eq!(claimed(&next), vec![second[0]]);
+    assert_eq!(claimed(&w.get(&format!("/api/v2/jobs/next/?pipeline__slug__in={PIPELINE}")).await).len(), 1);
+    // Several pipelines, and `limit`.
+    let both = w.get(&format!("/api/v2/jobs?ids_only=1&pipeline__slug__in={PIPELINE},{OTHER_PIPELINE}&limit=5")).await;
+    assert_eq!(both.json()["count"], 3);
+    assert_eq!(claimed(&both).len(), 3);
+    // Nothing for another dispatch mode or an unknown pipeline.
+    let sync = w.get(&format!("/api/v2/jobs?ids_only=1&pipeline__slug__in={PIPELINE}&dispatch_mode=sync_api")).await;
+    assert_eq!(claimed(&sync), Vec::<i64>::new());
+    assert_eq!(sync.json()["count"], 0);
+    assert_eq!(claimed(&w.claim("no-such-pipeline").await), Vec::<i64>::new());
+    // The list call without ids_only is not a claim: tally does not serve it.
+    let list = w.get(&format!("/api/v2/jobs?pipeline__slug__in={PIPELINE}")).await;
+    assert_eq!(list.status, 400);
+    assert!(list.detail().contains("ids_only=1"), "{}", list.body);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn eight_pollers_over_four_jobs_get_each_job_twice_per_round() {
+    let mut b = Bench::new("gw_fair", args()).await;
+    let mut jobs = Vec::new();
+    for i in 0..4u64 {
+        jobs.push(b.job(&[1 + i * 2, 2 + i * 2], "STARTED", PIPELINE).await);
+    }
+    let w = b.worker();
+    const ROUNDS: usize = 8;
+    for round in 0..ROUNDS {
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let pollers: Vec<_> = (0..8)
+            .map(|_| {
+                let (w, barrier) = (w.clone(), Arc::clone(&barrier));
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    claimed(&w.claim(PIPELINE).await)
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for p in pollers {
+            got.extend(p.await.expect("poller"));
+        }
+        got.sort();
+        let mut want: Vec<i64> = jobs.iter().flat_map(|j| [*j, *j]).collect();
+        want.sort();
+        assert_eq!(got, want, "round {round}: every job exactly twice");
+    }
+    let c = b.fx.store.client().await.expect("client");
+    for job in &jobs {
+        let served: i64 = c
+            .query_one("SELECT served_count FROM tally.job_dispatch WHERE job_id = $1", &[job])
+            .await
+            .expect("dispatch row")
+            .get(0);
+        assert_eq!(served, 2 * ROUNDS as i64);
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_prefer_jobs_with_deliverable_tasks() {
+    let mut b = Bench::new("gw_prefer", GatewayArgs { gateway_deliverable_ttl: Duration::ZERO, ..args() }).await;
+    let drained = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let w = b.worker();
+    assert_eq!(tasks_of(&w.tasks(drained, 10).await).len(), 2);
+    let (pending, _) = b.fx.consumer_state(&format!("job_{drained}"), &format!("job-{drained}-consumer")).await;
+    assert_eq!(pending, 0);
+    // `drained` was never claimed, so least-recently-served order alone would pick it first.
+    let ready = b.job(&[3, 4], "STARTED", PIPELINE).await;
+    for _ in 0..3 {
+        assert_eq!(claimed(&w.claim(PIPELINE).await), vec![ready]);
+    }
+    // Once `ready` is drained too, both are equal again and least-recently-served decides.
+    assert_eq!(tasks_of(&w.tasks(ready, 10).await).len(), 2);
+    assert_eq!(claimed(&w.claim(PIPELINE).await), vec![drained]);
+    assert_eq!(claimed(&w.claim(PIPELINE).await), vec![ready]);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_carry_reply_subjects_that_ingest_accepts() {
+    let mut b = Bench::new("gw_tasks", args()).await;
+    let images: Vec<u64> = b.fx.world.images[..5].to_vec();
+    let job = b.job(&images, "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let mut tasks = tasks_of(&w.tasks(job, 3).await);
+    assert_eq!(tasks.len(), 3);
+    // Without the trailing slash too; fewer left than asked for.
+    let rest =
+        w.post(&format!("/api/v2/jobs/{job}/tasks"), &json!({"batch_size": 24, "client_info": {"host": "gpu1"}})).await;
+    tasks.extend(tasks_of(&rest));
+    assert_eq!(tasks.len(), 5);
+    let started = Instant::now();
+    assert!(tasks_of(&w.tasks(job, 24).await).is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(150), "an empty pull waits for the fetch wait");
+    let mut seen: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    seen.sort();
+    assert_eq!(seen, images);
+    for (_, reply) in &tasks {
+        assert!(reply.starts_with(&format!("$JS.ACK.job_{job}.job-{job}-consumer.")), "{reply}");
+        assert_eq!(job_of_reply_subject(reply), Some(job));
+    }
+    let (_, ack_pending) = b.fx.consumer_state(&format!("job_{job}"), &format!("job-{job}-consumer")).await;
+    assert_eq!(ack_pending, 5, "nothing is acked at fetch time");
+
+    // Results for them through the gateway; ingest saves them and acks every task.
+    let results: Vec<Value> = tasks
+        .iter()
+        .map(|(image, reply)| json!({"reply_subject": reply, "result": b.fx.factory.response(*image)}))
+        .collect();
+    let r = w.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": results})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut running = b.fx.start(IngestArgs::default()).await;
+    running.wait_for(5, 0, Duration::from_secs(60)).await;
+    running.stop().await;
+    assert_eq!(b.fx.consumer_state(&format!("job_{job}"), &format!("job-{job}-consumer")).await, (0, 0));
+    assert_eq!(ingest::rows(&b.fx.store).await, ingest::expected(&b.fx, &images));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_refuse_bad_requests_and_serve_nothing_for_inactive_jobs() {
+    let mut b = Bench::new("gw_tasks_bad", GatewayArgs { gateway_max_batch_size: 100, ..args() }).await;
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let pending = b.job(&[3], "PENDING", PIPELINE).await;
+    let revoked = b.job(&[4], "REVOKED", PIPELINE).await;
+    let sync = b.job_in(&[5], "STARTED", PIPELINE, "sync_api", 1).await;
+    let no_pipeline = b.job(&[6], "STARTED", PIPELINE).await;
+    let c = b.fx.store.client().await.expect("client");
+    c.execute("UPDATE jobs_job SET pipeline_id = NULL WHERE id = $1", &[&no_pipeline]).await.expect("update");
+    let w = b.worker();
+    let path = format!("/api/v2/jobs/{job}/tasks/");
+    for (body, want) in [
+        (&b"{\"batch_size\": 0}"[..], "batch_size must be an integer from 1 to 100"),
+        (b"{\"batch_size\": 101}", "batch_size must be an integer from 1 to 100"),
+        (b"{\"batch_size\": -1}", "batch_size must be an integer from 1 to 100"),
+        (b"{\"batch_size\": \"many\"}", "invalid body"),
+        (b"{\"batch_size\": 2.5}", "invalid body"),
+        (b"{}", "missing field `batch_size`"),
+        (b"[24]", "invalid body"),
+        (b"{\"batch_size\": 24", "malformed JSON"),
+        (b"", "malformed JSON"),
+    ] {
+        let r = w.post_raw(&path, body).await;
+        assert_eq!(r.status, 400, "{:?}: {}", String::from_utf8_lossy(body), r.body);
+        assert!(r.detail().contains(want), "{:?}: {}", String::from_utf8_lossy(body), r.body);
+    }
+    for missing in ["/api/v2/jobs/999999999/tasks/", "/api/v2/jobs/abc/tasks/", "/api/v2/jobs/-1/tasks/"] {
+        let r = w.post(missing, &json!({"batch_size": 1})).await;
+        assert_eq!(r.status, 404, "{missing}: {}", r.body);
+        assert_eq!(r.detail(), "Not found.");
+    }
+    let r = w.tasks(sync, 1).await;
+    assert_eq!(r.status, 400);
+    assert!(r.detail().contains("not an async_api job"), "{}", r.body);
+    let r = w.tasks(no_pipeline, 1).await;
+    assert_eq!(r.status, 400);
+    assert!(r.detail().contains("has no pipeline"), "{}", r.body);
+    for inactive in [pending, revoked] {
+        let r = w.tasks(inactive, 5).await;
+        assert_eq!(r.json(), json!({"tasks": []}));
+    }
+    // Nothing was delivered by any of those.
+    assert_eq!(b.fx.consumer_state(&format!("job_{job}"), &format!("job-{job}-consumer")).await, (2, 0));
+    assert_eq!(b.fx.consumer_state(&format!("job_{pending}"), &format!("job-{pending}-consumer")).await, (1, 0));
+    // Unknown paths and methods answer JSON too.
+    let r = w.get("/api/v2/nothing").await;
+    assert_eq!((r.status, r.detail()), (404, "Not found.".to_string()));
+    let r = w.get(&path).await;
+    assert_eq!(r.status, 405);
+    assert!(r.detail().contains("GET"), "{}", r.body);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_are_published_as_sent_with_their_reply_subjects_as_msg_ids() {
+    let mut b = Bench::new("gw_result", args()).await;
+    let images: Vec<u64> = b.fx.world.images[..3].to_vec();
+    let job = b.job(&images, "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let tasks = tasks_of(&w.tasks(job, 3).await);
+    let mut items: Vec<Value> = tasks[..2]
+        .iter()
+        .map(|(image, reply)| json!({"reply_subject": reply, "result": b.fx.factory.response(*image)}))
+        .collect();
+    items.push(json!({"reply_subject": tasks[2].1, "result": {"error": "download failed", "image_id": tasks[2].0.to_string()}}));
+    let body = json!({"results": items, "client_info": {"hostname": "gpu-1"}});
+    let r = w.post(&format!("/api/v2/jobs/{job}/result/"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["status"], "accepted");
+    assert_eq!(answer["job_id"], job);
+    assert_eq!(answer["results_queued"], 3);
+    let queued = answer["tasks"].as_array().expect("tasks");
+    assert_eq!(queued.len(), 3);
+    let s = b.fx.js.get_stream(&b.fx.nats_args.results_stream).await.expect("results stream");
+    for (item, q) in items.iter().zip(queued) {
+        assert_eq!(q["reply_subject"], item["reply_subject"]);
+        assert_eq!(q["status"], "queued");
+        let seq: u64 = q["task_id"].as_str().and_then(|s| s.parse().ok()).expect("task_id is the stream sequence");
+        let m = s.get_raw_message(seq).await.expect("published message");
+        assert_eq!(m.subject.as_str(), b.fx.subject(job));
+        // Byte for byte as the worker sent it (re-serializing could change floats' last digits).
+        let sent = serde_json::to_vec(item).expect("json");
+        assert_eq!(String::from_utf8_lossy(&m.payload), String::from_utf8_lossy(&sent), "published as sent");
+        let id = m.headers.get("Nats-Msg-Id").expect("Nats-Msg-Id").as_str();
+        assert_eq!(Some(id), item["reply_subject"].as_str());
+    }
+    assert_eq!(b.results_in_stream().await, 3, "exactly the results, nothing else");
+    // The same POST again (a worker retrying): JetStream drops the repeats.
+    let again = w.post(&format!("/api/v2/jobs/{job}/result"), &body).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["tasks"], answer["tasks"], "same sequences: the originals");
+    assert_eq!(b.results_in_stream().await, 3);
+    // An empty list is accepted and publishes nothing.
+    let empty = w.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": []})).await;
+    assert_eq!(empty.json(), json!({"status": "accepted", "job_id": job, "results_queued": 0, "tasks": []}));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_results_publish_nothing() {
+    let limit = 64 << 10;
+    let mut b = Bench::new("gw_result_bad", GatewayArgs { gateway_max_body_bytes: limit, ..args() }).await;
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let other = b.job(&[3], "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let mine = tasks_of(&w.tasks(job, 2).await);
+    let theirs = tasks_of(&w.tasks(other, 1).await);
+    let ok = |reply: &str| json!({"reply_subject": reply, "result": {"error": "x", "image_id": "1"}});
+    let path = format!("/api/v2/jobs/{job}/result/");
+
+    // A reply subject of another job among good ones: nothing of the request is published.
+    let r = w.post(&path, &json!({"results": [ok(&mine[0].1), ok(&theirs[0].1), ok(&mine[1].1)]})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.detail().contains("results[1].reply_subject") && r.detail().contains(&format!("not a task of job {job}")),
+        "{}",
+        r.body
+    );
+    let made_up = format!("$JS.ACK.job_{job}.job-{job}-consumer");
+    for (body, want) in [
+        (json!({"results": [ok("not-a-subject")]}).to_string(), "not a task of job"),
+        (json!({"results": [ok(&made_up)]}).to_string(), "not a task of job"),
+        (json!({"results": [ok(&mine[0].1), 7]}).to_string(), "results[1] is not an object"),
+        (json!({"results": [{"reply_subject": mine[0].1}]}).to_string(), "missing field `result`"),
+        (json!({"results": [{"result": {}}]}).to_string(), "missing field `reply_subject`"),
+        (json!({"results": [{"reply_subject": 12, "result": {}}]}).to_string(), "invalid type"),
+        (json!({"results": [{"reply_subject": mine[0].1, "result": "ok"}]}).to_string(), "result is not an object"),
+        (json!({"results": {"a": 1}}).to_string(), "invalid body"),
+        (json!({"result": []}).to_string(), "missing field `results`"),
+        ("{\"results\": [".to_string(), "malformed JSON"),
+        ("results=1".to_string(), "malformed JSON"),
+    ] {
+        let r = w.post_raw(&path, body.as_bytes()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert!(r.detail().contains(want), "{body}: {}", r.body);
+    }
+    // Unknown job.
+    let r = w.post("/api/v2/jobs/987654321/result/", &json!({"results": [ok(&mine[0].1)]})).await;
+    assert_eq!(r.status, 404);
+    // Over the body limit: refused from Content-Length, before reading.
+    let r = w.post_declaring(&path, limit + 1).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.detail().contains(&format!("limit of {limit} bytes")), "{}", r.body);
+    // ...and a real one, just over.
+    let big = json!({"results": [{"reply_subject": mine[0].1, "result": {"pad": "x".repeat(limit)}}]});
+    let r = w.post(&path, &big).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(b.results_in_stream().await, 0, "nothing published");
+    // Just under the limit is fine.
+    let fits = json!({"results": [{"reply_subject": mine[0].1, "result": {"pad": "x".repeat(limit - 400)}}]});
+    assert_eq!(w.post(&path, &fits).await.status, 200);
+    assert_eq!(b.results_in_stream().await, 1);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_nats_tasks_and_results_answer_antenna_s_503() {
+    let mut b = Bench::new("gw_no_nats", args()).await;
+    let job = b.job(&[1], "STARTED", PIPELINE).await;
+    let tasks = tasks_of(&b.worker().tasks(job, 1).await);
+    // A gateway whose NATS is not connected (yet), over the same database.
+    let gateway = Gateway::new(b.fx.nats_args.clone(), args());
+    let url = &b.fx.db.as_ref().expect("test database").url;
+    gateway.set_store(tally::store::connect(&DbArgs::for_url(url)).await.expect("pool"));
+    let cold = Server::start(gateway).await;
+    let w = cold.worker();
+    let r = w.tasks(job, 1).await;
+    assert_eq!((r.status, r.json()), (503, json!({"error": "Task queue temporarily unavailable"})));
+    let r = w
+        .post(
+            &format!("/api/v2/jobs/{job}/result/"),
+            &json!({"results": [{"reply_subject": tasks[0].1, "result": {}}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()),
+        (503, json!({"status": "error", "job_id": job, "detail": "Task queue temporarily unavailable"}))
+    );
+    // Claims need only Postgres.
+    assert_eq!(claimed(&w.claim(PIPELINE).await), vec![job]);
+    cold.stop().await;
+    b.stop().await;
+}
+
+/// Inserts an async (or, with an endpoint, a push-mode) processing service linked to
+/// `pipeline` and `project`; returns its id.
+async fn service(b: &Bench, endpoint: Option<&str>, pipeline: &str, project: i64, last_seen_ago: Option<f64>) -> i64 {
+    let c = b.fx.store.client().await.expect("client");
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO ml_processingservice (created_at, updated_at, name, description, endpoint_url, last_seen, last_seen_live)
+             VALUES (now(), now(), 'svc', '', $1, now() - make_interval(secs => $2), CASE WHEN $2 IS NULL THEN NULL ELSE true END)
+             RETURNING id",
+            &[&endpoint, &last_seen_ago],
+        )
+        .await
+        .expect("service")
+        .get(0);
+    c.execute(
+        "INSERT INTO ml_processingservice_pipelines (processingservice_id, pipeline_id)
+         SELECT $1, id FROM ml_pipeline WHERE slug = $2",
+        &[&id, &pipeline],
+    )
+    .await
+    .expect("link pipeline");
+    c.execute(
+        "INSERT INTO ml_processingservice_projects (processingservice_id, project_id) VALUES ($1, $2)",
+        &[&id, &project],
+    )
+    .await
+    .expect("link project");
+    id
+}
+
+/// `(last_seen as seconds since the epoch, last_seen_live)` of a service.
+async fn seen(b: &Bench, id: i64) -> (Option<f64>, Option<bool>) {
+    let c = b.fx.store.client().await.expect("client");
+    let r = c
+        .query_one(
+            "SELECT extract(epoch FROM last_seen)::float8, last_seen_live FROM ml_processingservice WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("service");
+    (r.get(0), r.get(1))
+}
+
+/// Waits until `check` holds for service `id`, or panics after `timeout`.
+async fn until(b: &Bench, id: i64, timeout: Duration, what: &str, check: impl Fn((Option<f64>, Option<bool>)) -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = seen(b, id).await;
+        if check(state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "service {id}: {what} within {timeout:?}; it is {state:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_mark_matching_async_services_at_most_once_per_interval() {
+    let interval = Duration::from_millis(1500);
+    let mut b = Bench::new("gw_heartbeat", GatewayArgs { heartbeat_interval: interval, ..args() }).await;
+    let job = b.job(&[1, 2, 3], "STARTED", PIPELINE).await;
+    let mine = service(&b, None, PIPELINE, 1, None).await;
+    let other_project = service(&b, None, PIPELINE, 2, None).await;
+    let push_mode = service(&b, Some("http://ml.example.org"), PIPELINE, 1, None).await;
+    let other_pipeline = service(&b, None, OTHER_PIPELINE, 1, None).await;
+    let w = b.worker();
+
+    // A tasks call vouches for the async services of the job's pipeline and project.
+    tasks_of(&w.tasks(job, 1).await);
+    until(&b, mine, Duration::from_secs(5), "seen", |(at, live)| at.is_some() && live == Some(true)).await;
+    let (first, _) = seen(&b, mine).await;
+    let written = Instant::now();
+    // Calls within the interval (tasks and result share the job's key) write nothing.
+    tasks_of(&w.tasks(job, 1).await);
+    let r = w.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": []})).await;
+    assert_eq!(r.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(seen(&b, mine).await.0, first, "throttled");
+    for untouched in [other_project, push_mode, other_pipeline] {
+        assert_eq!(seen(&b, untouched).await, (None, None), "service {untouched} is not the job's");
+    }
+    // After the interval, the next call writes again.
+    tokio::time::sleep(interval.saturating_sub(written.elapsed()) + Duration::from_millis(100)).await;
+    tasks_of(&w.tasks(job, 1).await);
+    until(&b, mine, Duration::from_secs(5), "seen again", |(at, _)| at > first).await;
+
+    // A claim vouches for every async service of its pipelines, in any project (Antenna's rule).
+    claimed(&w.claim(PIPELINE).await);
+    until(&b, other_project, Duration::from_secs(5), "seen", |(at, live)| at.is_some() && live == Some(true)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(seen(&b, push_mode).await, (None, None), "push-mode services are not heartbeat");
+    assert_eq!(seen(&b, other_pipeline).await, (None, None));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_marks_async_services_unseen_for_too_long_offline() {
+    let offline_after = Duration::from_secs(2);
+    let sweep = GatewayArgs {
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_offline_after: offline_after,
+        heartbeat_sweep_every: Duration::from_millis(100),
+        ..args()
+    };
+    let mut b = Bench::new("gw_sweep", sweep).await;
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let stale = service(&b, None, PIPELINE, 1, Some(10.0)).await;
+    let fresh = service(&b, None, PIPELINE, 1, Some(0.0)).await;
+    let push_mode = service(&b, Some("http://ml.example.org"), PIPELINE, 1, Some(10.0)).await;
+    let never = service(&b, None, OTHER_PIPELINE, 1, None).await;
+    until(&b, stale, Duration::from_secs(3), "offline", |(_, live)| live == Some(false)).await;
+    assert_eq!(seen(&b, fresh).await.1, Some(true), "seen within the window");
+    assert_eq!(seen(&b, push_mode).await.1, Some(true), "push-mode services are left to Antenna");
+    assert_eq!(seen(&b, never).await, (None, None), "never seen: left alone");
+    // Unseen past the window, the fresh one goes offline too; a worker call brings both back.
+    until(&b, fresh, offline_after + Duration::from_secs(2), "offline", |(_, live)| live == Some(false)).await;
+    tasks_of(&b.worker().tasks(job, 1).await);
+    for id in [stale, fresh] {
+        until(&b, id, Duration::from_secs(3), "live again", |(_, live)| live == Some(true)).await;
+    }
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tally_serve_no_ingest_serves_the_worker_api() {
+    let mut b = Bench::new("gw_serve", args()).await;
+    let job = b.job(&[1], "STARTED", PIPELINE).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("address").port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = b.fx.db.as_ref().expect("test database").url.clone();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--no-ingest", "--listen", &listen])
+        .env("DATABASE_URL", &url)
+        .env("NATS_URL", ingest::nats_url())
+        .env("TALLY_RESULTS_STREAM", &b.fx.nats_args.results_stream)
+        .env("TALLY_RESULTS_SUBJECT_PREFIX", &b.fx.nats_args.results_subject_prefix)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally serve");
+    let addr: SocketAddr = listen.parse().expect("address");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = match tokio::net::TcpStream::connect(addr).await {
+            Ok(_) => {
+                client::exchange(addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.status
+                    == 200
+            }
+            Err(_) => false,
+        };
+        if up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tally serve --no-ingest not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let anonymous = Client { addr, token: None };
+    assert_eq!(anonymous.claim(PIPELINE).await.status, 401);
+    let w = Client { addr, token: Some(TOKEN.into()) };
+    assert_eq!(claimed(&w.claim(PIPELINE).await), vec![job]);
+    assert_eq!(tasks_of(&w.tasks(job, 5).await).len(), 1);
+    let metrics = client::exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(
+        metrics.body.contains("tally_gateway_requests_total{route=\"claim\",status=\"401\"} 1"),
+        "{}",
+        metrics.body
+    );
+    let pid = child.id().expect("pid").to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    let status =
+        tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits on SIGTERM").expect("wait");
+    assert!(status.success(), "{status}");
+    b.stop().await;
+}
