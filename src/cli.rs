@@ -2,14 +2,17 @@
 
 pub mod bench;
 pub mod bench_ingest;
+pub mod bench_jobs;
 pub mod bench_store;
 pub mod counts;
 pub mod dead_letters;
 pub mod demo;
+pub mod job;
 pub mod migrate;
 pub mod rebuild;
 pub mod serve;
 pub mod verify;
+pub mod worker_sim;
 
 use std::process::ExitCode;
 
@@ -59,6 +62,13 @@ pub enum Command {
     /// re-publish them once the cause is fixed.
     #[command(subcommand)]
     DeadLetters(dead_letters::DeadLettersCommand),
+    /// Create an async ML job as Antenna does (a jobs_job row and one NATS task per image),
+    /// show its status and task queue, cancel it, or read and follow its log.
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// Simulated ADC workers: claim jobs over the worker HTTP API, fetch tasks, post a
+    /// deterministic synthetic result per task; print what they did and each call's latency.
+    WorkerSim(worker_sim::WorkerSimArgs),
 }
 
 /// Runs the parsed command line.
@@ -72,6 +82,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => runtime()?.block_on(verify::run(args)),
         Command::Counts(args) => runtime()?.block_on(counts::run(args)),
         Command::DeadLetters(command) => runtime()?.block_on(dead_letters::run(command)),
+        Command::Job(command) => runtime()?.block_on(job::run(command)),
+        Command::WorkerSim(args) => runtime()?.block_on(worker_sim::run(args)),
     }
 }
 

@@ -6,10 +6,16 @@
 //! - [`cancel`]: Antenna's `Job.cancel`: guarded move to REVOKED, then the queue is deleted.
 //! - [`progress`]: the `process` and `results` stages, written by ingest.
 //! - [`queue`]: a job's JetStream stream and consumer, its tasks, their state and deletion.
+//! - [`row`]: the `jobs_job` row and its `progress` JSON as Antenna writes them.
 //! - [`logs`]: `jobs_joblog` lines, written in batches off the hot path.
 
+pub mod cancel;
+pub mod create;
 pub mod logs;
 pub mod progress;
+pub mod queue;
+pub mod row;
+pub mod status;
 
 use thiserror::Error;
 
@@ -72,6 +78,11 @@ impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
         JobError::Store(StoreError::Db(e))
     }
+}
+
+/// A NATS failure while doing `what`.
+pub(crate) fn nats_error(what: &str, e: impl std::fmt::Display) -> JobError {
+    JobError::Nats(format!("{what}: {e}"))
 }
 
 /// Job `id`'s task stream (`nats_queue.py::_get_stream_name`).

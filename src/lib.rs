@@ -36,3 +36,4 @@ pub mod synth;
 pub mod table;
 pub mod taxa_file;
 pub mod telemetry;
+pub mod worker_sim;

@@ -30,6 +30,11 @@ pub enum BenchCommand {
     /// Ingest end to end (NATS JetStream → Postgres → acks) for each count strategy:
     /// throughput, publish → ack latency, the raw COPY ceiling and issue 4's targets.
     Ingest(Box<crate::cli::bench_ingest::IngestBenchArgs>),
+    /// Async jobs end to end (issue 5): N jobs × M images drained by simulated ADC workers over
+    /// the worker API while ingest saves the results; completion times, throughput, call
+    /// latencies, redeliveries, exact progress and fairness; then 32 claim pollers and result
+    /// POSTs alone; and the issue's targets.
+    Jobs(Box<crate::cli::bench_jobs::JobsBenchArgs>),
 }
 
 /// Options of `tally bench dataflow`.
@@ -73,6 +78,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(crate::cli::bench_ingest::run(*args)),
+        BenchCommand::Jobs(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::cli::bench_jobs::run(*args)),
     }
 }
 

@@ -8,7 +8,7 @@
 
 mod antenna_sql;
 mod ceiling;
-mod cpu;
+pub(crate) mod cpu;
 mod publish;
 mod report;
 
@@ -583,17 +583,17 @@ impl Ingest {
     }
 }
 
-fn sibling(url: &str, name: &str) -> anyhow::Result<String> {
+pub(crate) fn sibling(url: &str, name: &str) -> anyhow::Result<String> {
     store::sibling_database_url(url, name).context("--database-url must end with /<database>")
 }
 
-fn spinner(message: String) -> ProgressBar {
+pub(crate) fn spinner(message: String) -> ProgressBar {
     let s = ProgressBar::new_spinner().with_message(message);
     s.enable_steady_tick(Duration::from_millis(120));
     s
 }
 
-fn counter_bar(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn counter_bar(len: u64, what: &str) -> ProgressBar {
     ProgressBar::new(len)
         .with_style(
             ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")

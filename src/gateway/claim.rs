@@ -21,14 +21,17 @@
 //! give a job that sat out a run until it caught up, and a turn computed from the statement's
 //! snapshot (max + 1) can be stale under concurrency; the sequence is neither.
 //!
-//! The choice and the serve are one statement on `tally.job_dispatch` under `FOR UPDATE SKIP
-//! LOCKED`, so concurrent pollers never wait for each other and never get a job another poller
-//! is being given. Postgres re-checks a locked row's `WHERE` against its newest version but not
-//! its `ORDER BY`, so a row served by another poller after this statement's snapshot could
-//! still be taken; the statement compares `served_count` with a materialized copy of its
-//! snapshot, and such a row fails the re-check and is skipped. When every candidate is locked
-//! by pollers being served at that instant, the claim retries briefly (jittered, ≤ 100 ms)
-//! rather than answer "no job". 8 pollers over 4 jobs get each job exactly twice per round.
+//! The choice and the serve are one statement on `tally.job_dispatch` (`FOR UPDATE SKIP
+//! LOCKED`, with a `served_count` guard against rows changed since the statement's snapshot),
+//! and claims take turns on a transaction-level advisory lock taken before that statement.
+//! Without the lock, a claim whose snapshot predates another's serve skipped the row that
+//! serve changed and went on down its stale order: 8 pollers over 4 jobs then gave one job 3
+//! serves in a round and another 1, in about half the runs of
+//! `eight_pollers_over_four_jobs_get_each_job_twice_per_round`. With it, each claim's snapshot
+//! holds every earlier serve, and the test holds every time. A claim holds the lock for one
+//! short statement and a commit that does not wait for the disk (`synchronous_commit = off`:
+//! a serve lost to a crash only costs fairness bookkeeping), so pollers queue for well under
+//! a millisecond each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,7 +52,10 @@ use crate::metrics::names;
 /// Jobs one claim may return (DRF's `limit`), at most.
 const MAX_LIMIT: i64 = 100;
 
-/// How long a claim keeps retrying while every claimable job is locked by other claims.
+/// The advisory lock claims take turns on ("tally claim" in ASCII).
+const CLAIM_LOCK: i64 = 0x7461_6c6c_7963_6c6d;
+
+/// How long a claim keeps retrying while every claimable job is locked.
 const CLAIM_BUDGET: Duration = Duration::from_millis(100);
 
 /// Claimable jobs for the requested pipelines (all pipelines when none is named).
@@ -191,7 +197,7 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
     if q.dispatch_mode.as_deref().is_some_and(|mode| mode != "async_api") {
         return Ok(none);
     }
-    let client = gateway.store()?.client().await.map_err(GatewayError::db)?;
+    let mut client = gateway.store()?.client().await.map_err(GatewayError::db)?;
     let statement = client.prepare_cached(CANDIDATES).await.map_err(GatewayError::db)?;
     let rows = client.query(&statement, &[&q.pipelines]).await.map_err(GatewayError::db)?;
     let mut slugs: HashMap<i64, String> = HashMap::with_capacity(rows.len());
@@ -222,12 +228,21 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
     let deadline = Instant::now() + CLAIM_BUDGET;
     let mut backoff = Duration::from_micros(250);
     let claimed = loop {
-        let rows = client.query(&statement, &[&ids, &no, &q.limit]).await.map_err(GatewayError::db)?;
+        // Claims take turns (see the module documentation): the lock is held from before the
+        // claim statement's snapshot to the commit, so every claim sees every earlier serve.
+        // Losing a serve to a crash only costs fairness bookkeeping, so the commit does not
+        // wait for the disk.
+        let tx = client.transaction().await.map_err(GatewayError::db)?;
+        tx.batch_execute(&format!("SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_LOCK})"))
+            .await
+            .map_err(GatewayError::db)?;
+        let rows = tx.query(&statement, &[&ids, &no, &q.limit]).await.map_err(GatewayError::db)?;
+        tx.commit().await.map_err(GatewayError::db)?;
         if !rows.is_empty() || Instant::now() >= deadline {
             break rows;
         }
-        // Every claimable row is being served to another poller right now; they commit
-        // within a statement, after which the order has moved on.
+        // Every claimable row is locked by something else than a claim (an operator's
+        // statement, say); try again shortly.
         let jitter = rand::rng().random_range(0..=backoff.as_micros() as u64);
         tokio::time::sleep(backoff + Duration::from_micros(jitter)).await;
         backoff = (backoff * 2).min(Duration::from_millis(5));

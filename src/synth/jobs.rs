@@ -1,20 +1,25 @@
-//! Antenna-style async ML jobs for benchmarks: a `jobs_job` row, the job's JetStream stream
-//! `job_{id}` and durable consumer `job-{id}-consumer` with one task per image, and the tasks
-//! pulled back as a worker pulls them, so that every result answers a real ack subject
+//! Antenna-style async ML jobs for benchmarks and tests: a `jobs_job` row, the job's JetStream
+//! stream `job_{id}` and durable consumer `job-{id}-consumer` with one task per image (all
+//! through [`crate::jobs::row`] and [`crate::jobs::queue`], the one implementation), and the
+//! tasks pulled back as a worker pulls them, so that every result answers a real ack subject
 //! (`../shared/antenna/jobs-protocol.md` §1).
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::stream::{self as fstream, StreamExt};
+use async_nats::jetstream::{self, consumer};
+use futures_util::stream::StreamExt;
 use tally_dataflows::Id;
 use thiserror::Error;
 
+use crate::jobs::create::{self, MISSING_URL_BASE};
+use crate::jobs::queue::{self, QueueSettings, TaskBody, PUBLISH_FANOUT};
+use crate::jobs::row::{self, NewJob};
+use crate::jobs::JobError;
 use crate::store::{Store, StoreError};
 
 /// Antenna's `NATS_MAX_ACK_PENDING`: tasks of one job a worker may hold unacked. Callers that
 /// want Antenna's configuration split their images into jobs of at most this many.
-pub const ANTENNA_MAX_ACK_PENDING: usize = 1000;
+pub const ANTENNA_MAX_ACK_PENDING: usize = queue::MAX_ACK_PENDING as usize;
 
 /// Tasks asked for per pull request.
 const PULL_BATCH: usize = 500;
@@ -46,6 +51,15 @@ impl From<tokio_postgres::Error> for JobSetupError {
     }
 }
 
+impl From<JobError> for JobSetupError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Store(e) => JobSetupError::Store(e),
+            other => JobSetupError::Nats(other.to_string()),
+        }
+    }
+}
+
 fn nats(what: &str, e: impl std::fmt::Display) -> JobSetupError {
     JobSetupError::Nats(format!("{what}: {e}"))
 }
@@ -73,26 +87,29 @@ pub struct AsyncJob {
 impl AsyncJob {
     /// The job's task stream.
     pub fn stream_name(&self) -> String {
-        format!("job_{}", self.id)
+        crate::jobs::stream_name(self.id)
     }
 
     /// The subject tasks are published on.
     pub fn tasks_subject(&self) -> String {
-        format!("job.{}.tasks", self.id)
+        crate::jobs::tasks_subject(self.id)
     }
 
-    /// Inserts the `jobs_job` row, every NOT NULL column supplied as Django would.
+    /// Inserts the `jobs_job` row as Antenna's `Job.setup()` leaves it (images not collected
+    /// yet, so ingest records progress but never completes the job), every NOT NULL column
+    /// supplied as Django would.
     pub async fn insert(&self, store: &Store) -> Result<(), JobSetupError> {
         let client = store.client().await?;
-        client
-            .execute(
-                "INSERT INTO jobs_job (id, created_at, updated_at, name, queue, status, progress, project_id, delay,
-                                       shuffle, job_type_key, logs, dispatch_mode, pipeline_id)
-                 VALUES ($1, now(), now(), $4, 'default', 'STARTED', '{}', $2, 0, false, 'ml',
-                         '{\"stdout\": [], \"stderr\": []}', 'async_api', $3)",
-                &[&self.id, &self.project, &self.pipeline, &format!("ml job {}", self.id)],
-            )
-            .await?;
+        let job = NewJob {
+            id: Some(self.id),
+            name: format!("ml job {}", self.id),
+            project: self.project,
+            pipeline: self.pipeline,
+            deployment: None,
+            limit: None,
+            total: None,
+        };
+        row::insert_job(&client, &job).await?;
         Ok(())
     }
 
@@ -105,81 +122,61 @@ impl AsyncJob {
         images: &[Id],
         ack_wait: Duration,
     ) -> Result<Vec<Task>, JobSetupError> {
-        let _ = js.delete_stream(self.stream_name()).await;
-        let s = js
-            .create_stream(stream::Config {
-                name: self.stream_name(),
-                subjects: vec![self.tasks_subject()],
-                max_age: ack_wait * 2,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("job stream", e))?;
-        let consumer: consumer::PullConsumer = s
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(format!("job-{}-consumer", self.id)),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
-                max_deliver: 2,
-                max_ack_pending: images.len().max(ANTENNA_MAX_ACK_PENDING) as i64,
-                filter_subject: self.tasks_subject(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("job consumer", e))?;
-
-        let subject = self.tasks_subject();
-        let published: Vec<Result<(), JobSetupError>> = fstream::iter(images)
-            .map(|image| {
-                let body = serde_json::json!({"id": image.to_string(), "image_id": image.to_string(),
-                                              "image_url": format!("https://example.org/captures/{image}.jpg"),
-                                              "reply_subject": null});
-                let (js, subject) = (js.clone(), subject.clone());
-                async move {
-                    let payload = serde_json::to_vec(&body).unwrap_or_default();
-                    let ack = js.publish(subject, payload.into()).await.map_err(|e| nats("publish task", e))?;
-                    ack.await.map_err(|e| nats("task stored", e))?;
-                    Ok(())
-                }
-            })
-            .buffer_unordered(256)
-            .collect()
-            .await;
-        published.into_iter().collect::<Result<(), _>>()?;
-
-        let mut tasks = Vec::with_capacity(images.len());
-        while tasks.len() < images.len() {
-            let want = (images.len() - tasks.len()).min(PULL_BATCH);
-            let mut batch = consumer
-                .fetch()
-                .max_messages(want)
-                .expires(Duration::from_secs(2))
-                .messages()
-                .await
-                .map_err(|e| nats("fetch tasks", e))?;
-            let before = tasks.len();
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| nats("task", e))?;
-                let image = serde_json::from_slice::<serde_json::Value>(&m.payload)
-                    .ok()
-                    .and_then(|t| t["image_id"].as_str().and_then(|s| s.parse().ok()));
-                if let (Some(image), Some(reply)) = (image, m.reply.as_ref()) {
-                    tasks.push(Task { image, reply_subject: reply.to_string() });
-                }
-            }
-            if tasks.len() == before {
-                break;
-            }
+        let settings = QueueSettings {
+            ack_wait,
+            max_deliver: queue::MAX_DELIVER,
+            max_ack_pending: images.len().max(ANTENNA_MAX_ACK_PENDING) as i64,
+            max_age: ack_wait * 2,
+        };
+        let (consumer, _) = queue::ensure(js, self.id, &settings).await?;
+        let mut bodies = Vec::with_capacity(images.len());
+        for &image in images {
+            let image = image as i64;
+            // The path `store::seed` gives every synthetic image.
+            let url = create::image_url(image, None, &format!("image/{image}.jpg"), MISSING_URL_BASE)?;
+            bodies.push(TaskBody::new(image, url));
         }
-        if tasks.len() != images.len() {
-            return Err(JobSetupError::Missing { job: self.id, pulled: tasks.len(), expected: images.len() });
+        let report = queue::publish(js, self.id, &bodies, PUBLISH_FANOUT).await;
+        if let Some((image, e)) = report.failed.first() {
+            return Err(nats(&format!("publish task of image {image}"), e));
         }
-        Ok(tasks)
+        pull(&consumer, self.id, images.len()).await
     }
 
     /// Deletes the job's stream (and with it the consumer), as Antenna's cleanup does.
     pub async fn delete_stream(&self, js: &jetstream::Context) {
         let _ = js.delete_stream(self.stream_name()).await;
     }
+}
+
+/// Pulls `expected` tasks of job `job` from `consumer` as a worker would, without acking them.
+pub async fn pull(consumer: &consumer::PullConsumer, job: i64, expected: usize) -> Result<Vec<Task>, JobSetupError> {
+    let mut tasks = Vec::with_capacity(expected);
+    while tasks.len() < expected {
+        let want = (expected - tasks.len()).min(PULL_BATCH);
+        let mut batch = consumer
+            .fetch()
+            .max_messages(want)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| nats("fetch tasks", e))?;
+        let before = tasks.len();
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| nats("task", e))?;
+            let image = serde_json::from_slice::<serde_json::Value>(&m.payload)
+                .ok()
+                .and_then(|t| t["image_id"].as_str().and_then(|s| s.parse().ok()));
+            if let (Some(image), Some(reply)) = (image, m.reply.as_ref()) {
+                tasks.push(Task { image, reply_subject: reply.to_string() });
+            }
+        }
+        if tasks.len() == before {
+            break;
+        }
+    }
+    if tasks.len() != expected {
+        return Err(JobSetupError::Missing { job, pulled: tasks.len(), expected });
+    }
+    Ok(tasks)
 }

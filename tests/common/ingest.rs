@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, consumer};
 use tally::config::NatsArgs;
 use tally::http::Health;
 use tally::ingest::batch::Ingestor;
@@ -99,71 +98,30 @@ impl Fixture {
         Fixture { db, store, world, nats_args, client, js, factory, jobs: Vec::new() }
     }
 
-    /// Creates an async job over `images` as Antenna does (a `jobs_job` row, stream
-    /// `job_{id}`, consumer `job-{id}-consumer`, one task per image), then pulls every task as a
-    /// worker would and returns `(image, reply_subject)` pairs.
+    /// Creates an async job over `images` (in project 1) as Antenna does, through
+    /// `tally::jobs::create` (a `jobs_job` row, stream `job_{id}`, consumer
+    /// `job-{id}-consumer`, one task per image), then pulls every task as a worker would and
+    /// returns `(image, reply_subject)` pairs.
     pub async fn job(&mut self, images: &[u64]) -> (i64, Vec<(u64, String)>) {
-        let client = self.store.client().await.expect("client");
-        let pipeline: i64 = client
-            .query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&PIPELINE])
-            .await
-            .expect("pipeline")
-            .get(0);
+        use tally::jobs::create::{create, Images, JobSpec};
+        use tally::jobs::logs::{JobLogs, JobLogsConfig};
         let job = unique() as i64;
-        client
-            .execute(
-                "INSERT INTO jobs_job (id, created_at, updated_at, name, queue, status, progress, project_id, delay,
-                                       shuffle, job_type_key, logs, dispatch_mode, pipeline_id)
-                 VALUES ($1, now(), now(), 'test job', 'default', 'STARTED', $3, 1, 0, false, 'ml',
-                         '{\"stdout\": [], \"stderr\": []}', 'async_api', $2)",
-                &[&job, &pipeline, &antenna_progress(images.len())],
-            )
-            .await
-            .expect("insert job");
-        let stream_name = format!("job_{job}");
-        let _ = self.js.delete_stream(&stream_name).await;
-        let s = self
-            .js
-            .create_stream(stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![format!("job.{job}.tasks")],
-                max_age: Duration::from_secs(3600),
-                ..Default::default()
-            })
-            .await
-            .expect("job stream");
+        let mut spec = JobSpec::new(Images::List(images.iter().map(|i| *i as i64).collect()), PIPELINE);
+        spec.id = Some(job);
+        spec.project = Some(1);
+        spec.name = Some("test job".into());
+        let (logs, writer) = JobLogs::start(self.store.clone(), JobLogsConfig::default());
+        let created = create(&self.store, &self.js, &logs, &spec).await.expect("create job");
+        writer.shutdown().await;
         self.jobs.push(job);
-        let consumer: consumer::PullConsumer = s
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(format!("job-{job}-consumer")),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(300),
-                max_deliver: 2,
-                filter_subject: format!("job.{job}.tasks"),
-                ..Default::default()
-            })
+        assert_eq!(created.tasks, images.len(), "one task per image");
+        let consumer: consumer::PullConsumer = self
+            .js
+            .get_consumer_from_stream(tally::jobs::consumer_name(job), tally::jobs::stream_name(job))
             .await
             .expect("job consumer");
-        let acks = futures_util::future::join_all(images.iter().map(|image| {
-            let body = serde_json::json!({"id": image.to_string(), "image_id": image.to_string(),
-                                          "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
-            let js = self.js.clone();
-            async move { js.publish(format!("job.{job}.tasks"), serde_json::to_vec(&body).expect("json").into()).await }
-        }))
-        .await;
-        for a in acks {
-            a.expect("publish task").await.expect("task stored");
-        }
-        let mut tasks = Vec::new();
-        let mut batch = consumer.fetch().max_messages(images.len()).messages().await.expect("fetch tasks");
-        while let Some(m) = batch.next().await {
-            let m = m.expect("task");
-            let task: serde_json::Value = serde_json::from_slice(&m.payload).expect("task json");
-            let image: u64 = task["image_id"].as_str().and_then(|s| s.parse().ok()).expect("image id");
-            tasks.push((image, m.reply.as_ref().expect("reply subject").to_string()));
-        }
-        assert_eq!(tasks.len(), images.len(), "every task pulled");
-        (job, tasks)
+        let tasks = tally::synth::jobs::pull(&consumer, job, images.len()).await.expect("every task pulled");
+        (job, tasks.into_iter().map(|t| (t.image, t.reply_subject)).collect())
     }
 
     /// The subject results of `job` go to.

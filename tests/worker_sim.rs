@@ -1,0 +1,256 @@
+//! `tally worker-sim` against real Postgres, NATS and HTTP: the gateway served in-process on
+//! `127.0.0.1:0`, ingest running in-process, and simulated ADC workers draining Antenna-style
+//! jobs. Every task is acked, every image saved, every count exact, every job finished with
+//! exact progress; a bad token stops the workers at once with the 401 in the report; a gateway
+//! still connecting (503) is waited out.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{consumer, stream};
+use common::ingest::{self, antenna_progress, assert_counts_exact, expected, job_progress, rows, world, Fixture};
+use common::Flavor;
+use serde_json::json;
+use tally::config::DbArgs;
+use tally::gateway::{self, Gateway, GatewayArgs};
+use tally::ingest::daemon::IngestArgs;
+use tally::store::Store;
+use tally::worker_sim::{self, Call, Refusal, Retry, StopReason, StopWhen, WorkerReport, WorkerSim};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The token of an active superuser.
+const TOKEN: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A gateway served in-process on an ephemeral port.
+struct Server {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    background: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(gateway: Arc<Gateway>) -> Server {
+        tally::metrics::install();
+        let shutdown = CancellationToken::new();
+        let background = gateway.run_background(shutdown.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let server = tokio::spawn(tally::http::serve(listener, gateway::router(gateway), shutdown.clone()));
+        Server { addr, shutdown, server, background }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.expect("server task").expect("server");
+        self.background.await.expect("background task");
+    }
+}
+
+/// A seeded fixture with a worker token, and a pool of its own for the gateway.
+async fn fixture(label: &str, images: usize) -> (Fixture, Store) {
+    let fx = Fixture::new(label, Flavor::Empty, world(2, images)).await;
+    let c = fx.store.client().await.expect("client");
+    c.batch_execute(&format!(
+        "INSERT INTO users_user (id, password, is_superuser, email, is_staff, is_active, date_joined, name)
+         VALUES (100, '', true, 'worker@example.org', true, true, now(), 'worker');
+         INSERT INTO authtoken_token (key, created, user_id) VALUES ('{TOKEN}', now(), 100);"
+    ))
+    .await
+    .expect("user and token");
+    let url = &fx.db.as_ref().expect("test database").url;
+    let store = tally::store::connect(&DbArgs { pool_size: 8, ..DbArgs::for_url(url) }).await.expect("pool");
+    (fx, store)
+}
+
+fn gateway_args() -> GatewayArgs {
+    GatewayArgs { gateway_fetch_wait: Duration::from_millis(200), ..GatewayArgs::default() }
+}
+
+/// An async job over `images` as Antenna creates it (row, stream `job_{id}`, consumer
+/// `job-{id}-consumer`, one task per image), with no task pulled: the workers pull them.
+async fn job(fx: &mut Fixture, images: &[u64]) -> i64 {
+    let c = fx.store.client().await.expect("client");
+    let pipeline: i64 =
+        c.query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&ingest::PIPELINE]).await.expect("pipeline").get(0);
+    let job = ingest::unique() as i64;
+    c.execute(
+        "INSERT INTO jobs_job (id, created_at, updated_at, name, queue, status, progress, project_id, delay,
+                               shuffle, job_type_key, logs, dispatch_mode, pipeline_id)
+         VALUES ($1, now(), now(), 'sim job', 'default', 'STARTED', $2, 1, 0, false, 'ml',
+                 '{\"stdout\": [], \"stderr\": []}', 'async_api', $3)",
+        &[&job, &antenna_progress(images.len()), &pipeline],
+    )
+    .await
+    .expect("insert job");
+    let name = format!("job_{job}");
+    let _ = fx.js.delete_stream(&name).await;
+    let s = fx
+        .js
+        .create_stream(stream::Config {
+            name,
+            subjects: vec![format!("job.{job}.tasks")],
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .expect("job stream");
+    fx.jobs.push(job);
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some(format!("job-{job}-consumer")),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(300),
+        max_deliver: 2,
+        max_ack_pending: 1000,
+        filter_subject: format!("job.{job}.tasks"),
+        ..Default::default()
+    })
+    .await
+    .expect("job consumer");
+    for image in images {
+        let task = json!({"id": image.to_string(), "image_id": image.to_string(),
+                          "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
+        let ack = fx.js.publish(format!("job.{job}.tasks"), task.to_string().into()).await.expect("publish task");
+        ack.await.expect("task stored");
+    }
+    job
+}
+
+/// A simulator of `loops` loops against `addr`, stopping after 2 s idle.
+fn sim(fx: &Fixture, addr: SocketAddr, token: &str, loops: usize) -> WorkerSim {
+    WorkerSim {
+        base_url: format!("http://{addr}"),
+        token: token.into(),
+        pipelines: vec![ingest::PIPELINE.into(), "some-other-pipeline".into()],
+        concurrency: loops,
+        batch_size: 5,
+        post_batch: 4,
+        delay: Duration::from_millis(2),
+        poll_interval: Duration::from_millis(100),
+        stop: StopWhen { idle: Some(Duration::from_secs(2)), max_tasks: None },
+        results: fx.factory.clone(),
+        retry: Retry { attempts: 4, first_backoff: Duration::from_millis(50), ..Retry::default() },
+    }
+}
+
+fn assert_clean(report: &WorkerReport) {
+    assert!(!report.failed(), "{}", report.render());
+    assert_eq!((report.transport_errors, report.bad_responses, report.error_results), (0, 0, 0), "{}", report.render());
+    assert_eq!((report.results_refused, report.results_dropped, report.tasks_abandoned), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_loops_drain_every_job_and_ingest_saves_every_image_exactly() {
+    let (mut fx, store) = fixture("wsim_e2e", 8).await;
+    let images = fx.world.images.clone();
+    assert_eq!(images.len(), 64);
+    let mut jobs = Vec::new();
+    for chunk in [&images[0..30], &images[30..55], &images[55..64]] {
+        jobs.push((job(&mut fx, chunk).await, chunk.to_vec()));
+    }
+    let mut running = fx.start(IngestArgs::default()).await;
+    let server =
+        Server::start(Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), gateway_args())).await;
+
+    let report = worker_sim::run(&sim(&fx, server.addr, TOKEN, 3), CancellationToken::new()).await.expect("run");
+    eprintln!("{}", report.render());
+    eprintln!("{:.0} results/s over {} ms busy", report.results_per_second(), report.busy.as_millis());
+    assert!(report.busy > Duration::ZERO && report.busy < report.elapsed);
+    assert_eq!(report.stopped, StopReason::Idle(Duration::from_secs(2)));
+    assert_clean(&report);
+    assert!(report.http_errors.is_empty(), "{:?}", report.http_errors);
+    assert_eq!(report.tasks_fetched, 64, "each task fetched once");
+    assert_eq!(report.results_posted, 64);
+    assert!(report.result_posts >= 64 / 4, "posts of at most 4 results: {}", report.result_posts);
+    assert!(report.claims >= 3, "every job claimed: {}", report.claims);
+    assert_eq!(report.latency.result.len(), report.result_posts);
+
+    running.wait_for(64, 0, Duration::from_secs(60)).await;
+    running.stop().await;
+    server.stop().await;
+
+    assert_eq!(rows(&fx.store).await, expected(&fx, &images), "every image saved once");
+    assert_counts_exact(&fx.store).await;
+    let c = fx.store.client().await.expect("client");
+    let saved: i64 = c.query_one("SELECT count(*) FROM tally.job_image", &[]).await.expect("q").get(0);
+    assert_eq!(saved, 64);
+    let dead: i64 = c.query_one("SELECT count(*) FROM tally.dead_letter", &[]).await.expect("q").get(0);
+    assert_eq!(dead, 0, "no dead letters");
+    assert_eq!(fx.consumer_state(&fx.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+    for (job, images) in &jobs {
+        let stream = format!("job_{job}");
+        assert_eq!(fx.consumer_state(&stream, &format!("job-{job}-consumer")).await, (0, 0), "job {job} acked");
+        let e = expected(&fx, images);
+        assert_eq!(
+            job_progress(&fx.store, *job).await,
+            ("SUCCESS".to_string(), images.len() as i64, 0, e.detections, e.classifications),
+            "job {job}"
+        );
+    }
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_token_stops_every_loop_with_the_401() {
+    let (mut fx, store) = fixture("wsim_401", 2).await;
+    let images = fx.world.images.clone();
+    let job = job(&mut fx, &images[..6]).await;
+    let server =
+        Server::start(Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), gateway_args())).await;
+    let mut s = sim(&fx, server.addr, "not-a-token", 3);
+    // Would run 60 s if it looped on the refusal.
+    s.stop.idle = Some(Duration::from_secs(60));
+    let started = Instant::now();
+    let report = worker_sim::run(&s, CancellationToken::new()).await.expect("run");
+    eprintln!("{}", report.render());
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped at once: {:?}", started.elapsed());
+    assert_eq!(
+        report.stopped,
+        StopReason::Refused(Refusal { call: Call::Claim, status: 401, detail: "Invalid token.".into() })
+    );
+    assert!(report.failed());
+    let refusals = report.http_errors.get(&401).copied().unwrap_or(0);
+    assert!((1..=3).contains(&refusals), "one 401 per loop at most, never retried: {:?}", report.http_errors);
+    assert_eq!(report.http_errors.len(), 1);
+    assert_eq!((report.retries, report.tasks_fetched, report.results_posted), (0, 0, 0));
+    assert!(report.render().contains("refused: claim answered 401: Invalid token."), "{}", report.render());
+    assert_eq!(report.to_json()["refusal"]["status"], 401);
+    let stream = format!("job_{job}");
+    assert_eq!(fx.consumer_state(&stream, &format!("job-{job}-consumer")).await, (6, 0), "no task taken");
+    server.stop().await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_still_connecting_is_retried_and_a_task_limit_is_exact() {
+    let (mut fx, store) = fixture("wsim_503", 4).await;
+    let images = fx.world.images.clone();
+    let job = job(&mut fx, &images[..20]).await;
+    // Not connected yet: every request answers 503 until it is.
+    let gateway = Gateway::new(fx.nats_args.clone(), gateway_args());
+    let server = Server::start(Arc::clone(&gateway)).await;
+    let mut s = sim(&fx, server.addr, TOKEN, 3);
+    s.stop = StopWhen { idle: Some(Duration::from_secs(30)), max_tasks: Some(13) };
+    let run = tokio::spawn(async move { worker_sim::run(&s, CancellationToken::new()).await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    gateway.set_store(store);
+    gateway.set_nats(fx.client.clone());
+    let report = tokio::time::timeout(Duration::from_secs(30), run).await.expect("done").expect("task").expect("run");
+    eprintln!("{}", report.render());
+    assert_eq!(report.stopped, StopReason::TaskLimit(13));
+    assert_clean(&report);
+    assert!(report.http_errors.get(&503).copied().unwrap_or(0) >= 3, "503s answered: {:?}", report.http_errors);
+    assert_eq!(report.http_errors.len(), 1, "{:?}", report.http_errors);
+    assert!(report.retries > 0);
+    assert_eq!((report.tasks_fetched, report.results_posted), (13, 13));
+    let mut results = fx.js.get_stream(&fx.nats_args.results_stream).await.expect("results stream");
+    assert_eq!(results.info().await.expect("info").state.messages, 13, "exactly the results of the tasks taken");
+    let stream = format!("job_{job}");
+    assert_eq!(fx.consumer_state(&stream, &format!("job-{job}-consumer")).await, (7, 13), "7 left, 13 held");
+    server.stop().await;
+    fx.cleanup().await;
+}
