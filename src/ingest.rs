@@ -4,11 +4,13 @@
 //! - [`message`]: decode and validate one message (no I/O).
 //! - [`save`]: save a batch of valid messages with bulk statements inside a transaction.
 //! - [`determination`]: Antenna's determination rule, pure.
+//! - [`analyze`]: planner statistics kept fresh as ingest grows the tables.
 //! - [`batch`]: one batch end to end: decode, save, dead letters, dataflow, counts, commit,
 //!   then acks.
 //! - [`nats`]: the results stream and durable consumer, the pull loop's transport, task acks.
 //! - [`daemon`]: `tally serve`'s ingest loop: bootstrap, consume, shutdown.
 
+pub mod analyze;
 pub mod batch;
 pub mod daemon;
 pub mod determination;

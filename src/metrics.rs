@@ -21,6 +21,8 @@ pub mod names {
     /// Counter of rows inserted into Antenna's tables, label `table` = `detection` |
     /// `classification` | `occurrence` | `taxon` | `null_marker`.
     pub const INGEST_ROWS: &str = "tally_ingest_rows_total";
+    /// Counter: tables ingest analyzed after doubling them.
+    pub const INGEST_ANALYZES: &str = "tally_ingest_analyzes_total";
     /// Histogram of messages per ingest batch: shows whether batching is effective.
     pub const INGEST_BATCH_MESSAGES: &str = "tally_ingest_batch_messages";
     /// Histogram of seconds per ingest batch, label `stage` = `decode` | `save` | `dataflow` |
@@ -127,6 +129,11 @@ fn describe() {
     use names::*;
     describe_counter!(INGEST_MESSAGES, Unit::Count, "Result messages handled, by outcome.");
     describe_counter!(INGEST_ROWS, Unit::Count, "Rows inserted into Antenna's tables, by table.");
+    describe_counter!(
+        INGEST_ANALYZES,
+        Unit::Count,
+        "Tables ingest analyzed because its inserts had doubled them (keeps cached foreign-key check plans on index scans)."
+    );
     describe_histogram!(INGEST_BATCH_MESSAGES, Unit::Count, "Messages per ingest batch.");
     describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
     describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");

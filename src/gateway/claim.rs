@@ -30,8 +30,8 @@
 //! `eight_pollers_over_four_jobs_get_each_job_twice_per_round`. With it, each claim's snapshot
 //! holds every earlier serve, and the test holds every time. A claim holds the lock for one
 //! short statement and a commit that does not wait for the disk (`synchronous_commit = off`:
-//! a serve lost to a crash only costs fairness bookkeeping), so pollers queue for well under
-//! a millisecond each.
+//! a serve lost to a crash only costs fairness bookkeeping), all sent in one pipelined round
+//! trip, so pollers queue for well under a millisecond each.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -197,7 +197,7 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
     if q.dispatch_mode.as_deref().is_some_and(|mode| mode != "async_api") {
         return Ok(none);
     }
-    let mut client = gateway.store()?.client().await.map_err(GatewayError::db)?;
+    let client = gateway.store()?.client().await.map_err(GatewayError::db)?;
     let statement = client.prepare_cached(CANDIDATES).await.map_err(GatewayError::db)?;
     let rows = client.query(&statement, &[&q.pipelines]).await.map_err(GatewayError::db)?;
     let mut slugs: HashMap<i64, String> = HashMap::with_capacity(rows.len());
@@ -225,6 +225,8 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
     let no = of(Deliverable::No);
 
     let statement = client.prepare_cached(CLAIM).await.map_err(GatewayError::db)?;
+    let begin = format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_LOCK})");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&ids, &no, &q.limit];
     let deadline = Instant::now() + CLAIM_BUDGET;
     let mut backoff = Duration::from_micros(250);
     let claimed = loop {
@@ -232,12 +234,18 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
         // claim statement's snapshot to the commit, so every claim sees every earlier serve.
         // Losing a serve to a crash only costs fairness bookkeeping, so the commit does not
         // wait for the disk.
-        let tx = client.transaction().await.map_err(GatewayError::db)?;
-        tx.batch_execute(&format!("SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_LOCK})"))
-            .await
-            .map_err(GatewayError::db)?;
-        let rows = tx.query(&statement, &[&ids, &no, &q.limit]).await.map_err(GatewayError::db)?;
-        tx.commit().await.map_err(GatewayError::db)?;
+        // One round trip: the three requests are pipelined (tokio-postgres sends each when
+        // first polled, and `join!` polls them in order), so the lock is held only while the
+        // server runs the claim, never across a network wait. If the claim fails, COMMIT ends
+        // the aborted transaction as a rollback and the connection goes back to the pool clean.
+        let (begun, rows, committed) = tokio::join!(
+            client.batch_execute(&begin),
+            client.query(&statement, &params),
+            client.batch_execute("COMMIT"),
+        );
+        begun.map_err(GatewayError::db)?;
+        let rows = rows.map_err(GatewayError::db)?;
+        committed.map_err(GatewayError::db)?;
         if !rows.is_empty() || Instant::now() >= deadline {
             break rows;
         }

@@ -21,6 +21,7 @@ use tally_dataflows::Engine;
 use tracing::{error, info, warn};
 
 use crate::dead_letters::{self, NewDeadLetter};
+use crate::ingest::analyze::Analyzer;
 use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
@@ -97,6 +98,7 @@ pub struct Ingestor {
     max_bytes: usize,
     dirty: bool,
     strategy: CountStrategy,
+    analyzer: Analyzer,
 }
 
 impl Ingestor {
@@ -104,8 +106,9 @@ impl Ingestor {
     /// differs corrected), with `workers` timely workers.
     pub async fn start(store: Store, workers: usize, prefix: String, max_bytes: usize) -> Result<Self, IngestError> {
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
-        let mut ingestor =
-            Ingestor { store, engine, workers, prefix, max_bytes, dirty: true, strategy: CountStrategy::Incremental };
+        let analyzer = Analyzer::new(store.clone()).await;
+        let strategy = CountStrategy::Incremental;
+        let mut ingestor = Ingestor { store, engine, workers, prefix, max_bytes, dirty: true, strategy, analyzer };
         ingestor.rebuild().await?;
         Ok(ingestor)
     }
@@ -123,7 +126,8 @@ impl Ingestor {
             return Ingestor::start(store, workers, prefix, max_bytes).await;
         }
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
-        Ok(Ingestor { store, engine, workers, prefix, max_bytes, dirty: false, strategy })
+        let analyzer = Analyzer::new(store.clone()).await;
+        Ok(Ingestor { store, engine, workers, prefix, max_bytes, dirty: false, strategy, analyzer })
     }
 
     /// The engine (for snapshots and tests).
@@ -162,13 +166,17 @@ impl Ingestor {
             self.rebuild().await?;
         }
         let started = Instant::now();
-        let decoded: Vec<Result<ResultMessage, Rejection>> = batch
-            .iter()
-            .map(|m| {
-                let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
-                message::decode(&envelope, &m.payload)
-            })
-            .collect();
+        // Parsing a batch's JSON is milliseconds of CPU: off the async threads, so the gateway
+        // sharing the runtime keeps answering meanwhile.
+        let decoded: Vec<Result<ResultMessage, Rejection>> = tokio::task::block_in_place(|| {
+            batch
+                .iter()
+                .map(|m| {
+                    let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
+                    message::decode(&envelope, &m.payload)
+                })
+                .collect()
+        });
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
         let all: Vec<usize> = (0..batch.len()).collect();
         match self.commit(batch, &decoded, &all).await {
@@ -301,6 +309,7 @@ impl Ingestor {
         let sink = store::sink::write_changes_in(&tx, &changes).await?;
         tx.commit().await.map_err(store::StoreError::from)?;
         self.dirty = false;
+        self.analyzer.committed(&saved.rows);
         if self.strategy == CountStrategy::Recompute {
             let mut deployments: Vec<u64> =
                 saved.input.images.iter().filter_map(|(_, i)| i.as_ref().and_then(|i| i.deployment)).collect();

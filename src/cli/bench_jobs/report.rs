@@ -267,8 +267,9 @@ pub fn render(args: &JobsBenchArgs, r: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{} claims returned a job, {} none, over {:.1} s. {} results posted in {:.1} s; ingest saved them while the posters ran.\n",
-        thousands(c.report.claims), thousands(c.report.empty_claims), c.seconds, thousands(p.report.results_posted), p.seconds
+        "\n{} claims returned a job, {} none, over {:.1} s. {} results posted in {:.1} s; ingest saved them while the posters ran. {} tasks fetches found their job drained: a fetch with no task ready waits up to `--gateway-fetch-wait` (0.5 s, Antenna's fetch timeout) for one, which is the tasks row's tail.\n",
+        thousands(c.report.claims), thousands(c.report.empty_claims), c.seconds, thousands(p.report.results_posted), p.seconds,
+        thousands(p.report.empty_fetches)
     ));
     let (d2, r2, _, _, _) = deliveries(&p2.checks);
     let exact2 = p2.checks.iter().zip(&p2.jobs).filter(|(c, j)| c.clean(j.images.len())).count();

@@ -1,0 +1,549 @@
+//! Job progress (SPEC §5) is exact under replays, reordering, concurrency, cancellation and
+//! failures, on real NATS JetStream and Postgres:
+//!
+//! - results published shuffled and in reverse, re-published under new `Nats-Msg-Id`s
+//!   (redeliveries the duplicate window cannot catch) and as identical duplicates, leave
+//!   `process.processed` = the distinct images, nothing past the total, SUCCESS, and the
+//!   `results` figures equal to the rows inserted;
+//! - while results stream in, no stage's percentage or figure ever goes down or past
+//!   100 % / the total, and at each wave's end the figures are exactly the images so far;
+//! - two ingest loops pulling batches of one durable consumer concurrently lose no update;
+//! - a job cancelled mid-run keeps the progress and status it had at cancel, while its late
+//!   results are still saved with exact counts;
+//! - a job finishes FAILURE when more than half of its images failed, SUCCESS at exactly half,
+//!   and failed images get no rows.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::ingest::{assert_counts_exact, expected, rows, world, Expected, Fixture, Running};
+use common::Flavor;
+use serde_json::{json, Value};
+use tally::ingest::daemon::IngestArgs;
+use tally::jobs::cancel;
+use tally::jobs::logs::{JobLogs, JobLogsConfig};
+use tally::store::Store;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Small batches and no linger: many transactions, many progress writes.
+fn small_batches(batch_size: usize) -> IngestArgs {
+    IngestArgs { batch_size, batch_linger_ms: 0, nak_delay: 1, ..IngestArgs::default() }
+}
+
+/// Deterministic Fisher–Yates shuffle (splitmix64).
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..items.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// An error result (`PipelineResultsError`) for `image`.
+fn error_result(reply: &str, image: u64) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"reply_subject": reply, "result": {"error": "download failed", "image_id": image.to_string()}}),
+    )
+    .expect("json")
+}
+
+async fn query_i64(store: &Store, sql: &str) -> i64 {
+    let c = store.client().await.expect("client");
+    c.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// `(status, progress)` of a job.
+async fn job_row(store: &Store, job: i64) -> (String, Value) {
+    let c = store.client().await.expect("client");
+    let r = c.query_one("SELECT status, progress FROM jobs_job WHERE id = $1", &[&job]).await.expect("job");
+    (r.get(0), r.get(1))
+}
+
+/// One stage of a progress document, as Django reads it.
+#[derive(Debug, Clone, PartialEq)]
+struct Stage {
+    status: String,
+    progress: f64,
+    /// Params by key; `""` (not yet written) reads as 0.
+    params: Vec<(String, i64)>,
+}
+
+impl Stage {
+    fn get(&self, key: &str) -> i64 {
+        self.params
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no param {key}: {self:?}"))
+    }
+}
+
+fn stage(progress: &Value, key: &str) -> Stage {
+    let s = progress["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["key"] == key))
+        .unwrap_or_else(|| panic!("no stage {key} in {progress}"));
+    let params = s["params"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stage {key} has no params: {s}"))
+        .iter()
+        .map(|p| {
+            let key = p["key"].as_str().expect("param key").to_string();
+            let value = match &p["value"] {
+                Value::Number(n) => n.as_i64().unwrap_or_else(|| panic!("{key} is not an integer: {n}")),
+                Value::String(s) if s.is_empty() => 0,
+                other => panic!("param {key} has value {other}"),
+            };
+            (key, value)
+        })
+        .collect();
+    Stage {
+        status: s["status"].as_str().unwrap_or_default().to_string(),
+        progress: s["progress"].as_f64().unwrap_or_else(|| panic!("stage {key} progress: {s}")),
+        params,
+    }
+}
+
+/// Panics unless `job` is finished in `status` with exact figures: `images` processed, of
+/// which `failed` failed, and the `results` stage equal to `rows` (the rows the job's
+/// successful images produced).
+async fn assert_finished(f: &Fixture, job: i64, status: &str, images: usize, failed: usize, rows: &Expected) {
+    let (got_status, progress) = job_row(&f.store, job).await;
+    assert_eq!(got_status, status, "job {job} status; progress: {progress}");
+    assert_eq!(progress["summary"]["status"], status, "job {job} summary status");
+    let process = stage(&progress, "process");
+    let results = stage(&progress, "results");
+    let total = images as i64;
+    assert_eq!(
+        (process.get("processed"), process.get("remaining"), process.get("failed")),
+        (total, 0, failed as i64),
+        "job {job} process stage: {process:?}"
+    );
+    assert_eq!(
+        (results.get("captures"), results.get("detections"), results.get("classifications")),
+        (total - failed as i64, rows.detections, rows.classifications),
+        "job {job} results stage equals the rows inserted: {results:?}"
+    );
+    for s in [&process, &results] {
+        assert_eq!(s.progress, 1.0, "job {job}: {s:?}");
+        assert_eq!(s.status, status, "job {job}: {s:?}");
+    }
+    let summary = progress["summary"]["progress"].as_f64().expect("summary progress");
+    assert!((summary - 1.0).abs() < 1e-9, "job {job} summary progress {summary}");
+    // The durable image set behind the figures.
+    let c = f.store.client().await.expect("client");
+    let r = c
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE failed), coalesce(sum(detections), 0)::int8,
+                    coalesce(sum(classifications), 0)::int8
+             FROM tally.job_image WHERE job_id = $1",
+            &[&job],
+        )
+        .await
+        .expect("job images");
+    let set: (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    assert_eq!(set, (total, failed as i64, rows.detections, rows.classifications), "tally.job_image of job {job}");
+}
+
+/// Waits until `runs` acked `saved` results between them.
+async fn wait_all(runs: &mut [&mut Running], saved: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for r in runs.iter_mut() {
+            while let Ok(a) = r.acked.try_recv() {
+                r.saved += a.reply_subjects.len();
+                r.dead += a.dead_lettered;
+            }
+        }
+        let total: usize = runs.iter().map(|r| r.saved).sum();
+        if total >= saved {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {total} of {saved} results acked ({:?} per loop, dead-lettered {:?})",
+            runs.iter().map(|r| r.saved).collect::<Vec<_>>(),
+            runs.iter().map(|r| r.dead).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_out_of_order_results_count_each_image_once() {
+    let mut f = Fixture::new("progress_dups", Flavor::Empty, world(1, 6)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images[0..20]).await;
+    let total = tasks.len();
+
+    // Before ingest starts (so that originals and their replays share batches): the second
+    // half of the images, shuffled, each followed or preceded by a redelivery under a new
+    // Nats-Msg-Id.
+    let mut published = 0;
+    let mut early: Vec<(u64, String, String)> = Vec::new();
+    for (k, (image, reply)) in tasks[total / 2..].iter().enumerate() {
+        early.push((*image, reply.clone(), reply.clone()));
+        if k % 2 == 0 {
+            early.push((*image, reply.clone(), format!("redelivery-{reply}")));
+        }
+    }
+    shuffle(&mut early, 11);
+    for (image, reply, msg_id) in &early {
+        assert!(f.publish(job, msg_id, f.factory.task_result(reply, *image)).await);
+        published += 1;
+    }
+    let mut running = f.start(small_batches(7)).await;
+    // While it runs: the first half in reverse order, then redeliveries of every image in
+    // reverse, and identical duplicates (dropped by JetStream's duplicate window).
+    for (image, reply) in tasks[..total / 2].iter().rev() {
+        assert!(f.publish(job, reply, f.factory.task_result(reply, *image)).await);
+        published += 1;
+    }
+    for (image, reply) in tasks.iter().rev() {
+        assert!(f.publish(job, &format!("again-{reply}"), f.factory.task_result(reply, *image)).await);
+        published += 1;
+    }
+    for (image, reply) in tasks.iter().step_by(3) {
+        assert!(!f.publish(job, reply, f.factory.task_result(reply, *image)).await, "JetStream drops a duplicate");
+    }
+    running.wait_for(published, 0, WAIT).await;
+
+    let job_images: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    let want = expected(&f, &job_images);
+    assert_eq!(rows(&f.store).await, want, "each image's rows exactly once");
+    assert_finished(&f, job, "SUCCESS", total, 0, &want).await;
+    assert_counts_exact(&f.store).await;
+
+    // Replays after the job finished: saved as no-ops, the progress document does not move.
+    let (_, finished) = job_row(&f.store, job).await;
+    for (image, reply) in &tasks {
+        assert!(f.publish(job, &format!("late-{reply}"), f.factory.task_result(reply, *image)).await);
+        published += 1;
+    }
+    running.wait_for(published, 0, WAIT).await;
+    running.stop().await;
+    assert_eq!(job_row(&f.store, job).await, ("SUCCESS".to_string(), finished), "a finished job's progress stays");
+    assert_eq!(rows(&f.store).await, want);
+    assert_eq!(query_i64(&f.store, "SELECT count(*) FROM tally.dead_letter").await, 0);
+    assert_eq!(f.consumer_state(&f.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+/// What a poller saw at one moment.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    summary: f64,
+    process: Stage,
+    results: Stage,
+}
+
+async fn snapshot(store: &Store, job: i64) -> Snapshot {
+    let (_, p) = job_row(store, job).await;
+    Snapshot {
+        summary: p["summary"]["progress"].as_f64().expect("summary progress"),
+        process: stage(&p, "process"),
+        results: stage(&p, "results"),
+    }
+}
+
+/// Panics unless `s` is within bounds for a job of `total` images.
+fn assert_bounded(s: &Snapshot, total: i64) {
+    for st in [&s.process, &s.results] {
+        assert!((0.0..=1.0).contains(&st.progress), "stage progress out of [0, 1]: {s:?}");
+    }
+    assert!((0.0..=1.0 + 1e-9).contains(&s.summary), "summary progress out of [0, 1]: {s:?}");
+    let (processed, remaining, failed) =
+        (s.process.get("processed"), s.process.get("remaining"), s.process.get("failed"));
+    if processed > 0 {
+        assert!(processed <= total, "processed past the total: {s:?}");
+        assert_eq!(processed + remaining, total, "processed + remaining = total: {s:?}");
+        assert!(failed <= processed, "{s:?}");
+        assert_eq!(s.results.get("captures"), processed - failed, "{s:?}");
+        let fraction = processed as f64 / total as f64;
+        assert!((s.process.progress - fraction).abs() < 1e-9, "process progress = processed / total: {s:?}");
+    }
+}
+
+/// Panics if anything in `b` went backwards from `a`.
+fn assert_not_backwards(a: &Snapshot, b: &Snapshot) {
+    let ctx = || format!("went backwards:\n  before {a:?}\n  after  {b:?}");
+    assert!(b.summary >= a.summary - 1e-9, "summary {}", ctx());
+    for (x, y) in [(&a.process, &b.process), (&a.results, &b.results)] {
+        assert!(y.progress >= x.progress, "{}", ctx());
+    }
+    for key in ["processed", "failed"] {
+        assert!(b.process.get(key) >= a.process.get(key), "{key} {}", ctx());
+    }
+    if a.process.get("processed") > 0 {
+        assert!(b.process.get("remaining") <= a.process.get("remaining"), "remaining {}", ctx());
+    }
+    for key in ["captures", "detections", "classifications"] {
+        assert!(b.results.get(key) >= a.results.get(key), "{key} {}", ctx());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_never_goes_backwards_or_past_the_total() {
+    let mut f = Fixture::new("progress_monotonic", Flavor::Empty, world(1, 10)).await;
+    let images = f.world.images.clone();
+    let (job, mut tasks) = f.job(&images[0..40]).await;
+    let total = tasks.len() as i64;
+    shuffle(&mut tasks, 23);
+    // Two images fail: `failed` moves too, and the job still succeeds.
+    let failing: BTreeSet<u64> = [tasks[5].0, tasks[17].0].into();
+
+    // A poller reads the job row as fast as it can for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let store = f.store.clone();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                seen.push(snapshot(&store, job).await);
+                tokio::task::yield_now().await;
+            }
+            seen.push(snapshot(&store, job).await);
+            seen
+        })
+    };
+
+    let mut running = f.start(small_batches(3)).await;
+    let mut published = 0;
+    let mut done: Vec<u64> = Vec::new();
+    let mut boundaries = Vec::new();
+    for (wave, chunk) in tasks.chunks(8).enumerate() {
+        for (k, (image, reply)) in chunk.iter().enumerate() {
+            let payload = if failing.contains(image) {
+                error_result(reply, *image)
+            } else {
+                f.factory.task_result(reply, *image)
+            };
+            assert!(f.publish(job, reply, payload.clone()).await);
+            published += 1;
+            // A redelivery of an earlier image of the run, mid-wave.
+            if k % 3 == 0 && !done.is_empty() {
+                let (image, reply) = &tasks[(wave * 5 + k) % done.len()];
+                let payload = if failing.contains(image) {
+                    error_result(reply, *image)
+                } else {
+                    f.factory.task_result(reply, *image)
+                };
+                assert!(f.publish(job, &format!("redelivery-{wave}-{reply}"), payload).await);
+                published += 1;
+            }
+        }
+        running.wait_for(published, 0, WAIT).await;
+        done.extend(chunk.iter().map(|(i, _)| *i));
+        // At a wave's end the figures are exactly those of the images so far.
+        let s = snapshot(&f.store, job).await;
+        let ok: Vec<u64> = done.iter().copied().filter(|i| !failing.contains(i)).collect();
+        let want = expected(&f, &ok);
+        let failed = done.iter().filter(|i| failing.contains(i)).count() as i64;
+        assert_eq!(
+            (s.process.get("processed"), s.process.get("failed"), s.results.get("detections")),
+            (done.len() as i64, failed, want.detections),
+            "after wave {wave}: {s:?}"
+        );
+        assert_eq!(s.results.get("classifications"), want.classifications, "after wave {wave}: {s:?}");
+        boundaries.push(s);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    running.stop().await;
+    let mut seen = poller.await.expect("poller");
+
+    let ok: Vec<u64> = tasks.iter().map(|(i, _)| *i).filter(|i| !failing.contains(i)).collect();
+    assert_finished(&f, job, "SUCCESS", tasks.len(), failing.len(), &expected(&f, &ok)).await;
+    // Every read is within bounds; the poller's reads, in the order taken, never go backwards,
+    // nor do the wave-end reads (the two series interleave in time without a common order).
+    for s in seen.iter().chain(&boundaries) {
+        assert_bounded(s, total);
+    }
+    for pair in seen.windows(2) {
+        assert_not_backwards(&pair[0], &pair[1]);
+    }
+    for pair in boundaries.windows(2) {
+        assert_not_backwards(&pair[0], &pair[1]);
+    }
+    let distinct: BTreeSet<i64> = seen.iter().map(|s| s.process.get("processed")).collect();
+    assert!(distinct.len() >= 5, "the poller saw the run in progress: {distinct:?} over {} reads", seen.len());
+    seen.dedup_by(|a, b| a.process == b.process && a.results == b.results);
+    println!("{} distinct progress states observed, processed values {distinct:?}", seen.len());
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_ingest_loops_lose_no_progress_update() {
+    let mut f = Fixture::new("progress_concurrent", Flavor::Empty, world(2, 10)).await;
+    let images = f.world.images.clone();
+    let (big, big_tasks) = f.job(&images[0..60]).await;
+    let (small, small_tasks) = f.job(&images[60..80]).await;
+
+    // Two loops on the same durable consumer: they pull different batches and commit them
+    // concurrently (one ingest writer per database is `tally serve`'s rule, enforced by its
+    // advisory lock; the progress write must still be exact without it).
+    let mut a = f.start(small_batches(3)).await;
+    let mut b = f.start(small_batches(3)).await;
+    let mut all: Vec<(i64, u64, String)> = big_tasks.iter().map(|(i, r)| (big, *i, r.clone())).collect();
+    all.extend(small_tasks.iter().map(|(i, r)| (small, *i, r.clone())));
+    shuffle(&mut all, 5);
+    for (job, image, reply) in &all {
+        assert!(f.publish(*job, reply, f.factory.task_result(reply, *image)).await);
+    }
+    wait_all(&mut [&mut a, &mut b], all.len(), WAIT).await;
+    let (by_a, by_b) = (a.saved, b.saved);
+    a.stop().await;
+    b.stop().await;
+    assert!(by_a > 0 && by_b > 0, "both loops saved results ({by_a} and {by_b})");
+    println!("loop a saved {by_a}, loop b saved {by_b}");
+
+    for (job, tasks) in [(big, &big_tasks), (small, &small_tasks)] {
+        let job_images: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+        assert_finished(&f, job, "SUCCESS", tasks.len(), 0, &expected(&f, &job_images)).await;
+        let finished = query_i64(
+            &f.store,
+            &format!("SELECT count(*) FROM jobs_joblog WHERE job_id = {job} AND message LIKE 'job finished:%'"),
+        )
+        .await;
+        assert_eq!(finished, 1, "job {job} finished exactly once");
+    }
+    assert_eq!(rows(&f.store).await, expected(&f, &images[0..80]), "every result's rows exactly once");
+    assert_eq!(f.consumer_state(&f.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+
+    // Stored counts: each loop's dataflow saw only its own batches, so the counts they wrote
+    // may disagree (the reason `tally serve` admits one writer). Report them; a restart must
+    // correct every one.
+    let v = tally::store::verify::verify(&f.store, tally::store::verify::Scope::default()).await.expect("verify");
+    println!("count differences after two concurrent loops: {}", v.differences.len());
+    let restarted = f.start(IngestArgs::default()).await;
+    restarted.stop().await;
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_mid_run_keeps_its_progress_and_status() {
+    let mut f = Fixture::new("progress_cancel", Flavor::Empty, world(1, 5)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images[0..16]).await;
+    let (first, rest) = tasks.split_at(8);
+    let mut running = f.start(small_batches(3)).await;
+    for (image, reply) in first {
+        assert!(f.publish(job, reply, f.factory.task_result(reply, *image)).await);
+    }
+    running.wait_for(first.len(), 0, WAIT).await;
+    let (status, progress) = job_row(&f.store, job).await;
+    assert_eq!(status, "STARTED");
+    let first_images: Vec<u64> = first.iter().map(|(i, _)| *i).collect();
+    let want = expected(&f, &first_images);
+    let (process, results) = (stage(&progress, "process"), stage(&progress, "results"));
+    assert_eq!(
+        (process.get("processed"), process.get("remaining"), results.get("detections")),
+        (8, 8, want.detections),
+        "half done: {progress}"
+    );
+    assert_eq!(process.progress, 0.5);
+
+    let (logs, writer) = JobLogs::start(f.store.clone(), JobLogsConfig::default());
+    let c = cancel::cancel(&f.store, Some(&f.js), &logs, job, "test").await.expect("cancel");
+    writer.shutdown().await;
+    assert!(c.revoked && c.status == "REVOKED", "{c:?}");
+    let at_cancel = job_row(&f.store, job).await;
+    assert_eq!(at_cancel.0, "REVOKED");
+    assert_eq!(at_cancel.1["summary"]["status"], "REVOKED");
+
+    // The rest, plus a redelivery of a result saved before the cancel.
+    let mut published = first.len();
+    for (image, reply) in rest.iter().rev() {
+        assert!(f.publish(job, reply, f.factory.task_result(reply, *image)).await);
+        published += 1;
+    }
+    let (image, reply) = &first[3];
+    assert!(f.publish(job, &format!("redelivery-{reply}"), f.factory.task_result(reply, *image)).await);
+    published += 1;
+    running.wait_for(published, 0, WAIT).await;
+    running.stop().await;
+
+    assert_eq!(job_row(&f.store, job).await, at_cancel, "status and progress are what they were at cancel");
+    assert_eq!(query_i64(&f.store, &format!("SELECT count(*) FROM tally.job_image WHERE job_id = {job}")).await, 8);
+    let all: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    assert_eq!(rows(&f.store).await, expected(&f, &all), "late results are saved, exactly once");
+    for (image, _) in rest {
+        let n =
+            query_i64(&f.store, &format!("SELECT count(*) FROM main_detection WHERE source_image_id = {image}")).await;
+        assert!(n > 0, "image {image}'s late result was saved");
+    }
+    let warnings =
+        query_i64(&f.store, &format!("SELECT count(*) FROM jobs_joblog WHERE job_id = {job} AND level = 'WARNING'"))
+            .await;
+    assert_eq!(warnings, rest.len() as i64 + 1, "each late result is logged");
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_half_failed_is_failure_and_exactly_half_is_success() {
+    let mut f = Fixture::new("progress_failure", Flavor::Empty, world(1, 5)).await;
+    let images = f.world.images.clone();
+    let (over, over_tasks) = f.job(&images[0..10]).await;
+    let (half, half_tasks) = f.job(&images[10..20]).await;
+    let mut running = f.start(small_batches(4)).await;
+
+    let mut all: Vec<(i64, u64, String, bool)> = Vec::new();
+    for (job, tasks, failing) in [(over, &over_tasks, 6), (half, &half_tasks, 5)] {
+        for (k, (image, reply)) in tasks.iter().enumerate() {
+            all.push((job, *image, reply.clone(), k < failing));
+        }
+    }
+    shuffle(&mut all, 3);
+    for (job, image, reply, fails) in &all {
+        let payload = if *fails { error_result(reply, *image) } else { f.factory.task_result(reply, *image) };
+        assert!(f.publish(*job, reply, payload).await);
+    }
+    running.wait_for(all.len(), 0, WAIT).await;
+    running.stop().await;
+
+    for (job, status, failing) in [(over, "FAILURE", 6), (half, "SUCCESS", 5)] {
+        let ok: Vec<u64> = all.iter().filter(|(j, _, _, fails)| *j == job && !fails).map(|(_, i, _, _)| *i).collect();
+        let failed: Vec<u64> =
+            all.iter().filter(|(j, _, _, fails)| *j == job && *fails).map(|(_, i, _, _)| *i).collect();
+        assert_eq!(failed.len(), failing);
+        assert_finished(&f, job, status, 10, failing, &expected(&f, &ok)).await;
+        for image in &failed {
+            let sql = format!("SELECT count(*) FROM main_detection WHERE source_image_id = {image}");
+            assert_eq!(
+                query_i64(&f.store, &sql).await,
+                0,
+                "failed image {image} has no detection, not even a null marker"
+            );
+            let sql = format!(
+                "SELECT count(*) FROM tally.job_image WHERE job_id = {job} AND image_id = {image} AND failed
+                 AND error = 'download failed'"
+            );
+            assert_eq!(query_i64(&f.store, &sql).await, 1, "image {image} is failed for job {job}");
+        }
+        let sql =
+            format!("SELECT count(*) FROM jobs_joblog WHERE job_id = {job} AND message LIKE 'job finished: {status}%'");
+        assert_eq!(query_i64(&f.store, &sql).await, 1, "job {job} logged its end");
+    }
+    let ok: Vec<u64> = all.iter().filter(|(_, _, _, fails)| !fails).map(|(_, i, _, _)| *i).collect();
+    assert_eq!(rows(&f.store).await, expected(&f, &ok), "rows for the successful images only");
+    assert_eq!(query_i64(&f.store, "SELECT count(*) FROM tally.dead_letter").await, 0);
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
