@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::config::NatsArgs;
 use crate::http::Health;
 use crate::ingest::batch::{Incoming, Ingestor, Outcome};
+use crate::ingest::message::job_of_reply_subject;
 use crate::ingest::nats::{self, ConsumerArgs, TaskAck};
 use crate::ingest::IngestError;
 use crate::metrics::names;
@@ -244,17 +245,50 @@ async fn handle_batch(
         };
         counter!(names::TASK_ACKS, "outcome" => outcome).increment(1);
     }
-    let failed_task_acks = task_acks.iter().filter(|a| **a == TaskAck::Failed).count();
-    if failed_task_acks > 0 {
+    // A result is acked only once its task is: a task ack not confirmed (or refused for a
+    // stream JetStream still has) sends the result back with a delay; it comes back as a
+    // replay, which saves nothing and acks the task again.
+    let mut unsure: Vec<i64> = tasks
+        .iter()
+        .zip(&task_acks)
+        .filter(|(_, a)| **a == TaskAck::NoStream)
+        .filter_map(|(subject, _)| job_of_reply_subject(subject))
+        .collect();
+    unsure.sort_unstable();
+    unsure.dedup();
+    let gone = if unsure.is_empty() { Default::default() } else { nats::streams_gone(client, &unsure).await };
+    let settled: Vec<bool> = tasks
+        .iter()
+        .zip(&task_acks)
+        .map(|(subject, a)| match a {
+            TaskAck::Acked => true,
+            TaskAck::NoStream => job_of_reply_subject(subject).is_some_and(|job| gone.contains(&job)),
+            TaskAck::Failed => false,
+        })
+        .collect();
+    let retried = settled.iter().filter(|s| !**s).count();
+    if retried > 0 {
         warn!(
-            failed = failed_task_acks,
-            "task acks not confirmed; those tasks may be redelivered to workers (their results are then no-ops)"
+            tasks = retried,
+            "task acks not confirmed; their results go back to the stream and will ack them again as replays"
         );
+        counter!(names::INGEST_MESSAGES, "outcome" => "task_ack_retry").increment(retried as u64);
     }
-    let acks = batch.iter().zip(&report.outcomes).map(|(m, o)| async move {
-        match o {
-            Outcome::Saved { .. } => m.ack().await,
-            Outcome::DeadLettered { .. } => m.ack_with(AckKind::Term).await,
+    let mut settled_iter = settled.iter();
+    let verdicts: Vec<Option<bool>> = report
+        .outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Saved { .. } => Some(settled_iter.next().copied().unwrap_or(false)),
+            Outcome::DeadLettered { .. } => None,
+        })
+        .collect();
+    let delay = Duration::from_secs(args.nak_delay);
+    let acks = batch.iter().zip(&verdicts).map(|(m, verdict)| async move {
+        match verdict {
+            Some(true) => m.ack().await,
+            Some(false) => m.ack_with(AckKind::Nak(Some(delay))).await,
+            None => m.ack_with(AckKind::Term).await,
         }
     });
     let results = futures_util::future::join_all(acks).await;
@@ -300,7 +334,8 @@ async fn handle_batch(
         "committed batch"
     );
     if let Some(tx) = &hooks.acked {
-        let _ = tx.send(Acked { at: Instant::now(), reply_subjects: tasks, dead_lettered: dead });
+        let acked = tasks.into_iter().zip(&settled).filter(|(_, s)| **s).map(|(t, _)| t).collect();
+        let _ = tx.send(Acked { at: Instant::now(), reply_subjects: acked, dead_lettered: dead });
     }
 }
 

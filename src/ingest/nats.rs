@@ -127,9 +127,30 @@ pub enum TaskAck {
     /// Nobody answers on the subject: the job's stream or consumer is gone (finished,
     /// cancelled or cleaned up). Nothing is left to ack.
     NoStream,
-    /// No confirmation (timeout or connection trouble): the task may be redelivered to a
-    /// worker, whose repeated result is then a no-op.
+    /// No confirmation (timeout or connection trouble).
     Failed,
+}
+
+/// Of `jobs` (whose task acks found no responder), those whose task stream JetStream says does
+/// not exist. Right after a NATS restart, ack subjects can have no responder while JetStream
+/// is still loading its streams: such a job is not gone, and its tasks must be acked later.
+pub async fn streams_gone(client: &async_nats::Client, jobs: &[i64]) -> std::collections::HashSet<i64> {
+    let js = async_nats::jetstream::new(client.clone());
+    let answers = fstream::iter(jobs.iter().copied())
+        .map(|job| {
+            let js = js.clone();
+            async move {
+                let answer = js.get_stream(crate::jobs::stream_name(job)).await;
+                let gone = matches!(&answer, Err(e) if matches!(e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND));
+                (job, gone)
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    answers.into_iter().filter(|(_, gone)| *gone).map(|(job, _)| job).collect()
 }
 
 /// Acks tasks by their reply subjects (`+ACK` as a request, so JetStream confirms it), many
