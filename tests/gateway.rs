@@ -594,19 +594,7 @@ async fn service(b: &Bench, endpoint: Option<&str>, pipeline: &str, project: i64
         .await
         .expect("service")
         .get(0);
-    c.execute(
-        "INSERT INTO ml_processingservice_pipelines (processingservice_id, pipeline_id)
-         SELECT $1, id FROM ml_pipeline WHERE slug = $2",
-        &[&id, &pipeline],
-    )
-    .await
-    .expect("link pipeline");
-    c.execute(
-        "INSERT INTO ml_processingservice_projects (processingservice_id, project_id) VALUES ($1, $2)",
-        &[&id, &project],
-    )
-    .await
-    .expect("link project");
+    common::link_service(&b.fx.store, id, pipeline, &[project]).await;
     id
 }
 

@@ -140,14 +140,8 @@ async fn own_job_ids(f: &Fixture) {
 /// The worker user and its token, and an async processing service (no endpoint, never seen)
 /// for the pipeline in both projects, as Antenna registers ADC; returns the service's id.
 async fn workers_and_service(f: &Fixture) -> i64 {
+    common::insert_worker_token(&f.store, TOKEN).await;
     let c = f.store.client().await.expect("client");
-    c.batch_execute(&format!(
-        "INSERT INTO users_user (id, password, is_superuser, email, is_staff, is_active, date_joined, name)
-         VALUES (100, '', true, 'worker@example.org', true, true, now(), 'worker');
-         INSERT INTO authtoken_token (key, created, user_id) VALUES ('{TOKEN}', now(), 100);"
-    ))
-    .await
-    .expect("user and token");
     let id: i64 = c
         .query_one(
             "INSERT INTO ml_processingservice (created_at, updated_at, name, description, endpoint_url)
@@ -157,19 +151,7 @@ async fn workers_and_service(f: &Fixture) -> i64 {
         .await
         .expect("service")
         .get(0);
-    c.execute(
-        "INSERT INTO ml_processingservice_pipelines (processingservice_id, pipeline_id)
-         SELECT $1, id FROM ml_pipeline WHERE slug = $2",
-        &[&id, &PIPELINE],
-    )
-    .await
-    .expect("link pipeline");
-    c.execute(
-        "INSERT INTO ml_processingservice_projects (processingservice_id, project_id) VALUES ($1, 1), ($1, 2)",
-        &[&id],
-    )
-    .await
-    .expect("link projects");
+    common::link_service(&f.store, id, PIPELINE, &[1, 2]).await;
     id
 }
 

@@ -54,14 +54,7 @@ impl Server {
 /// A seeded fixture with a worker token, and a pool of its own for the gateway.
 async fn fixture(label: &str, images: usize) -> (Fixture, Store) {
     let fx = Fixture::new(label, Flavor::Empty, world(2, images)).await;
-    let c = fx.store.client().await.expect("client");
-    c.batch_execute(&format!(
-        "INSERT INTO users_user (id, password, is_superuser, email, is_staff, is_active, date_joined, name)
-         VALUES (100, '', true, 'worker@example.org', true, true, now(), 'worker');
-         INSERT INTO authtoken_token (key, created, user_id) VALUES ('{TOKEN}', now(), 100);"
-    ))
-    .await
-    .expect("user and token");
+    common::insert_worker_token(&fx.store, TOKEN).await;
     let url = &fx.db.as_ref().expect("test database").url;
     let store = tally::store::connect(&DbArgs { pool_size: 8, ..DbArgs::for_url(url) }).await.expect("pool");
     (fx, store)

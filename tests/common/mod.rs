@@ -101,3 +101,36 @@ impl Drop for TestDb {
 pub async fn seed(store: &Store, tables: &Tables) {
     store::seed::seed(store, tables).await.expect("seed");
 }
+
+/// The worker user (id 100) and its DRF token `key`, as Antenna's ADC workers authenticate.
+pub async fn insert_worker_token(store: &Store, key: &str) {
+    let c = store.client().await.expect("client");
+    c.execute(
+        "INSERT INTO users_user (id, password, is_superuser, email, is_staff, is_active, date_joined, name)
+         VALUES (100, '', true, 'worker@example.org', true, true, now(), 'worker')",
+        &[],
+    )
+    .await
+    .expect("worker user");
+    c.execute("INSERT INTO authtoken_token (key, created, user_id) VALUES ($1, now(), 100)", &[&key])
+        .await
+        .expect("worker token");
+}
+
+/// Links processing service `id` to the pipeline `slug` and to `projects`.
+pub async fn link_service(store: &Store, id: i64, slug: &str, projects: &[i64]) {
+    let c = store.client().await.expect("client");
+    c.execute(
+        "INSERT INTO ml_processingservice_pipelines (processingservice_id, pipeline_id)
+         SELECT $1, id FROM ml_pipeline WHERE slug = $2",
+        &[&id, &slug],
+    )
+    .await
+    .expect("link pipeline");
+    c.execute(
+        "INSERT INTO ml_processingservice_projects (processingservice_id, project_id) SELECT $1, unnest($2::bigint[])",
+        &[&id, &projects],
+    )
+    .await
+    .expect("link projects");
+}
