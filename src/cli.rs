@@ -91,3 +91,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
+
+/// A score vector length for the simulated models: 1 to 30,000 classes (ADC's models have
+/// 2,497 and 29,176).
+pub fn parse_score_len(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("{s:?} is not a number of classes: {e}"))?;
+    if (1..=30_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} classes: the score length must be from 1 to 30000"))
+    }
+}

@@ -62,6 +62,10 @@ pub struct NatsArgs {
     /// Results are published on `<prefix>.{job_id}`.
     #[arg(long, env = "TALLY_RESULTS_SUBJECT_PREFIX", default_value = "tally.results")]
     pub results_subject_prefix: String,
+    /// JetStream object store bucket that carries results larger than one NATS message (claim
+    /// check; its max age is the results stream's).
+    #[arg(long, env = "TALLY_RESULTS_OBJECT_BUCKET", default_value = "TALLY_RESULT_OBJECTS")]
+    pub results_object_bucket: String,
     /// Seconds to wait for the first connection (a lost connection is retried forever).
     #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", default_value_t = 10)]
     pub nats_connect_timeout: u64,
@@ -77,6 +81,7 @@ impl NatsArgs {
             nats_url: url.to_string(),
             results_stream: "TALLY_RESULTS".into(),
             results_subject_prefix: "tally.results".into(),
+            results_object_bucket: "TALLY_RESULT_OBJECTS".into(),
             nats_connect_timeout: 10,
             nats_request_timeout: 10,
         }

@@ -11,7 +11,6 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use deadpool_postgres::GenericClient;
-use futures_util::future::join_all;
 use serde::Serialize;
 use tokio_postgres::Row;
 
@@ -323,6 +322,20 @@ pub async fn replay(
     js: &async_nats::jetstream::Context,
     ids: &[i64],
 ) -> Result<ReplayReport, StoreError> {
+    let nats = crate::config::NatsArgs::for_url("");
+    let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
+    let objects = crate::results_stream::ensure_bucket(js, &nats, max_age).await.map_err(StoreError::Nats)?;
+    replay_with(store, js, &objects, ids).await
+}
+
+/// [`replay`] with the object store bucket of large results named by the caller: a payload
+/// larger than one NATS message is published by claim check, as the gateway does.
+pub async fn replay_with(
+    store: &Store,
+    js: &async_nats::jetstream::Context,
+    objects: &crate::results_stream::Objects,
+    ids: &[i64],
+) -> Result<ReplayReport, StoreError> {
     let mut report = ReplayReport::default();
     let client = store.client().await?;
     let rows = client
@@ -355,18 +368,28 @@ pub async fn replay(
         }
     }
     for chunk in &chunks {
-        replay_chunk(&client, js, chunk, &mut report).await?;
+        replay_chunk(&client, js, objects, chunk, &mut report).await?;
     }
     Ok(report)
+}
+
+/// The connected server's `max_payload` (1 MiB, NATS' default, before the first INFO).
+fn js_max_payload(js: &async_nats::jetstream::Context) -> usize {
+    match js.client().max_payload() {
+        0 => 1 << 20,
+        n => n,
+    }
 }
 
 /// Publishes one chunk, awaits its acks together, and marks the acknowledged.
 async fn replay_chunk(
     client: &impl GenericClient,
     js: &async_nats::jetstream::Context,
+    objects: &crate::results_stream::Objects,
     ids: &[i64],
     report: &mut ReplayReport,
 ) -> Result<(), StoreError> {
+    use crate::results_stream::{self, Outgoing};
     let rows = client
         .query("SELECT id, subject, payload, replay_count FROM tally.dead_letter WHERE id = ANY($1)", &[&ids])
         .await?;
@@ -374,7 +397,8 @@ async fn replay_chunk(
     for row in rows {
         by_id.insert(row.try_get::<_, i64>(0)?, row);
     }
-    let mut in_flight = Vec::with_capacity(ids.len());
+    let mut planned = Vec::with_capacity(ids.len());
+    let mut outgoing = Vec::with_capacity(ids.len());
     for id in ids {
         // Deleted between planning and now: nothing to publish.
         let Some(row) = by_id.remove(id) else {
@@ -385,21 +409,18 @@ async fn replay_chunk(
         let payload: Vec<u8> = row.try_get(2)?;
         let attempt = row.try_get::<_, i32>(3)?.saturating_add(1);
         let msg_id = replay_msg_id(*id, attempt);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-        headers.insert(REPLAY_OF_HEADER, id.to_string().as_str());
-        let size = payload.len();
-        match js.publish_with_headers(subject.clone(), headers, Bytes::from(payload)).await {
-            Ok(ack) => in_flight.push(async move {
-                let outcome = ack.await;
-                (*id, subject, msg_id, size, attempt, outcome)
-            }),
-            Err(e) => report.failed.push(ReplayFailure { id: *id, subject, error: e.to_string() }),
-        }
+        planned.push((*id, subject.clone(), msg_id.clone(), payload.len(), attempt));
+        outgoing.push(Outgoing {
+            subject,
+            headers: vec![(results_stream::MSG_ID_HEADER, msg_id), (REPLAY_OF_HEADER, id.to_string())],
+            payload: Bytes::from(payload),
+        });
     }
+    let max_payload = js_max_payload(js);
+    let answers = results_stream::publish_all(js, objects, max_payload, outgoing).await;
     let mut acked_ids = Vec::new();
     let mut attempts = Vec::new();
-    for (id, subject, msg_id, size, attempt, outcome) in join_all(in_flight).await {
+    for ((id, subject, msg_id, size, attempt), outcome) in planned.into_iter().zip(answers) {
         match outcome {
             Ok(ack) => {
                 acked_ids.push(id);

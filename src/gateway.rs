@@ -57,8 +57,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "TALLY_NO_GATEWAY")]
     pub no_gateway: bool,
     /// Largest request body in bytes; larger ones get 413. ADC has sent 110–142 MB result
-    /// bodies with a ~29,000-class model: raise it (and NATS' max_payload) for such models.
-    #[arg(long, env = "TALLY_GATEWAY_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    /// bodies with its ~29,000-class global model. The body is held once in memory: results
+    /// are published as slices of it, large ones by claim check (NATS' max_payload is never
+    /// the limit).
+    #[arg(long, env = "TALLY_GATEWAY_MAX_BODY_BYTES", default_value_t = 256 << 20)]
     pub gateway_max_body_bytes: usize,
     /// Postgres sessions of the gateway (a pool of its own, beside ingest's).
     #[arg(long, env = "TALLY_GATEWAY_POOL_SIZE", default_value_t = 8)]
@@ -98,7 +100,7 @@ impl Default for GatewayArgs {
     fn default() -> Self {
         GatewayArgs {
             no_gateway: false,
-            gateway_max_body_bytes: 32 << 20,
+            gateway_max_body_bytes: 256 << 20,
             gateway_pool_size: 8,
             gateway_statement_timeout: 10,
             gateway_auth_cache: Duration::from_secs(60),
@@ -137,6 +139,8 @@ pub struct Gateway {
     store: OnceLock<Store>,
     /// Set once NATS answers; requests that need it get 503 before.
     nats: OnceLock<Nats>,
+    /// The object store bucket of large results, set once NATS answers and it exists.
+    objects: OnceLock<crate::results_stream::Objects>,
     /// True once both are set (`tally serve --no-ingest` is ready then).
     connected: watch::Sender<bool>,
     /// Verified tokens.
@@ -163,6 +167,7 @@ impl Gateway {
             heartbeat_rx: Mutex::new(Some(rx)),
             store: OnceLock::new(),
             nats: OnceLock::new(),
+            objects: OnceLock::new(),
             connected: watch::Sender::new(false),
             nats_args,
             args,
@@ -204,6 +209,16 @@ impl Gateway {
     /// The NATS connection, if made.
     pub fn nats(&self) -> Option<&Nats> {
         self.nats.get()
+    }
+
+    /// The object store bucket of large results, once it exists.
+    pub fn objects(&self) -> Option<&crate::results_stream::Objects> {
+        self.objects.get()
+    }
+
+    /// Hands the gateway the bucket of large results (the first call wins).
+    pub fn set_objects(&self, objects: crate::results_stream::Objects) {
+        let _ = self.objects.set(objects);
     }
 
     /// Waits until both Postgres and NATS are connected.
@@ -327,8 +342,17 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
     // but may be off or still bootstrapping.
     let mut backoff = Duration::from_millis(200);
     loop {
-        match crate::ingest::nats::ensure_stream(&nats.js, &gateway.nats_args, results).await {
-            Ok(_) => return,
+        let ready = async {
+            crate::ingest::nats::ensure_stream(&nats.js, &gateway.nats_args, results)
+                .await
+                .map_err(|e| e.to_string())?;
+            crate::results_stream::ensure_bucket(&nats.js, &gateway.nats_args, results.max_age()).await
+        };
+        match ready.await {
+            Ok(objects) => {
+                gateway.set_objects(objects);
+                return;
+            }
             Err(e) => {
                 warn!(error = %e, retry_in = ?backoff, "gateway cannot set up the results stream yet");
                 tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return }

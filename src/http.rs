@@ -29,13 +29,20 @@ pub struct Health {
     ready: AtomicBool,
     /// Why the daemon is not ready; only meaningful while `ready` is false.
     reason: Mutex<String>,
+    /// Problems watched apart from the main loop (e.g. a stalled results consumer), by name:
+    /// any of them makes the daemon not ready, whatever the main loop says.
+    conditions: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Default for Health {
     /// Not ready, reason "starting": nothing is ready until the daemon says so.
     fn default() -> Self {
         metrics::gauge!(names::INGEST_READY).set(0.0);
-        Health { ready: AtomicBool::new(false), reason: Mutex::new("starting".to_string()) }
+        Health {
+            ready: AtomicBool::new(false),
+            reason: Mutex::new("starting".to_string()),
+            conditions: Mutex::new(Default::default()),
+        }
     }
 }
 
@@ -43,7 +50,8 @@ impl Health {
     /// Marks the daemon ready.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
-        metrics::gauge!(names::INGEST_READY).set(1.0);
+        let clear = self.conditions().is_empty();
+        metrics::gauge!(names::INGEST_READY).set(if clear { 1.0 } else { 0.0 });
     }
 
     /// Marks the daemon not ready, saying why (e.g. "bootstrapping", "nats unreachable").
@@ -54,14 +62,42 @@ impl Health {
         metrics::gauge!(names::INGEST_READY).set(0.0);
     }
 
-    /// Whether the daemon is ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+    /// Sets (`Some(why)`) or clears (`None`) the condition `name`; while any condition is set
+    /// the daemon is not ready and `/readyz` gives the conditions as the reason.
+    pub fn set_condition(&self, name: &'static str, problem: Option<String>) {
+        let mut conditions = self.conditions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match problem {
+            Some(why) => {
+                conditions.insert(name, why);
+            }
+            None => {
+                conditions.remove(name);
+            }
+        }
+        let ready = conditions.is_empty() && self.ready.load(Ordering::SeqCst);
+        metrics::gauge!(names::INGEST_READY).set(if ready { 1.0 } else { 0.0 });
     }
 
-    /// Why the daemon is not ready (the last reason given, even once ready again).
+    fn conditions(&self) -> Vec<String> {
+        let conditions = self.conditions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        conditions.iter().map(|(name, why)| format!("{name}: {why}")).collect()
+    }
+
+    /// Whether the daemon is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.conditions().is_empty()
+    }
+
+    /// Why the daemon is not ready (the conditions set, else the last reason given, even once
+    /// ready again).
     pub fn reason(&self) -> String {
-        self.reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        let conditions = self.conditions();
+        let reason = self.reason.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        match (self.ready.load(Ordering::SeqCst), conditions.is_empty()) {
+            (_, true) => reason,
+            (true, false) => conditions.join("; "),
+            (false, false) => format!("{reason}; {}", conditions.join("; ")),
+        }
     }
 }
 

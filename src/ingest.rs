@@ -10,11 +10,13 @@
 //! - [`nats`]: the results stream and durable consumer, the pull loop's transport, task acks.
 //! - [`daemon`]: `tally serve`'s ingest loop: bootstrap, consume, shutdown.
 
+pub mod ack;
 pub mod analyze;
 pub mod batch;
 pub mod daemon;
 pub mod determination;
 pub mod message;
+pub mod monitor;
 pub mod nats;
 pub mod save;
 

@@ -30,6 +30,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod plot;
+pub mod results_stream;
 pub mod stats;
 pub mod store;
 pub mod synth;

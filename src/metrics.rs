@@ -40,9 +40,24 @@ pub mod names {
     /// Histogram of seconds from a result's publish to its ack: the end-to-end latency a
     /// worker sees.
     pub const PUBLISH_TO_ACK_SECONDS: &str = "tally_publish_to_ack_seconds";
-    /// Counter of task-message acks, label `outcome` = `acked` | `no_stream` (the job's stream
-    /// is gone, e.g. the job was cleaned up) | `failed`.
+    /// Counter of task-message acks, label `outcome` = `acked` | `consumer_gone` (the job's
+    /// consumer or stream is gone: nothing to ack) | `deferred` (not confirmed: stored and
+    /// retried) | `retry_acked` | `retry_consumer_gone` | `given_up` (dead-lettered).
     pub const TASK_ACKS: &str = "tally_task_acks_total";
+    /// Gauge of task acks stored for retry (`tally.task_ack_retry`).
+    pub const TASK_ACK_RETRY_PENDING: &str = "tally_task_ack_retry_pending";
+    /// Gauge of results delivered to ingest and not yet acked (the results consumer's
+    /// `num_ack_pending`).
+    pub const RESULTS_ACK_PENDING: &str = "tally_results_ack_pending";
+    /// Gauge of the results consumer's `max_ack_pending`: at this cap JetStream delivers nothing.
+    pub const RESULTS_MAX_ACK_PENDING: &str = "tally_results_max_ack_pending";
+    /// Gauge of results in the stream not yet delivered to ingest.
+    pub const RESULTS_PENDING: &str = "tally_results_pending";
+    /// Gauge of the age in seconds of the oldest result not yet acked (0 when none).
+    pub const RESULTS_OLDEST_UNACKED_SECONDS: &str = "tally_results_oldest_unacked_seconds";
+    /// Counter of results that travelled by claim check, by `side` (`published`, `fetched`,
+    /// `deleted`).
+    pub const RESULT_OBJECTS: &str = "tally_result_objects_total";
     /// Counter of failed pulls from the results stream (each is retried).
     pub const NATS_PULL_ERRORS: &str = "tally_nats_pull_errors_total";
     /// Gauge, 1 while the daemon is ready to ingest and 0 otherwise (mirrors `/readyz`).
@@ -145,6 +160,12 @@ fn describe() {
     );
     describe_histogram!(PUBLISH_TO_ACK_SECONDS, Unit::Seconds, "Seconds from a result's publish to its ack.");
     describe_counter!(TASK_ACKS, Unit::Count, "Task message acks, by outcome.");
+    describe_gauge!(TASK_ACK_RETRY_PENDING, "Task acks stored for retry.");
+    describe_gauge!(RESULTS_ACK_PENDING, "Results delivered to ingest and not yet acked.");
+    describe_gauge!(RESULTS_MAX_ACK_PENDING, "The results consumer's max_ack_pending (no delivery at this cap).");
+    describe_gauge!(RESULTS_PENDING, "Results in the stream not yet delivered to ingest.");
+    describe_gauge!(RESULTS_OLDEST_UNACKED_SECONDS, Unit::Seconds, "Age of the oldest result not yet acked.");
+    describe_counter!(RESULT_OBJECTS, Unit::Count, "Results carried by claim check (object store), by side.");
     describe_counter!(NATS_PULL_ERRORS, Unit::Count, "Failed pulls from the results stream.");
     describe_gauge!(INGEST_READY, "1 while ready to ingest, else 0.");
     describe_gauge!(DATAFLOW_ROWS, Unit::Count, "Rows mirrored by the dataflow engine.");

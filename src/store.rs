@@ -51,6 +51,9 @@ pub enum StoreError {
     /// The dataflow engine stopped.
     #[error(transparent)]
     Engine(#[from] tally_dataflows::EngineError),
+    /// NATS failed where a store operation needed it (replaying dead letters).
+    #[error("nats: {0}")]
+    Nats(String),
 }
 
 /// A Postgres error with the server's message, detail and SQLSTATE (tokio-postgres's own

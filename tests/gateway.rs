@@ -490,39 +490,23 @@ async fn results_are_published_as_sent_with_their_reply_subjects_as_msg_ids() {
     assert_eq!(b.results_in_stream().await, 3);
     // An empty list is accepted and publishes nothing.
     let empty = w.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": []})).await;
-    assert_eq!(empty.json(), json!({"status": "accepted", "job_id": job, "results_queued": 0, "tasks": []}));
+    assert_eq!(
+        empty.json(),
+        json!({"status": "accepted", "job_id": job, "results_queued": 0, "tasks": [], "refused": []})
+    );
     b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn refused_results_publish_nothing() {
+async fn refused_requests_publish_nothing() {
     let limit = 64 << 10;
     let mut b = Bench::new("gw_result_bad", GatewayArgs { gateway_max_body_bytes: limit, ..args() }).await;
     let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
-    let other = b.job(&[3], "STARTED", PIPELINE).await;
     let w = b.worker();
     let mine = tasks_of(&w.tasks(job, 2).await);
-    let theirs = tasks_of(&w.tasks(other, 1).await);
-    let ok = |reply: &str| json!({"reply_subject": reply, "result": {"error": "x", "image_id": "1"}});
     let path = format!("/api/v2/jobs/{job}/result/");
-
-    // A reply subject of another job among good ones: nothing of the request is published.
-    let r = w.post(&path, &json!({"results": [ok(&mine[0].1), ok(&theirs[0].1), ok(&mine[1].1)]})).await;
-    assert_eq!(r.status, 400, "{}", r.body);
-    assert!(
-        r.detail().contains("results[1].reply_subject") && r.detail().contains(&format!("not a task of job {job}")),
-        "{}",
-        r.body
-    );
-    let made_up = format!("$JS.ACK.job_{job}.job-{job}-consumer");
+    // Requests that are not a results envelope at all: 400, nothing published.
     for (body, want) in [
-        (json!({"results": [ok("not-a-subject")]}).to_string(), "not a task of job"),
-        (json!({"results": [ok(&made_up)]}).to_string(), "not a task of job"),
-        (json!({"results": [ok(&mine[0].1), 7]}).to_string(), "results[1] is not an object"),
-        (json!({"results": [{"reply_subject": mine[0].1}]}).to_string(), "missing field `result`"),
-        (json!({"results": [{"result": {}}]}).to_string(), "missing field `reply_subject`"),
-        (json!({"results": [{"reply_subject": 12, "result": {}}]}).to_string(), "invalid type"),
-        (json!({"results": [{"reply_subject": mine[0].1, "result": "ok"}]}).to_string(), "result is not an object"),
         (json!({"results": {"a": 1}}).to_string(), "invalid body"),
         (json!({"result": []}).to_string(), "missing field `results`"),
         ("{\"results\": [".to_string(), "malformed JSON"),
@@ -532,6 +516,7 @@ async fn refused_results_publish_nothing() {
         assert_eq!(r.status, 400, "{body}: {}", r.body);
         assert!(r.detail().contains(want), "{body}: {}", r.body);
     }
+    let ok = |reply: &str| json!({"reply_subject": reply, "result": {"error": "x", "image_id": "1"}});
     // Unknown job.
     let r = w.post("/api/v2/jobs/987654321/result/", &json!({"results": [ok(&mine[0].1)]})).await;
     assert_eq!(r.status, 404);
@@ -548,6 +533,152 @@ async fn refused_results_publish_nothing() {
     let fits = json!({"results": [{"reply_subject": mine[0].1, "result": {"pad": "x".repeat(limit - 400)}}]});
     assert_eq!(w.post(&path, &fits).await.status, 200);
     assert_eq!(b.results_in_stream().await, 1);
+    b.stop().await;
+}
+
+/// A POST mixing a result larger than a NATS message, invalid items and valid ones: 200 with
+/// the valid ones queued and the others named; ingest saves the valid ones (the large one by
+/// claim check) and dead-letters each invalid one with its reason, in the job log too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_bad_item_never_sinks_the_batch() {
+    let mut b = Bench::new("gw_result_mixed", args()).await;
+    let images: Vec<u64> = b.fx.world.images[..3].to_vec();
+    let job = b.job(&images, "STARTED", PIPELINE).await;
+    let other = b.job(&[b.fx.world.images[3]], "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let mine = tasks_of(&w.tasks(job, 3).await);
+    let theirs = tasks_of(&w.tasks(other, 1).await);
+    let mut factory = b.fx.factory.clone();
+    factory.score_len = 2_497;
+    factory.mean_detections = 20.0;
+    let large = json!({"reply_subject": mine[0].1, "result": factory.response(mine[0].0)});
+    let large_len = serde_json::to_vec(&large).expect("json").len();
+    assert!(large_len > b.fx.client.max_payload(), "{large_len} bytes must exceed max_payload to test the claim check");
+    let small = json!({"reply_subject": mine[1].1, "result": b.fx.factory.response(mine[1].0)});
+    let failed =
+        json!({"reply_subject": mine[2].1, "result": {"error": "download failed", "image_id": mine[2].0.to_string()}});
+    let crlf = format!("{}\r\nX-Evil: 1", mine[0].1);
+    let items = json!([
+        large,
+        {"reply_subject": theirs[0].1, "result": {"error": "x", "image_id": "1"}},
+        small,
+        7,
+        {"reply_subject": crlf, "result": {"error": "x", "image_id": "1"}},
+        {"reply_subject": format!("{}.extra", mine[1].1), "result": {"error": "x", "image_id": "1"}},
+        {"reply_subject": mine[1].1},
+        failed,
+    ]);
+    let r = w.post(&format!("/api/v2/jobs/{job}/result/"), &json!({"results": items})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answer = r.json();
+    assert_eq!(answer["status"], "partial");
+    assert_eq!(answer["results_queued"], 3);
+    let refused: Vec<(u64, String)> = answer["refused"]
+        .as_array()
+        .expect("refused")
+        .iter()
+        .map(|x| (x["index"].as_u64().unwrap_or(99), x["reason_code"].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            (1, "foreign_reply_subject".into()),
+            (3, "wrong_shape".into()),
+            (4, "foreign_reply_subject".into()),
+            (5, "foreign_reply_subject".into()),
+            (6, "wrong_shape".into()),
+        ],
+        "{}",
+        r.body
+    );
+    assert!(answer["refused"].as_array().into_iter().flatten().all(|x| x["dead_lettered"] == true));
+    // The large result travelled by reference.
+    let s = b.fx.js.get_stream(&b.fx.nats_args.results_stream).await.expect("results stream");
+    let seq: u64 = answer["tasks"][0]["task_id"].as_str().and_then(|t| t.parse().ok()).expect("sequence");
+    let m = s.get_raw_message(seq).await.expect("claim check");
+    let object = m.headers.get(tally::results_stream::OBJECT_HEADER).expect("object header").as_str().to_string();
+    assert!(m.payload.is_empty());
+
+    let mut ingest = b.fx.start(IngestArgs::default()).await;
+    ingest.wait_for(3, 5, Duration::from_secs(60)).await;
+    let c = b.fx.store.client().await.expect("client");
+    let long: i64 = c
+        .query_one("SELECT count(*) FROM main_classification WHERE cardinality(scores) = 2497", &[])
+        .await
+        .expect("classifications")
+        .get(0);
+    assert!(long > 0, "the large result's classifications are saved with their whole vectors");
+    let letters: Vec<(String, Option<String>)> = c
+        .query("SELECT reason_code, reply_subject FROM tally.dead_letter WHERE job_id = $1 ORDER BY id", &[&job])
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(letters.len(), 5, "{letters:?}");
+    assert_eq!(letters.iter().filter(|l| l.0 == "foreign_reply_subject").count(), 3);
+    assert_eq!(letters.iter().filter(|l| l.0 == "wrong_shape").count(), 2);
+    let logged: i64 = c
+        .query_one(
+            "SELECT count(*) FROM jobs_joblog WHERE job_id = $1 AND message LIKE 'result rejected%refused by the gateway%'",
+            &[&job],
+        )
+        .await
+        .expect("job log")
+        .get(0);
+    assert_eq!(logged, 5, "each refusal is in the job log");
+    let (_, processed, failed_n, _, _) = ingest::job_progress(&b.fx.store, job).await;
+    assert_eq!((processed, failed_n), (3, 1));
+    ingest.stop().await;
+    // Acked, so its object is gone.
+    let objects = tally::results_stream::ensure_bucket(&b.fx.js, &b.fx.nats_args, Duration::from_secs(3600))
+        .await
+        .expect("bucket");
+    assert!(objects.store.get(&object).await.is_err(), "the object of a saved result is deleted");
+    ingest::assert_counts_exact(&b.fx.store).await;
+    b.stop().await;
+}
+
+/// ADC's global model: a result of 20 detections, each with 29,176 scores and logits (~25 MB
+/// of JSON), through the gateway and NATS with its default 1 MiB max_payload, saved whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_global_model_result_of_20_detections_is_saved() {
+    let mut b = Bench::new("gw_result_global", args()).await;
+    let image = b.fx.world.images[0];
+    let job = b.job(&[image], "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let tasks = tasks_of(&w.tasks(job, 1).await);
+    let mut factory = b.fx.factory.clone();
+    factory.score_len = 29_176;
+    factory.mean_detections = 40.0;
+    let mut result = factory.response(image);
+    let detections = result["detections"].as_array_mut().expect("detections");
+    assert!(detections.len() >= 20, "the factory made {} detections", detections.len());
+    detections.truncate(20);
+    let body =
+        serde_json::to_vec(&json!({"results": [{"reply_subject": tasks[0].1, "result": result}]})).expect("json");
+    // ~1.2 MB per classification, as ADC measured with this model.
+    assert!(body.len() > 20 << 20, "{} bytes", body.len());
+    let r = w.post_raw(&format!("/api/v2/jobs/{job}/result/"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["results_queued"], 1);
+    let mut ingest = b.fx.start(IngestArgs::default()).await;
+    ingest.wait_for(1, 0, Duration::from_secs(120)).await;
+    ingest.stop().await;
+    let c = b.fx.store.client().await.expect("client");
+    let row = c
+        .query_one(
+            "SELECT count(*), min(cardinality(scores)), min(cardinality(logits)) FROM main_classification c
+             JOIN main_detection d ON d.id = c.detection_id WHERE d.source_image_id = $1 AND cardinality(scores) > 2",
+            &[&(image as i64)],
+        )
+        .await
+        .expect("classifications");
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, Option<i32>>(1), row.get::<_, Option<i32>>(2)),
+        (20, Some(29_176), Some(29_176))
+    );
+    ingest::assert_counts_exact(&b.fx.store).await;
     b.stop().await;
 }
 

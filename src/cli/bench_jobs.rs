@@ -90,7 +90,8 @@ pub struct JobsBenchArgs {
     #[arg(long, default_value_t = 8.0)]
     pub mean_detections: f64,
     /// Length of the species classifier's score and logit vectors in each result.
-    #[arg(long, default_value_t = 100)]
+    /// 1 to 30,000 (ADC's global model has 29,176 classes).
+    #[arg(long, default_value_t = 100, value_parser = crate::cli::parse_score_len)]
     pub score_len: usize,
     /// Antenna taxonomy fixture (default: a synthetic 10 families × 10 genera × 20 species).
     #[arg(long)]

@@ -66,7 +66,8 @@ pub struct WorkerSimArgs {
     pub mean_detections: f64,
     /// Length of the species classifier's score and logit vectors (ADC sends one per class:
     /// thousands make results of hundreds of kB).
-    #[arg(long, default_value_t = 100)]
+    /// 1 to 30,000 (ADC's global model has 29,176 classes).
+    #[arg(long, default_value_t = 100, value_parser = crate::cli::parse_score_len)]
     pub score_len: usize,
     /// Seed of the synthetic results (with the image id: the same task always gets the same
     /// result).

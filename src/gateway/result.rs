@@ -1,16 +1,22 @@
 //! `POST /api/v2/jobs/{id}/result/ {"results": [...]}`: each result is published, as the
 //! worker sent it, to `tally.results.{id}` with `Nats-Msg-Id` = its reply subject (JetStream
-//! drops a repeat inside the duplicate window); ingest saves it and acks the task.
+//! drops a repeat inside the duplicate window); ingest saves it and acks the task. A result
+//! larger than one NATS message travels by claim check ([`crate::results_stream`]).
 //!
-//! The whole request is checked before anything is published, so a refused request publishes
-//! nothing: each item must be an object with a string `reply_subject` that is an ack subject
-//! of job `{id}`'s task consumer (Antenna does not check this) and an object `result`; each
-//! must fit in a NATS message. The result itself is validated by ingest, which dead-letters
-//! what it cannot save. Nothing is written to the database on this path: results are durable
-//! in JetStream once the answer is sent, whatever state Postgres is in.
+//! The request as a whole is checked first (a JSON object with a `results` array, of a known
+//! job); a request refused there publishes nothing. Then each item on its own: an object with
+//! a string `reply_subject` that is exactly an ack subject of job `{id}`'s task consumer
+//! ([`parse_ack_subject`]; Antenna does not check this) and an object `result`. **One bad item
+//! never costs the others**: the valid ones are published, and each refused one is published
+//! with its reason as a refusal, which ingest stores as a dead letter (visible in `tally
+//! dead-letters` and the job log). The answer is 200 with Antenna's shape (`status`, `job_id`,
+//! `results_queued`, `tasks`) plus `refused: [{index, reply_subject, reason_code, detail}]`:
+//! ADC raises on any 4xx/5xx and then drops the whole batch without retrying
+//! (`trapdata/antenna/client.py:100-108`), so a 4xx for a partly bad batch would lose the
+//! good results. Nothing is written to the database on this path: results are durable in
+//! JetStream once the answer is sent, whatever state Postgres is in.
 
 use std::borrow::Cow;
-use std::future::IntoFuture;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -19,19 +25,19 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::auth::Worker;
 use super::body::{self, Body};
 use super::heartbeat::Beat;
 use super::tasks::job_id;
 use super::{job, Gateway, GatewayError};
-use crate::ingest::message::job_of_reply_subject;
+use crate::ingest::message::{parse_ack_subject, REASON_FOREIGN_REPLY_SUBJECT, REASON_WRONG_SHAPE};
 use crate::metrics::names;
+use crate::results_stream::{self, Outgoing};
 
-/// Bytes a message's headers (`Nats-Msg-Id: <reply subject>`) and framing add, at most, beside
-/// the reply subject itself.
-const HEADER_OVERHEAD: usize = 64;
+/// Characters of a refused item's reply subject quoted back in its reason, at most.
+const QUOTED_SUBJECT: usize = 200;
 
 /// The request body; `results` are kept as the exact bytes sent (`client_info` is ignored).
 #[derive(Deserialize)]
@@ -49,10 +55,27 @@ struct Item<'a> {
     result: &'a RawValue,
 }
 
-/// A checked result, ready to publish.
-struct Checked {
-    reply_subject: String,
-    payload: Bytes,
+/// One item of the request, checked.
+#[derive(Debug)]
+enum Checked {
+    /// To publish as a result.
+    Valid {
+        /// Its reply subject (the task's ack subject).
+        reply_subject: String,
+        /// The item's bytes.
+        payload: Bytes,
+    },
+    /// To publish as a refusal (ingest dead-letters it).
+    Refused {
+        /// Its reply subject, when it had a string one.
+        reply_subject: Option<String>,
+        /// The reason code (ingest's codes).
+        code: &'static str,
+        /// What is wrong.
+        detail: String,
+        /// The item's bytes.
+        payload: Bytes,
+    },
 }
 
 /// Serves the result call.
@@ -63,36 +86,109 @@ pub async fn post(
     Body(bytes): Body,
 ) -> Result<Json<Value>, GatewayError> {
     let id = job_id(&id)?;
+    let checked = check(id, &bytes)?;
     known_job(&gateway, id).await?;
-    let max_payload = gateway.nats().map(|n| n.client.max_payload());
-    let checked = check(id, &bytes, max_payload)?;
     let Some(nats) = gateway.nats() else {
         return Err(GatewayError::ResultQueue { job_id: id, reason: "NATS is not connected yet".into() });
     };
+    let objects = match gateway.objects() {
+        Some(objects) => objects.clone(),
+        None => {
+            // `tally serve` creates the bucket at start; a gateway assembled elsewhere does it
+            // on first use, with the results stream's default max age.
+            let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
+            let objects = results_stream::ensure_bucket(&nats.js, &gateway.nats_args, max_age)
+                .await
+                .map_err(|reason| GatewayError::ResultQueue { job_id: id, reason })?;
+            gateway.set_objects(objects.clone());
+            objects
+        }
+    };
     let subject = gateway.nats_args.results_subject(id);
-    // Send every publish first, then wait for all the acks: one round trip for the request,
-    // not one per result.
-    let mut pending = Vec::with_capacity(checked.len());
-    for c in &checked {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", c.reply_subject.as_str());
-        let sent = nats.js.publish_with_headers(subject.clone(), headers, c.payload.clone()).await;
-        pending.push(sent.map_err(|e| GatewayError::ResultQueue { job_id: id, reason: e.to_string() })?);
+    let outgoing: Vec<Outgoing> = checked
+        .iter()
+        .map(|c| match c {
+            Checked::Valid { reply_subject, payload } => Outgoing {
+                subject: subject.clone(),
+                headers: vec![(results_stream::MSG_ID_HEADER, reply_subject.clone())],
+                payload: payload.clone(),
+            },
+            Checked::Refused { code, detail, payload, .. } => Outgoing {
+                subject: subject.clone(),
+                headers: vec![
+                    (results_stream::REFUSED_HEADER, (*code).to_string()),
+                    (results_stream::REFUSED_REASON_HEADER, header_text(detail)),
+                ],
+                payload: payload.clone(),
+            },
+        })
+        .collect();
+    let max_payload = nats.client.max_payload();
+    let answers = results_stream::publish_all(&nats.js, &objects, max_payload, outgoing).await;
+    let mut tasks = Vec::new();
+    let mut refused = Vec::new();
+    let mut failed = None;
+    for (i, (c, answer)) in checked.iter().zip(answers).enumerate() {
+        match (c, answer) {
+            (Checked::Valid { reply_subject, .. }, Ok(ack)) => {
+                let outcome = if ack.duplicate { "duplicate" } else { "queued" };
+                metrics::counter!(names::GATEWAY_RESULTS, "outcome" => outcome).increment(1);
+                tasks.push(
+                    json!({"reply_subject": reply_subject, "status": "queued", "task_id": ack.sequence.to_string()}),
+                );
+            }
+            (Checked::Valid { .. }, Err(e)) => {
+                metrics::counter!(names::GATEWAY_RESULTS, "outcome" => "publish_failed").increment(1);
+                failed.get_or_insert(e.to_string());
+            }
+            (Checked::Refused { reply_subject, code, detail, .. }, answer) => {
+                metrics::counter!(names::GATEWAY_RESULTS, "outcome" => "refused").increment(1);
+                let dead_lettered = match answer {
+                    Ok(_) => true,
+                    Err(e) => {
+                        error!(job_id = id, index = i, reason = code, error = %e, "cannot publish a refused result for its dead letter");
+                        false
+                    }
+                };
+                warn!(job_id = id, index = i, reason = code, %detail, "result refused");
+                refused.push(json!({
+                    "index": i,
+                    "reply_subject": reply_subject,
+                    "reason_code": code,
+                    "detail": detail,
+                    "dead_lettered": dead_lettered,
+                }));
+            }
+        }
     }
-    let acks = futures_util::future::join_all(pending.into_iter().map(IntoFuture::into_future)).await;
-    let mut tasks = Vec::with_capacity(checked.len());
-    for (c, ack) in checked.iter().zip(acks) {
-        let ack = ack.map_err(|e| GatewayError::ResultQueue { job_id: id, reason: e.to_string() })?;
-        let outcome = if ack.duplicate { "duplicate" } else { "queued" };
-        metrics::counter!(names::GATEWAY_RESULTS, "outcome" => outcome).increment(1);
-        tasks.push(json!({"reply_subject": c.reply_subject, "status": "queued", "task_id": ack.sequence.to_string()}));
+    if let Some(reason) = failed {
+        // A valid result that JetStream did not take: the worker's batch is lost unless NATS
+        // redelivers its tasks, which it does after their ack wait (as with Antenna's 503).
+        return Err(GatewayError::ResultQueue { job_id: id, reason });
     }
+    let status = match (tasks.is_empty(), refused.is_empty()) {
+        (_, true) => "accepted",
+        (false, false) => "partial",
+        (true, false) => "rejected",
+    };
     Ok(Json(json!({
-        "status": "accepted",
+        "status": status,
         "job_id": id,
         "results_queued": tasks.len(),
         "tasks": tasks,
+        "refused": refused,
     })))
+}
+
+/// `text` as one header line: printable ASCII, anything else escaped, at most ~1 kB.
+fn header_text(text: &str) -> String {
+    let mut escaped: String = text.escape_default().collect();
+    if escaped.len() > 1000 {
+        // Escaped text is ASCII: any byte index is a char boundary.
+        escaped.truncate(1000);
+        escaped.push_str("...");
+    }
+    escaped
 }
 
 /// 404 for an unknown job, and the heartbeat of a known one. The job's facts are cached, so
@@ -125,40 +221,58 @@ async fn known_job(gateway: &Gateway, id: i64) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// Checks the whole body: the envelope of every item, that every reply subject belongs to job
-/// `job`, and that every item fits in a NATS message of `max_payload` bytes.
-fn check(job: i64, bytes: &Bytes, max_payload: Option<usize>) -> Result<Vec<Checked>, GatewayError> {
+/// Checks the request as a whole (refused: nothing is published), then each item on its own.
+fn check(job: i64, bytes: &Bytes) -> Result<Vec<Checked>, GatewayError> {
     let request: ResultRequest<'_> = body::parse(bytes)?;
-    let mut checked = Vec::with_capacity(request.results.len());
-    for (i, raw) in request.results.iter().enumerate() {
-        let text = raw.get();
-        if !text.starts_with('{') {
-            return Err(GatewayError::BadRequest(format!("results[{i}] is not an object")));
-        }
-        let item: Item<'_> = serde_json::from_str(text)
-            .map_err(|e| GatewayError::BadRequest(format!("results[{i}]: {}", strip_position(&e))))?;
-        if !item.result.get().starts_with('{') {
-            return Err(GatewayError::BadRequest(format!("results[{i}].result is not an object")));
-        }
-        if job_of_reply_subject(&item.reply_subject) != Some(job) {
-            return Err(GatewayError::BadRequest(format!(
-                "results[{i}].reply_subject {:?} is not a task of job {job} (expected $JS.ACK.job_{job}.job-{job}-consumer.…)",
-                item.reply_subject
-            )));
-        }
-        if let Some(max) = max_payload {
-            let size = text.len() + item.reply_subject.len() + HEADER_OVERHEAD;
-            if size > max {
-                return Err(GatewayError::TooLarge(format!(
-                    "results[{i}] is {} bytes, over the NATS server's max_payload of {max} bytes",
-                    text.len()
-                )));
-            }
-        }
-        checked
-            .push(Checked { reply_subject: item.reply_subject.into_owned(), payload: share(bytes, text.as_bytes()) });
+    Ok(request.results.iter().enumerate().map(|(i, raw)| check_item(job, i, bytes, raw.get())).collect())
+}
+
+/// Checks one item: an object with an ack subject of job `job` and an object `result`.
+fn check_item(job: i64, i: usize, bytes: &Bytes, text: &str) -> Checked {
+    let payload = share(bytes, text.as_bytes());
+    let refuse = |reply_subject: Option<String>, code: &'static str, detail: String| Checked::Refused {
+        reply_subject,
+        code,
+        detail: format!("results[{i}]{detail}"),
+        payload: payload.clone(),
+    };
+    if !text.starts_with('{') {
+        return refuse(None, REASON_WRONG_SHAPE, " is not an object".into());
     }
-    Ok(checked)
+    let item: Item<'_> = match serde_json::from_str(text) {
+        Ok(item) => item,
+        Err(e) => {
+            let reply = serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|v| v.get("reply_subject").and_then(Value::as_str).map(quote_subject));
+            return refuse(reply, REASON_WRONG_SHAPE, format!(": {}", strip_position(&e)));
+        }
+    };
+    let quoted = quote_subject(&item.reply_subject);
+    if !item.result.get().starts_with('{') {
+        return refuse(Some(quoted), REASON_WRONG_SHAPE, ".result is not an object".into());
+    }
+    match parse_ack_subject(&item.reply_subject) {
+        Ok(ack) if ack.job == job => Checked::Valid { reply_subject: item.reply_subject.into_owned(), payload },
+        Ok(ack) => refuse(
+            Some(quoted),
+            REASON_FOREIGN_REPLY_SUBJECT,
+            format!(".reply_subject is a task of job {}, not of job {job}", ack.job),
+        ),
+        Err(why) => refuse(
+            Some(quoted.clone()),
+            REASON_FOREIGN_REPLY_SUBJECT,
+            format!(".reply_subject {quoted:?} {why} (expected $JS.ACK.job_{job}.job-{job}-consumer.…)"),
+        ),
+    }
+}
+
+/// A reply subject as quoted back: at most [`QUOTED_SUBJECT`] characters.
+fn quote_subject(subject: &str) -> String {
+    match subject.char_indices().nth(QUOTED_SUBJECT) {
+        Some((at, _)) => format!("{}…", &subject[..at]),
+        None => subject.to_string(),
+    }
 }
 
 /// `part` of `bytes` without a copy (serde borrows raw values from the body, so it is one).
@@ -186,11 +300,22 @@ mod tests {
 
     const SUBJECT: &str = "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.3";
 
-    fn refused(body: &str) -> String {
-        match check(7, &Bytes::copy_from_slice(body.as_bytes()), Some(1 << 20)) {
-            Err(GatewayError::BadRequest(d)) | Err(GatewayError::TooLarge(d)) => d,
+    fn checked(body: &str) -> Result<Vec<Checked>, GatewayError> {
+        check(7, &Bytes::copy_from_slice(body.as_bytes()))
+    }
+
+    fn refused_whole(body: &str) -> String {
+        match checked(body) {
+            Err(GatewayError::BadRequest(d)) => d,
             Err(other) => panic!("unexpected error {other:?}"),
             Ok(_) => panic!("accepted: {body}"),
+        }
+    }
+
+    fn refusal(body: &str) -> (&'static str, String) {
+        match checked(body).map(|mut c| c.remove(0)) {
+            Ok(Checked::Refused { code, detail, .. }) => (code, detail),
+            other => panic!("not refused: {other:?}"),
         }
     }
 
@@ -198,35 +323,60 @@ mod tests {
     fn keeps_each_item_as_sent() {
         let item =
             format!("{{\"reply_subject\": \"{SUBJECT}\",  \"result\": {{\"error\": \"x\", \"image_id\": \"1\"}}}}");
-        let body = Bytes::from(format!("{{\"results\": [ {item} ], \"client_info\": {{\"host\": \"gpu1\"}}}}"));
-        let checked = check(7, &body, Some(1 << 20)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(checked.len(), 1);
-        assert_eq!(checked[0].reply_subject, SUBJECT);
-        assert_eq!(&checked[0].payload[..], item.as_bytes());
+        let body = format!("{{\"results\": [ {item} ], \"client_info\": {{\"host\": \"gpu1\"}}}}");
+        match checked(&body).map(|mut c| c.remove(0)) {
+            Ok(Checked::Valid { reply_subject, payload }) => {
+                assert_eq!(reply_subject, SUBJECT);
+                assert_eq!(&payload[..], item.as_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn refuses_bad_envelopes() {
-        assert!(refused("{\"results\": [1]}").contains("results[0] is not an object"));
-        assert!(refused("{\"results\": {}}").contains("invalid body"));
-        assert!(refused("{\"result\": []}").contains("missing field `results`"));
-        assert!(refused("[]").contains("invalid body"));
-        assert!(refused("{\"results\": [{\"result\": {}}]}").contains("missing field `reply_subject`"));
-        assert!(refused(&format!("{{\"results\": [{{\"reply_subject\": \"{SUBJECT}\"}}]}}"))
+    fn refuses_bad_requests_as_a_whole() {
+        assert!(refused_whole("{\"results\": {}}").contains("invalid body"));
+        assert!(refused_whole("{\"result\": []}").contains("missing field `results`"));
+        assert!(refused_whole("[]").contains("invalid body"));
+    }
+
+    #[test]
+    fn refuses_bad_items_one_by_one() {
+        assert_eq!(refusal("{\"results\": [1]}"), (REASON_WRONG_SHAPE, "results[0] is not an object".into()));
+        assert!(refusal("{\"results\": [{\"result\": {}}]}").1.contains("missing field `reply_subject`"));
+        assert!(refusal(&format!("{{\"results\": [{{\"reply_subject\": \"{SUBJECT}\"}}]}}"))
+            .1
             .contains("missing field `result`"));
-        assert!(refused("{\"results\": [{\"reply_subject\": 5, \"result\": {}}]}").contains("invalid type"));
-        assert!(refused(&format!("{{\"results\": [{{\"reply_subject\": \"{SUBJECT}\", \"result\": []}}]}}"))
+        assert!(refusal("{\"results\": [{\"reply_subject\": 5, \"result\": {}}]}").1.contains("invalid type"));
+        assert!(refusal(&format!("{{\"results\": [{{\"reply_subject\": \"{SUBJECT}\", \"result\": []}}]}}"))
+            .1
             .contains("results[0].result is not an object"));
         let other_job = SUBJECT.replace("job_7.job-7", "job_8.job-8");
-        assert!(refused(&format!("{{\"results\": [{{\"reply_subject\": \"{other_job}\", \"result\": {{}}}}]}}"))
-            .contains("is not a task of job 7"));
+        let (code, detail) =
+            refusal(&format!("{{\"results\": [{{\"reply_subject\": \"{other_job}\", \"result\": {{}}}}]}}"));
+        assert_eq!(code, REASON_FOREIGN_REPLY_SUBJECT);
+        assert!(detail.contains("a task of job 8, not of job 7"), "{detail}");
+        for bad in [format!("{SUBJECT}.extra"), format!("{SUBJECT} "), format!("{SUBJECT}\\r\\nX-Evil: 1")] {
+            let body = format!("{{\"results\": [{{\"reply_subject\": \"{bad}\", \"result\": {{}}}}]}}");
+            assert_eq!(refusal(&body).0, REASON_FOREIGN_REPLY_SUBJECT, "{bad}");
+        }
     }
 
     #[test]
-    fn refuses_results_larger_than_a_nats_message() {
-        let item = format!("{{\"reply_subject\": \"{SUBJECT}\", \"result\": {{\"pad\": \"{}\"}}}}", "x".repeat(2000));
-        let body = Bytes::from(format!("{{\"results\": [{item}]}}"));
-        assert!(matches!(check(7, &body, Some(1000)), Err(GatewayError::TooLarge(_))));
-        assert!(check(7, &body, Some(1 << 20)).is_ok());
+    fn a_bad_item_leaves_the_others_valid() {
+        let good =
+            format!("{{\"reply_subject\": \"{SUBJECT}\", \"result\": {{\"error\": \"x\", \"image_id\": \"1\"}}}}");
+        let body = format!("{{\"results\": [{good}, 7, {good}]}}");
+        let items = checked(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(items[0], Checked::Valid { .. }));
+        assert!(matches!(items[1], Checked::Refused { code: REASON_WRONG_SHAPE, .. }));
+        assert!(matches!(items[2], Checked::Valid { .. }));
+    }
+
+    #[test]
+    fn header_text_is_one_safe_line() {
+        let text = header_text("reply_subject \"a\\r\\nb\" é \u{0}");
+        assert!(results_stream::header_safe(&text), "{text}");
+        assert!(header_text(&"x".repeat(5000)).len() < 1100);
     }
 }

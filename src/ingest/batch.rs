@@ -41,6 +41,9 @@ pub struct Incoming {
     pub stream_sequence: Option<i64>,
     /// Delivery attempts so far.
     pub delivered: Option<i64>,
+    /// Already known to be rejected (a refusal the gateway published, a claim check whose
+    /// object is missing): dead-lettered with this reason, not decoded.
+    pub preset: Option<Rejection>,
 }
 
 /// What to do with one message after the batch.
@@ -130,6 +133,16 @@ impl Ingestor {
         Ok(Ingestor { store, engine, workers, prefix, max_bytes, dirty: false, strategy, analyzer })
     }
 
+    /// The store it writes to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The largest result body it accepts, in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// The engine (for snapshots and tests).
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -172,6 +185,9 @@ impl Ingestor {
             batch
                 .iter()
                 .map(|m| {
+                    if let Some(r) = &m.preset {
+                        return Err(r.clone());
+                    }
                     let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
                     message::decode(&envelope, &m.payload)
                 })

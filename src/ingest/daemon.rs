@@ -19,11 +19,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::NatsArgs;
 use crate::http::Health;
+use crate::ingest::ack::{self, Deferral, Settlement};
 use crate::ingest::batch::{Incoming, Ingestor, Outcome};
-use crate::ingest::message::job_of_reply_subject;
-use crate::ingest::nats::{self, ConsumerArgs, TaskAck};
+use crate::ingest::message::{reason_code, Rejection, REASON_OBJECT_MISSING, REASON_OVERSIZED, REASON_WRONG_SHAPE};
+use crate::ingest::monitor;
+use crate::ingest::nats::{self, ConsumerArgs};
 use crate::ingest::IngestError;
 use crate::metrics::names;
+use crate::results_stream::{self, FetchError};
 
 /// Batching and limits of the ingest loop.
 #[derive(Clone, Debug, Args)]
@@ -35,8 +38,9 @@ pub struct IngestArgs {
     /// batch is not full (0: take what is there).
     #[arg(long, env = "TALLY_BATCH_LINGER_MS", default_value_t = 5)]
     pub batch_linger_ms: u64,
-    /// Largest result body accepted, in bytes; larger ones are dead-lettered.
-    #[arg(long, env = "TALLY_MAX_RESULT_BYTES", default_value_t = 64 << 20)]
+    /// Largest result body accepted, in bytes; larger ones are dead-lettered. One result of
+    /// ADC's 29,176-class model with 20 detections is ~50 MB (scores and logits).
+    #[arg(long, env = "TALLY_MAX_RESULT_BYTES", default_value_t = 256 << 20)]
     pub max_result_bytes: usize,
     /// Seconds before a NAKed result (transient failure) is redelivered.
     #[arg(long, env = "TALLY_NAK_DELAY", default_value_t = 2)]
@@ -44,6 +48,14 @@ pub struct IngestArgs {
     /// Timely worker threads of the count dataflow.
     #[arg(short = 'w', long, env = "TALLY_WORKERS", default_value_t = 1)]
     pub workers: usize,
+    /// How often the results consumer's state is read for `/readyz` and `/metrics`
+    /// (ack-pending at its cap = stalled).
+    #[arg(long, env = "TALLY_MONITOR_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub monitor_every: Duration,
+    /// The results consumer counts as stalled (`/readyz` 503) when its ack-pending count is at
+    /// `--max-ack-pending` and the oldest unacked result has waited this long.
+    #[arg(long, env = "TALLY_STALL_AFTER", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub stall_after: Duration,
     /// Consumer settings.
     #[command(flatten)]
     pub consumer: ConsumerArgs,
@@ -54,9 +66,11 @@ impl Default for IngestArgs {
         IngestArgs {
             batch_size: 500,
             batch_linger_ms: 5,
-            max_result_bytes: 64 << 20,
+            max_result_bytes: 256 << 20,
             nak_delay: 2,
             workers: 1,
+            monitor_every: Duration::from_secs(5),
+            stall_after: Duration::from_secs(60),
             consumer: ConsumerArgs::default(),
         }
     }
@@ -96,13 +110,17 @@ pub async fn run(
     let js = jetstream::new(client.clone());
     // NATS may be restarting: keep trying (not ready meanwhile) rather than exit.
     let mut backoff = Duration::from_millis(100);
-    let consumer = loop {
+    let (stream, consumer, objects) = loop {
         let attempt = async {
             let stream = nats::ensure_stream(&js, nats_args, &args.consumer).await?;
-            nats::ensure_consumer(&stream, nats_args, &args.consumer).await
+            let consumer = nats::ensure_consumer(&stream, nats_args, &args.consumer).await?;
+            let objects = results_stream::ensure_bucket(&js, nats_args, args.consumer.max_age())
+                .await
+                .map_err(IngestError::Nats)?;
+            Ok::<_, IngestError>((stream, consumer, objects))
         };
         match attempt.await {
-            Ok(consumer) => break consumer,
+            Ok(ready) => break ready,
             Err(e) => {
                 health.set_not_ready(format!("nats: {e}"));
                 warn!(error = %e, retry_in = ?backoff, "cannot set up the results stream and consumer yet");
@@ -113,6 +131,25 @@ pub async fn run(
     };
     health.set_ready();
     info!(consumer = %args.consumer.consumer, batch_size = args.batch_size, "ingest consuming");
+    // Background helpers, stopped when the loop ends.
+    let helpers = shutdown.child_token();
+    let monitor = tokio::spawn(monitor::run(
+        consumer.clone(),
+        stream,
+        Arc::clone(&health),
+        args.monitor_every,
+        args.stall_after,
+        helpers.clone(),
+    ));
+    let retries = tokio::spawn(ack::run_retries(
+        ingestor.store().clone(),
+        client.clone(),
+        nats_args.clone(),
+        args.consumer.clone(),
+        Duration::from_secs(1),
+        helpers.clone(),
+    ));
+    let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
     backoff = Duration::from_millis(100);
     'connect: while !shutdown.is_cancelled() {
         let mut messages = match consumer
@@ -170,52 +207,130 @@ pub async fn run(
                     }
                 }
             }
-            handle_batch(&mut ingestor, &client, batch, args, &health, &hooks).await;
+            handle_batch(&mut ingestor, &ctx, batch).await;
         }
     }
+    helpers.cancel();
+    let _ = tokio::join!(monitor, retries);
     health.set_not_ready("shutting down");
     info!("ingest stopped");
     Ok(())
 }
 
+/// What the loop hands every batch.
+struct Context {
+    client: async_nats::Client,
+    objects: results_stream::Objects,
+    args: IngestArgs,
+    health: Arc<Health>,
+    hooks: Hooks,
+}
+
+/// What to do with a result message once its batch is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Saved (and its task settled or its ack stored for retry): ack.
+    Ack,
+    /// Dead-lettered: terminate (no redelivery).
+    Term,
+    /// Try again later.
+    Nak,
+}
+
+/// Turns a message into what ingest decodes: a claim check is resolved to its object's bytes,
+/// a gateway refusal to its rejection. `Err` means the object could not be read now (NAK).
+async fn incoming(
+    m: &jetstream::Message,
+    objects: &results_stream::Objects,
+    max_bytes: usize,
+) -> Result<Incoming, String> {
+    let info = m.info().ok();
+    let mut payload = m.payload.clone();
+    let mut preset = None;
+    let headers = m.headers.as_ref();
+    if let Some(name) = results_stream::object_of(headers) {
+        match results_stream::fetch_object(objects, &name, max_bytes).await {
+            Ok(bytes) => {
+                counter!(names::RESULT_OBJECTS, "side" => "fetched").increment(1);
+                payload = bytes;
+            }
+            Err(FetchError::Missing(name)) => {
+                preset = Some(Rejection::new(
+                    REASON_OBJECT_MISSING,
+                    format!("the result's object {name} does not exist (deleted or expired before ingest read it)"),
+                ))
+            }
+            Err(FetchError::TooLarge { size, limit, .. }) => {
+                // The object stays until the message is terminated; its bytes are not kept.
+                preset = Some(Rejection::new(
+                    REASON_OVERSIZED,
+                    format!(
+                        "body of {size} bytes is over the limit of {limit} bytes (carried by object {name}, not kept)"
+                    ),
+                ))
+            }
+            Err(e @ FetchError::Transient { .. }) => return Err(e.to_string()),
+        }
+    }
+    if let Some(code) = headers.and_then(|h| h.get(results_stream::REFUSED_HEADER)) {
+        let reason = headers
+            .and_then(|h| h.get(results_stream::REFUSED_REASON_HEADER))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let code = reason_code(code.as_str()).unwrap_or(REASON_WRONG_SHAPE);
+        preset = Some(Rejection::new(code, format!("refused by the gateway: {reason}")));
+    }
+    Ok(Incoming {
+        subject: m.subject.to_string(),
+        payload,
+        headers: headers.map(headers_json),
+        stream_sequence: info.as_ref().map(|i| i.stream_sequence as i64),
+        delivered: info.as_ref().map(|i| i.delivered),
+        preset,
+    })
+}
+
 /// Processes one batch and acks it, whatever happens: no error escapes, a failure NAKs.
-async fn handle_batch(
-    ingestor: &mut Ingestor,
-    client: &async_nats::Client,
-    batch: Vec<jetstream::Message>,
-    args: &IngestArgs,
-    health: &Health,
-    hooks: &Hooks,
-) {
+async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstream::Message>) {
+    let Context { client, objects, args, health, hooks } = ctx;
     let started = Instant::now();
+    let delay = Duration::from_secs(args.nak_delay);
     histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
-    let mut oldest: Option<SystemTime> = None;
-    let incoming: Vec<Incoming> = batch
-        .iter()
-        .map(|m| {
-            let info = m.info().ok();
-            if let Some(i) = &info {
-                let published =
-                    SystemTime::UNIX_EPOCH + Duration::from_nanos(i.published.unix_timestamp_nanos().max(0) as u64);
-                oldest = Some(oldest.map_or(published, |o| o.min(published)));
+    let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
+
+    // Claim checks and refusals first; a message whose object cannot be read now waits.
+    let max_bytes = ingestor.max_bytes();
+    let mut resolved = Vec::with_capacity(batch.len());
+    for m in &batch {
+        // Only a claim check waits here (for its object); the others resolve at once.
+        resolved.push(incoming(m, objects, max_bytes).await);
+    }
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut work = Vec::with_capacity(batch.len());
+    for (m, r) in batch.iter().zip(resolved) {
+        match r {
+            Ok(i) => {
+                messages.push(m);
+                work.push(i);
             }
-            Incoming {
-                subject: m.subject.to_string(),
-                payload: m.payload.clone(),
-                headers: m.headers.as_ref().map(headers_json),
-                stream_sequence: info.as_ref().map(|i| i.stream_sequence as i64),
-                delivered: info.as_ref().map(|i| i.delivered),
+            Err(e) => {
+                warn!(subject = %m.subject, error = %e, "cannot read a result's object now; NAKing it");
+                counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(1);
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
             }
-        })
-        .collect();
-    let report = match ingestor.process(&incoming).await {
+        }
+    }
+    if work.is_empty() {
+        return;
+    }
+
+    let report = match ingestor.process(&work).await {
         Ok(report) => report,
         Err(e) => {
-            warn!(error = %e, messages = batch.len(), transient = e.is_transient(), "batch not saved; NAKing for redelivery");
+            warn!(error = %e, messages = work.len(), transient = e.is_transient(), "batch not saved; NAKing for redelivery");
             health.set_not_ready(format!("batch failed: {e}"));
-            counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(batch.len() as u64);
-            let delay = Duration::from_secs(args.nak_delay);
-            futures_util::future::join_all(batch.iter().map(|m| m.ack_with(AckKind::Nak(Some(delay))))).await;
+            counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(work.len() as u64);
+            futures_util::future::join_all(messages.iter().map(|m| m.ack_with(AckKind::Nak(Some(delay))))).await;
             return;
         }
     };
@@ -226,70 +341,84 @@ async fn handle_batch(
         }
     }
 
-    // Acks, only now that the rows and counts are committed.
+    // Acks, only now that the rows and counts are committed: tasks first, then results.
     let ack_started = Instant::now();
-    let tasks: Vec<String> = report
+    let saved: Vec<usize> = report
         .outcomes
         .iter()
-        .filter_map(|o| match o {
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Outcome::Saved { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let tasks: Vec<String> = saved
+        .iter()
+        .filter_map(|&i| match &report.outcomes[i] {
             Outcome::Saved { reply_subject, .. } => Some(reply_subject.clone()),
             Outcome::DeadLettered { .. } => None,
         })
         .collect();
-    let task_acks = nats::ack_tasks(client, tasks.clone(), &args.consumer).await;
-    for a in &task_acks {
-        let outcome = match a {
-            TaskAck::Acked => "acked",
-            TaskAck::NoStream => "no_stream",
-            TaskAck::Failed => "failed",
-        };
-        counter!(names::TASK_ACKS, "outcome" => outcome).increment(1);
+    let settlements = ack::settle(client, &tasks, &args.consumer).await;
+    for s in &settlements {
+        if !matches!(s, Settlement::Deferred(_)) {
+            counter!(names::TASK_ACKS, "outcome" => s.label()).increment(1);
+        }
     }
-    // A result is acked only once its task is: a task ack not confirmed (or refused for a
-    // stream JetStream still has) sends the result back with a delay; it comes back as a
-    // replay, which saves nothing and acks the task again.
-    let mut unsure: Vec<i64> = tasks
+    let deferrals: Vec<Deferral> = saved
         .iter()
-        .zip(&task_acks)
-        .filter(|(_, a)| **a == TaskAck::NoStream)
-        .filter_map(|(subject, _)| job_of_reply_subject(subject))
-        .collect();
-    unsure.sort_unstable();
-    unsure.dedup();
-    let gone = if unsure.is_empty() { Default::default() } else { nats::streams_gone(client, &unsure).await };
-    let settled: Vec<bool> = tasks
-        .iter()
-        .zip(&task_acks)
-        .map(|(subject, a)| match a {
-            TaskAck::Acked => true,
-            TaskAck::NoStream => job_of_reply_subject(subject).is_some_and(|job| gone.contains(&job)),
-            TaskAck::Failed => false,
+        .zip(&tasks)
+        .zip(&settlements)
+        .filter_map(|((&i, task), s)| match s {
+            Settlement::Deferred(why) => Some(Deferral {
+                reply_subject: task.clone(),
+                results_subject: work[i].subject.clone(),
+                results_sequence: work[i].stream_sequence,
+                error: why.clone(),
+            }),
+            _ => None,
         })
         .collect();
-    let retried = settled.iter().filter(|s| !**s).count();
-    if retried > 0 {
-        warn!(
-            tasks = retried,
-            "task acks not confirmed; their results go back to the stream and will ack them again as replays"
-        );
-        counter!(names::INGEST_MESSAGES, "outcome" => "task_ack_retry").increment(retried as u64);
+    // A task ack that could not be confirmed is retried in the background; the result is
+    // acked now so that it never holds the results consumer. Only if the retry cannot be
+    // stored does the result go back (its replay saves nothing and acks the task again).
+    let deferred_stored = match ack::defer(ingestor.store(), &deferrals, &args.consumer).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, tasks = deferrals.len(), "cannot store task acks for retry; their results go back to the stream");
+            counter!(names::INGEST_MESSAGES, "outcome" => "task_ack_retry").increment(deferrals.len() as u64);
+            false
+        }
+    };
+    if !deferrals.is_empty() && deferred_stored {
+        warn!(tasks = deferrals.len(), "task acks not confirmed; retrying them in the background");
     }
-    let mut settled_iter = settled.iter();
-    let verdicts: Vec<Option<bool>> = report
+    let mut settled_iter = settlements.iter();
+    let verdicts: Vec<Verdict> = report
         .outcomes
         .iter()
         .map(|o| match o {
-            Outcome::Saved { .. } => Some(settled_iter.next().copied().unwrap_or(false)),
-            Outcome::DeadLettered { .. } => None,
+            Outcome::Saved { .. } => match settled_iter.next() {
+                Some(Settlement::Deferred(_)) if !deferred_stored => Verdict::Nak,
+                _ => Verdict::Ack,
+            },
+            Outcome::DeadLettered { .. } => Verdict::Term,
         })
         .collect();
-    let delay = Duration::from_secs(args.nak_delay);
-    let acks = batch.iter().zip(&verdicts).map(|(m, verdict)| async move {
-        match verdict {
-            Some(true) => m.ack().await,
-            Some(false) => m.ack_with(AckKind::Nak(Some(delay))).await,
-            None => m.ack_with(AckKind::Term).await,
+    let acks = messages.iter().zip(&verdicts).map(|(m, verdict)| async move {
+        let object = results_stream::object_of(m.headers.as_ref());
+        let answer = match (verdict, &object) {
+            (Verdict::Ack, None) => m.ack().await,
+            (Verdict::Term, None) => m.ack_with(AckKind::Term).await,
+            // The object goes once the server has confirmed the ack: a lost ack would bring
+            // the message back without its object.
+            (Verdict::Ack, Some(_)) => m.double_ack().await,
+            (Verdict::Term, Some(_)) => m.double_ack_with(AckKind::Term).await,
+            (Verdict::Nak, _) => m.ack_with(AckKind::Nak(Some(delay))).await,
+        };
+        if let (Ok(()), Some(name), Verdict::Ack | Verdict::Term) = (&answer, &object, verdict) {
+            results_stream::delete_object(objects, name).await;
+            counter!(names::RESULT_OBJECTS, "side" => "deleted").increment(1);
         }
+        answer
     });
     let results = futures_util::future::join_all(acks).await;
     let unacked = results.iter().filter(|r| r.is_err()).count();
@@ -297,11 +426,9 @@ async fn handle_batch(
         warn!(unacked, "result acks failed; those results will be redelivered and found already saved");
     }
     let now = SystemTime::now();
-    for m in &batch {
+    for m in &messages {
         if let Ok(i) = m.info() {
-            let published =
-                SystemTime::UNIX_EPOCH + Duration::from_nanos(i.published.unix_timestamp_nanos().max(0) as u64);
-            if let Ok(d) = now.duration_since(published) {
+            if let Ok(d) = now.duration_since(published_at(&i)) {
                 histogram!(names::PUBLISH_TO_ACK_SECONDS).record(d.as_secs_f64());
             }
         }
@@ -309,22 +436,22 @@ async fn handle_batch(
     histogram!(names::INGEST_BATCH_SECONDS, "stage" => "ack").record(ack_started.elapsed().as_secs_f64());
     histogram!(names::INGEST_BATCH_SECONDS, "stage" => "total").record(started.elapsed().as_secs_f64());
 
-    let mut saved = 0u64;
+    let mut saved_n = 0u64;
     let mut noop = 0u64;
     let mut dead = 0usize;
     for o in &report.outcomes {
         match o {
             Outcome::Saved { inserted: 0, .. } => noop += 1,
-            Outcome::Saved { .. } => saved += 1,
+            Outcome::Saved { .. } => saved_n += 1,
             Outcome::DeadLettered { .. } => dead += 1,
         }
     }
-    counter!(names::INGEST_MESSAGES, "outcome" => "saved").increment(saved);
+    counter!(names::INGEST_MESSAGES, "outcome" => "saved").increment(saved_n);
     counter!(names::INGEST_MESSAGES, "outcome" => "replay_noop").increment(noop);
     counter!(names::INGEST_MESSAGES, "outcome" => "dead_lettered").increment(dead as u64);
     debug!(
-        messages = batch.len(),
-        saved,
+        messages = messages.len(),
+        saved = saved_n,
         replays = noop,
         dead_lettered = dead,
         detections = report.rows.detections,
@@ -334,9 +461,18 @@ async fn handle_batch(
         "committed batch"
     );
     if let Some(tx) = &hooks.acked {
-        let acked = tasks.into_iter().zip(&settled).filter(|(_, s)| **s).map(|(t, _)| t).collect();
+        let acked = tasks
+            .into_iter()
+            .zip(&settlements)
+            .filter(|(_, s)| !matches!(s, Settlement::Deferred(_)) || deferred_stored)
+            .map(|(t, _)| t)
+            .collect();
         let _ = tx.send(Acked { at: Instant::now(), reply_subjects: acked, dead_lettered: dead });
     }
+}
+
+fn published_at(info: &async_nats::jetstream::message::Info<'_>) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(info.published.unix_timestamp_nanos().max(0) as u64)
 }
 
 fn headers_json(h: &async_nats::HeaderMap) -> serde_json::Value {

@@ -65,6 +65,11 @@ pub const REASON_UNKNOWN_IMAGE: &str = "unknown_image";
 /// Saving failed for a reason that retrying will not fix (found by saving alone).
 pub const REASON_SAVE_FAILED: &str = "save_failed";
 
+/// A claim-check message whose object does not exist (deleted or expired).
+pub const REASON_OBJECT_MISSING: &str = "object_missing";
+/// A saved result whose task ack JetStream never confirmed (after every retry).
+pub const REASON_TASK_ACK_FAILED: &str = "task_ack_failed";
+
 /// Every reason code, for documentation and metrics.
 pub const REASONS: &[&str] = &[
     REASON_OVERSIZED,
@@ -80,7 +85,14 @@ pub const REASONS: &[&str] = &[
     REASON_PIPELINE_NOT_CONFIGURED,
     REASON_UNKNOWN_IMAGE,
     REASON_SAVE_FAILED,
+    REASON_OBJECT_MISSING,
+    REASON_TASK_ACK_FAILED,
 ];
+
+/// The reason code spelled `code`, if it is one (a refusal's header names one).
+pub fn reason_code(code: &str) -> Option<&'static str> {
+    REASONS.iter().copied().find(|r| *r == code)
+}
 
 /// One validated result message.
 #[derive(Debug, Clone, PartialEq)]
@@ -288,22 +300,88 @@ pub struct Envelope<'a> {
     pub max_bytes: usize,
 }
 
-/// The job named by `subject` (`<prefix>.{job_id}`).
+/// The job named by `subject` (`<prefix>.{job_id}`), the id in canonical decimal.
 pub fn job_of_subject(subject: &str, prefix: &str) -> Option<i64> {
-    subject.strip_prefix(prefix)?.strip_prefix('.')?.parse().ok()
+    canonical_id(subject.strip_prefix(prefix)?.strip_prefix('.')?)
 }
 
-/// The job whose task consumer issued `reply_subject`: the JetStream ack subject
-/// `$JS.ACK.<stream>.<consumer>.…` (9 tokens) or `$JS.ACK.<domain>.<account>.<stream>.<consumer>.…`
-/// (12 tokens), with stream `job_{id}` and consumer `job-{id}-consumer` (Antenna's names).
-pub fn job_of_reply_subject(reply_subject: &str) -> Option<i64> {
-    let tokens: Vec<&str> = reply_subject.split('.').collect();
-    if tokens.len() < 9 || tokens[0] != "$JS" || tokens[1] != "ACK" {
+/// A positive id written as NATS and Antenna write one: ASCII digits, no sign, no leading
+/// zero, fitting in an `i64` (`"+7"`, `"07"`, `" 7"` are not ids).
+pub fn canonical_id(text: &str) -> Option<i64> {
+    let digits = text.as_bytes();
+    if digits.is_empty() || digits.len() > 19 || digits[0] == b'0' || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let (stream, consumer) = if tokens.len() >= 12 { (tokens[4], tokens[5]) } else { (tokens[2], tokens[3]) };
-    let job: i64 = stream.strip_prefix("job_")?.parse().ok()?;
-    (consumer == format!("job-{job}-consumer")).then_some(job)
+    text.parse().ok()
+}
+
+/// Longest reply subject accepted (real ones are under 100 bytes).
+pub const MAX_REPLY_SUBJECT: usize = 256;
+
+/// A JetStream ack subject of one of Antenna's job task consumers, checked token by token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckSubject {
+    /// The job whose stream (`job_{id}`) and consumer (`job-{id}-consumer`) it names.
+    pub job: i64,
+    /// The message's sequence in the job's stream.
+    pub stream_sequence: u64,
+    /// How many times the task had been delivered.
+    pub delivered: u64,
+}
+
+/// Parses `subject` as an ack subject that JetStream issues, in either of its two forms:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<timestamp>.<pending>`
+/// (9 tokens) or `$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream
+/// seq>.<consumer seq>.<timestamp>.<pending>.<token>` (12 tokens), with stream `job_{id}` and
+/// consumer `job-{id}-consumer` (Antenna's names). Everything is checked: the token count, the
+/// numbers (digits only), the names, and the characters (no whitespace, control character or
+/// wildcard anywhere, so the subject is also a valid NATS subject and header value).
+pub fn parse_ack_subject(subject: &str) -> Result<AckSubject, String> {
+    if subject.len() > MAX_REPLY_SUBJECT {
+        return Err(format!("is {} bytes long, over {MAX_REPLY_SUBJECT}", subject.len()));
+    }
+    if let Some(c) = subject.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '*' | '>')) {
+        return Err(format!("contains {c:?}, which no ack subject contains"));
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if tokens.iter().any(|t| t.is_empty()) {
+        return Err("has an empty token".into());
+    }
+    let (names, numbers) = match tokens.as_slice() {
+        ["$JS", "ACK", stream, consumer, rest @ ..] if rest.len() == 5 => ((*stream, *consumer), rest),
+        ["$JS", "ACK", domain, account, stream, consumer, rest @ ..] if rest.len() == 6 => {
+            let plain = |t: &str| t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !plain(domain) || !plain(account) || !plain(rest[5]) {
+                return Err("is not a JetStream ack subject (bad domain, account or token)".into());
+            }
+            ((*stream, *consumer), &rest[..5])
+        }
+        _ => {
+            return Err(format!(
+                "is not a JetStream ack subject ($JS.ACK.<stream>.<consumer> and 5 numbers, or the 12-token \
+                 domain form; it has {} tokens)",
+                tokens.len()
+            ))
+        }
+    };
+    let job = names.0.strip_prefix("job_").and_then(canonical_id).ok_or("does not name a stream job_<id>")?;
+    if names.1 != format!("job-{job}-consumer") {
+        return Err(format!("names consumer {:?}, not job-{job}-consumer", names.1));
+    }
+    let mut parsed = [0u64; 5];
+    for (slot, token) in parsed.iter_mut().zip(numbers) {
+        if !token.bytes().all(|b| b.is_ascii_digit()) || token.len() > 20 {
+            return Err(format!("has {token:?} where a number belongs"));
+        }
+        *slot = token.parse().map_err(|_| format!("has {token:?} where a number belongs"))?;
+    }
+    Ok(AckSubject { job, stream_sequence: parsed[1], delivered: parsed[0] })
+}
+
+/// The job whose task consumer issued `reply_subject`, when it is a well-formed ack subject
+/// ([`parse_ack_subject`]).
+pub fn job_of_reply_subject(reply_subject: &str) -> Option<i64> {
+    parse_ack_subject(reply_subject).ok().map(|a| a.job)
 }
 
 /// Decodes and validates one message body.
@@ -327,12 +405,18 @@ pub fn decode(envelope: &Envelope<'_>, payload: &[u8]) -> Result<ResultMessage, 
             Rejection::new(REASON_WRONG_SHAPE, format!("not a PipelineTaskResult: {e}"))
         }
     })?;
-    match job_of_reply_subject(&wire.reply_subject) {
-        Some(job) if job == job_id => {}
-        _ => {
+    match parse_ack_subject(&wire.reply_subject) {
+        Ok(ack) if ack.job == job_id => {}
+        Ok(ack) => {
             return Err(Rejection::new(
                 REASON_FOREIGN_REPLY_SUBJECT,
-                format!("reply_subject {:?} is not an ack subject of job {job_id}'s task consumer", wire.reply_subject),
+                format!("reply_subject {:?} is a task of job {}, not of job {job_id}", wire.reply_subject, ack.job),
+            ))
+        }
+        Err(why) => {
+            return Err(Rejection::new(
+                REASON_FOREIGN_REPLY_SUBJECT,
+                format!("reply_subject {:?} {why}", wire.reply_subject),
             ))
         }
     }

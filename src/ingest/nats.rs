@@ -42,6 +42,14 @@ pub struct ConsumerArgs {
     /// Task acks in flight at once.
     #[arg(long, env = "TALLY_TASK_ACK_CONCURRENCY", default_value_t = 256)]
     pub task_ack_concurrency: usize,
+    /// Attempts at a task ack that JetStream does not confirm (the first included) before it
+    /// is given up and dead-lettered as `task_ack_failed`. The result is acked at once either
+    /// way; retries run in the background with backoff.
+    #[arg(long, env = "TALLY_TASK_ACK_ATTEMPTS", default_value_t = 12)]
+    pub task_ack_attempts: u32,
+    /// Longest wait between two attempts at a task ack (the wait starts at 1 s and doubles).
+    #[arg(long, env = "TALLY_TASK_ACK_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub task_ack_backoff_max: Duration,
 }
 
 impl Default for ConsumerArgs {
@@ -55,7 +63,16 @@ impl Default for ConsumerArgs {
             max_age_hours: 24,
             task_ack_timeout: 5,
             task_ack_concurrency: 256,
+            task_ack_attempts: 12,
+            task_ack_backoff_max: Duration::from_secs(60),
         }
+    }
+}
+
+impl ConsumerArgs {
+    /// How long result messages (and the objects of large ones) are kept.
+    pub fn max_age(&self) -> Duration {
+        Duration::from_secs(self.max_age_hours * 3600)
     }
 }
 
@@ -70,7 +87,7 @@ pub async fn ensure_stream(
         name: nats.results_stream.clone(),
         subjects: vec![subjects.clone()],
         duplicate_window: Duration::from_secs(args.duplicate_window),
-        max_age: Duration::from_secs(args.max_age_hours * 3600),
+        max_age: args.max_age(),
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         ..Default::default()
@@ -129,28 +146,6 @@ pub enum TaskAck {
     NoStream,
     /// No confirmation (timeout or connection trouble).
     Failed,
-}
-
-/// Of `jobs` (whose task acks found no responder), those whose task stream JetStream says does
-/// not exist. Right after a NATS restart, ack subjects can have no responder while JetStream
-/// is still loading its streams: such a job is not gone, and its tasks must be acked later.
-pub async fn streams_gone(client: &async_nats::Client, jobs: &[i64]) -> std::collections::HashSet<i64> {
-    let js = async_nats::jetstream::new(client.clone());
-    let answers = fstream::iter(jobs.iter().copied())
-        .map(|job| {
-            let js = js.clone();
-            async move {
-                let answer = js.get_stream(crate::jobs::stream_name(job)).await;
-                let gone = matches!(&answer, Err(e) if matches!(e.kind(),
-                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
-                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND));
-                (job, gone)
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-    answers.into_iter().filter(|(_, gone)| *gone).map(|(job, _)| job).collect()
 }
 
 /// Acks tasks by their reply subjects (`+ACK` as a request, so JetStream confirms it), many

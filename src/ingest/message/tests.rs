@@ -176,3 +176,55 @@ fn timestamps_are_checked() {
     v["result"]["detections"][0]["timestamp"] = serde_json::json!("soon");
     assert_eq!(code(&v), REASON_BAD_TIMESTAMP);
 }
+
+#[test]
+fn ack_subjects_are_parsed_exactly() {
+    let ok = parse_ack_subject("$JS.ACK.job_7.job-7-consumer.2.5.5.1700000000000000000.3").expect("v1");
+    assert_eq!(ok, AckSubject { job: 7, stream_sequence: 5, delivered: 2 });
+    let v2 = parse_ack_subject("$JS.ACK._.ABCD123.job_7.job-7-consumer.1.5.5.1700000000000000000.3.Xy9z");
+    assert_eq!(v2.map(|a| a.job), Ok(7));
+    for bad in [
+        // a trailing token, one missing, an empty one
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.3.extra",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000",
+        "$JS.ACK.job_7.job-7-consumer.1..5.1700000000000000000.3",
+        // whitespace and control characters anywhere
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.3 ",
+        " $JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.3",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.17000\r\nX: y.3",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.3\0",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.\t3",
+        // wildcards
+        "$JS.ACK.job_7.job-7-consumer.>",
+        "$JS.ACK.job_7.job-7-consumer.*.5.5.1700000000000000000.3",
+        // numbers that are not plain digits
+        "$JS.ACK.job_7.job-7-consumer.+1.5.5.1700000000000000000.3",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.1700000000000000000.-3",
+        "$JS.ACK.job_7.job-7-consumer.1.5.5.99999999999999999999999.3",
+        // names that are not Antenna's, or disagree
+        "$JS.ACK.job_07.job-07-consumer.1.5.5.1700000000000000000.3",
+        "$JS.ACK.job_+7.job-+7-consumer.1.5.5.1700000000000000000.3",
+        "$JS.ACK.job_7.job-8-consumer.1.5.5.1700000000000000000.3",
+        "$JS.ACK.job_7.other.1.5.5.1700000000000000000.3",
+        "$JS.NAK.job_7.job-7-consumer.1.5.5.1700000000000000000.3",
+        // the domain form with an 11th or 13th token, or odd characters in its free tokens
+        "$JS.ACK._.ABCD.job_7.job-7-consumer.1.5.5.1700000000000000000.3",
+        "$JS.ACK._.ABCD.job_7.job-7-consumer.1.5.5.1700000000000000000.3.x.y",
+        "$JS.ACK._.AB$D.job_7.job-7-consumer.1.5.5.1700000000000000000.3.x",
+        "",
+    ] {
+        assert!(parse_ack_subject(bad).is_err(), "accepted {bad:?}");
+    }
+    let long = format!("$JS.ACK.job_7.job-7-consumer.1.5.5.{}.3", "1".repeat(300));
+    assert!(parse_ack_subject(&long).is_err());
+}
+
+#[test]
+fn ids_are_canonical_decimals() {
+    assert_eq!(canonical_id("1001"), Some(1001));
+    for bad in ["+1001", "01001", " 1001", "1001 ", "0", "-1", "", "1e3", "99999999999999999999"] {
+        assert_eq!(canonical_id(bad), None, "{bad:?}");
+    }
+    assert_eq!(job_of_subject("tally.results.+12", "tally.results"), None);
+    assert_eq!(job_of_subject("tally.results.12", "tally.results"), Some(12));
+}
