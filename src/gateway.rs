@@ -141,6 +141,8 @@ pub struct Gateway {
     nats: OnceLock<Nats>,
     /// The object store bucket of large results, set once NATS answers and it exists.
     objects: OnceLock<crate::results_stream::Objects>,
+    /// Django's query cache, invalidated after heartbeat writes (unset: none).
+    django: OnceLock<crate::django_cache::DjangoCache>,
     /// True once both are set (`tally serve --no-ingest` is ready then).
     connected: watch::Sender<bool>,
     /// Verified tokens.
@@ -168,6 +170,7 @@ impl Gateway {
             store: OnceLock::new(),
             nats: OnceLock::new(),
             objects: OnceLock::new(),
+            django: OnceLock::new(),
             connected: watch::Sender::new(false),
             nats_args,
             args,
@@ -219,6 +222,16 @@ impl Gateway {
     /// Hands the gateway the bucket of large results (the first call wins).
     pub fn set_objects(&self, objects: crate::results_stream::Objects) {
         let _ = self.objects.set(objects);
+    }
+
+    /// Hands the gateway Django's query cache (the first call wins).
+    pub fn set_django_cache(&self, django: crate::django_cache::DjangoCache) {
+        let _ = self.django.set(django);
+    }
+
+    /// Django's query cache (disabled until set).
+    pub fn django_cache(&self) -> crate::django_cache::DjangoCache {
+        self.django.get().cloned().unwrap_or_else(crate::django_cache::DjangoCache::disabled)
     }
 
     /// Waits until both Postgres and NATS are connected.

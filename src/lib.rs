@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod config;
 pub mod dead_letters;
+pub mod django_cache;
 pub mod gateway;
 pub mod http;
 pub mod ingest;

@@ -55,6 +55,8 @@ pub mod names {
     pub const RESULTS_PENDING: &str = "tally_results_pending";
     /// Gauge of the age in seconds of the oldest result not yet acked (0 when none).
     pub const RESULTS_OLDEST_UNACKED_SECONDS: &str = "tally_results_oldest_unacked_seconds";
+    /// Counter of django-cachalot table keys invalidated, by `outcome` (`ok`, `failed`: retried).
+    pub const DJANGO_CACHE_INVALIDATIONS: &str = "tally_django_cache_invalidations_total";
     /// Counter of results that travelled by claim check, by `side` (`published`, `fetched`,
     /// `deleted`).
     pub const RESULT_OBJECTS: &str = "tally_result_objects_total";
@@ -165,6 +167,11 @@ fn describe() {
     describe_gauge!(RESULTS_MAX_ACK_PENDING, "The results consumer's max_ack_pending (no delivery at this cap).");
     describe_gauge!(RESULTS_PENDING, "Results in the stream not yet delivered to ingest.");
     describe_gauge!(RESULTS_OLDEST_UNACKED_SECONDS, Unit::Seconds, "Age of the oldest result not yet acked.");
+    describe_counter!(
+        DJANGO_CACHE_INVALIDATIONS,
+        Unit::Count,
+        "django-cachalot table keys invalidated in Django's cache Redis, by outcome (failed ones are retried)."
+    );
     describe_counter!(RESULT_OBJECTS, Unit::Count, "Results carried by claim check (object store), by side.");
     describe_counter!(NATS_PULL_ERRORS, Unit::Count, "Failed pulls from the results stream.");
     describe_gauge!(INGEST_READY, "1 while ready to ingest, else 0.");

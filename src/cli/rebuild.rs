@@ -19,6 +19,9 @@ pub struct RebuildArgs {
     /// Timely worker threads.
     #[arg(short = 'w', long, default_value_t = 1)]
     pub workers: usize,
+    /// Django's query cache, invalidated for the tables the rebuild writes.
+    #[command(flatten)]
+    pub django_cache: crate::django_cache::DjangoCacheArgs,
 }
 
 /// Bootstraps, then writes the counts that differ.
@@ -28,6 +31,14 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let mut engine = Engine::new(args.workers)?;
     let loaded = store::bootstrap::bootstrap(&store, &mut engine).await?;
     let written = store::sink::write_all(&store, &engine.snapshot()).await?;
+    let django = crate::django_cache::DjangoCache::new(&args.django_cache)?;
+    django.invalidate(written.tables()).await;
+    if !django.pending().is_empty() {
+        eprintln!(
+            "warning: Django's cache could not be invalidated for {:?}; it may serve the old counts",
+            django.pending()
+        );
+    }
     println!(
         "read {} rows ({} detections) in {:.1} s; corrected {} images, {} events, {} deployments",
         thousands(loaded.rows as i64),

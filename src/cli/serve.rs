@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DbArgs, NatsArgs};
+use crate::django_cache::{DjangoCache, DjangoCacheArgs};
 use crate::gateway::{self, Gateway, GatewayArgs};
 use crate::http::{self, Health};
 use crate::ingest::batch::Ingestor;
@@ -35,6 +36,9 @@ pub struct ServeArgs {
     /// Worker gateway options.
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    /// Django's query cache (django-cachalot), invalidated after tally's writes.
+    #[command(flatten)]
+    pub django_cache: DjangoCacheArgs,
     /// Do not ingest results (serve the worker API only; another `tally serve` ingests).
     #[arg(long, env = "TALLY_NO_INGEST")]
     pub no_ingest: bool,
@@ -59,6 +63,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health::default());
     health.set_not_ready("starting");
     let handle = metrics::install();
+    let django = DjangoCache::new(&args.django_cache)?;
+    tokio::spawn(django.clone().run_retries(Duration::from_secs(5), shutdown.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -68,13 +74,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let gateway = (!args.gateway.no_gateway)
         .then(|| gateway::start(&args.db, &args.nats, &args.ingest.consumer, &args.gateway, shutdown.clone()));
     if let Some((g, _)) = &gateway {
+        g.set_django_cache(django.clone());
         router = router.merge(gateway::router(Arc::clone(g)));
     }
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
 
     let result = match (&gateway, args.no_ingest) {
         (Some((g, _)), true) => gateway_only(&args, Arc::clone(g), Arc::clone(&health), shutdown.clone()).await,
-        _ => ingest(&args, Arc::clone(&health), shutdown.clone()).await,
+        _ => ingest(&args, django, Arc::clone(&health), shutdown.clone()).await,
     };
     shutdown.cancel();
     match server.await {
@@ -99,7 +106,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn ingest(args: &ServeArgs, health: Arc<Health>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn ingest(
+    args: &ServeArgs,
+    django: DjangoCache,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     health.set_not_ready("connecting to Postgres");
     let store = store::connect(&args.db).await?;
     if args.migrate {
@@ -124,13 +136,14 @@ async fn ingest(args: &ServeArgs, health: Arc<Health>, shutdown: CancellationTok
     }
 
     health.set_not_ready("rebuilding the dataflow from Postgres");
-    let ingestor = Ingestor::start(
+    let mut ingestor = Ingestor::start(
         store.clone(),
         args.ingest.workers,
         args.nats.results_subject_prefix.clone(),
         args.ingest.max_result_bytes,
     )
     .await?;
+    ingestor.set_django_cache(django).await;
     if shutdown.is_cancelled() {
         return Ok(());
     }

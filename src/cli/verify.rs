@@ -33,6 +33,9 @@ pub struct VerifyArgs {
     /// Write the correct values of the rows that differ.
     #[arg(long)]
     pub fix: bool,
+    /// Django's query cache, invalidated for the tables `--fix` writes.
+    #[command(flatten)]
+    pub django_cache: crate::django_cache::DjangoCacheArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -57,6 +60,14 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut fixed = None;
     if args.fix && !differences.is_empty() {
         let written = store::verify::fix(&store, &verification).await?;
+        let django = crate::django_cache::DjangoCache::new(&args.django_cache)?;
+        django.invalidate(written.tables()).await;
+        if !django.pending().is_empty() {
+            eprintln!(
+                "warning: Django's cache could not be invalidated for {:?}; it may serve the old counts",
+                django.pending()
+            );
+        }
         remaining = store::verify::verify(&store, scope).await?.differences.len();
         fixed = Some(written.total());
     }

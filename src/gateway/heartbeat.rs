@@ -109,6 +109,9 @@ pub async fn run(gateway: Arc<Gateway>, mut rx: mpsc::Receiver<Beat>, shutdown: 
                     Ok(store) => match mark_seen(store, &beat).await {
                         Ok(services) => {
                             debug!(?beat, services, "processing services marked seen");
+                            if services > 0 {
+                                gateway.django_cache().invalidate(["ml_processingservice"]).await;
+                            }
                             "written"
                         }
                         Err(e) => {
@@ -127,6 +130,7 @@ pub async fn run(gateway: Arc<Gateway>, mut rx: mpsc::Receiver<Beat>, shutdown: 
                         Ok(0) => {}
                         Ok(n) => {
                             debug!(services = n, "processing services marked offline");
+                            gateway.django_cache().invalidate(["ml_processingservice"]).await;
                             metrics::counter!(names::GATEWAY_SERVICES_OFFLINE).increment(n);
                         }
                         Err(e) => warn!(error = %e, "cannot mark unseen processing services offline"),

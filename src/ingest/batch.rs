@@ -21,6 +21,7 @@ use tally_dataflows::Engine;
 use tracing::{error, info, warn};
 
 use crate::dead_letters::{self, NewDeadLetter};
+use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
 use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
@@ -75,6 +76,8 @@ pub struct BatchReport {
     pub sink: SinkReport,
     /// Owners whose counts changed.
     pub changed_owners: usize,
+    /// The Antenna tables the batch wrote (whose django-cachalot keys it invalidated).
+    pub tables: std::collections::BTreeSet<&'static str>,
 }
 
 /// How counts are kept while ingesting. Only [`CountStrategy::Incremental`] is tally; the
@@ -102,6 +105,7 @@ pub struct Ingestor {
     dirty: bool,
     strategy: CountStrategy,
     analyzer: Analyzer,
+    django: DjangoCache,
 }
 
 impl Ingestor {
@@ -111,7 +115,17 @@ impl Ingestor {
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
         let analyzer = Analyzer::new(store.clone()).await;
         let strategy = CountStrategy::Incremental;
-        let mut ingestor = Ingestor { store, engine, workers, prefix, max_bytes, dirty: true, strategy, analyzer };
+        let mut ingestor = Ingestor {
+            store,
+            engine,
+            workers,
+            prefix,
+            max_bytes,
+            dirty: true,
+            strategy,
+            analyzer,
+            django: DjangoCache::disabled(),
+        };
         ingestor.rebuild().await?;
         Ok(ingestor)
     }
@@ -130,7 +144,24 @@ impl Ingestor {
         }
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
         let analyzer = Analyzer::new(store.clone()).await;
-        Ok(Ingestor { store, engine, workers, prefix, max_bytes, dirty: false, strategy, analyzer })
+        Ok(Ingestor {
+            store,
+            engine,
+            workers,
+            prefix,
+            max_bytes,
+            dirty: false,
+            strategy,
+            analyzer,
+            django: DjangoCache::disabled(),
+        })
+    }
+
+    /// Invalidates Django's query cache (django-cachalot) after each commit, and invalidates
+    /// every count table now (the bootstrap may have corrected counts before it was set).
+    pub async fn set_django_cache(&mut self, django: DjangoCache) {
+        django.invalidate(["main_sourceimage", "main_event", "main_deployment"]).await;
+        self.django = django;
     }
 
     /// The store it writes to.
@@ -159,6 +190,7 @@ impl Ingestor {
         let mut engine = Engine::new(self.workers).map_err(store::StoreError::from)?;
         let loaded = store::bootstrap::bootstrap(&self.store, &mut engine).await?;
         let corrected = store::sink::write_all(&self.store, &engine.snapshot()).await?;
+        self.django.invalidate(corrected.tables()).await;
         info!(
             rows = loaded.rows,
             detections = loaded.detections,
@@ -223,6 +255,7 @@ impl Ingestor {
                         }
                     };
                     report.rows = add(report.rows, one.rows);
+                    report.tables.extend(one.tables);
                     report.changed_owners += one.changed_owners;
                     report.outcomes.extend(one.outcomes);
                 }
@@ -325,6 +358,8 @@ impl Ingestor {
         let sink = store::sink::write_changes_in(&tx, &changes).await?;
         tx.commit().await.map_err(store::StoreError::from)?;
         self.dirty = false;
+        let tables = written_tables(&saved.rows, &sink, !saved.progress_jobs.is_empty(), !logs.is_empty());
+        self.django.invalidate(tables.iter().copied()).await;
         self.analyzer.committed(&saved.rows);
         if self.strategy == CountStrategy::Recompute {
             let mut deployments: Vec<u64> =
@@ -367,8 +402,35 @@ impl Ingestor {
             let reply_subject = decoded[i].as_ref().map(|d| d.reply_subject.clone()).unwrap_or_default();
             outcomes.push(Outcome::Saved { reply_subject, inserted: n });
         }
-        Ok(BatchReport { outcomes, rows, sink, changed_owners: changes.len() })
+        Ok(BatchReport { outcomes, rows, sink, changed_owners: changes.len(), tables })
     }
+}
+
+/// The Antenna tables a committed batch wrote: rows, counts, job progress, job log lines.
+fn written_tables(
+    rows: &RowCounts,
+    sink: &SinkReport,
+    progress: bool,
+    logs: bool,
+) -> std::collections::BTreeSet<&'static str> {
+    let mut tables: std::collections::BTreeSet<&'static str> = sink.tables().into_iter().collect();
+    for (n, table) in [
+        (rows.detections + rows.null_markers, "main_detection"),
+        (rows.classifications, "main_classification"),
+        (rows.occurrences + rows.determinations, "main_occurrence"),
+        (rows.taxa, "main_taxon"),
+    ] {
+        if n > 0 {
+            tables.insert(table);
+        }
+    }
+    if progress {
+        tables.insert("jobs_job");
+    }
+    if logs {
+        tables.insert("jobs_joblog");
+    }
+    tables
 }
 
 fn add(a: RowCounts, b: RowCounts) -> RowCounts {

@@ -24,6 +24,15 @@ pub struct SinkReport {
 }
 
 impl SinkReport {
+    /// The Antenna tables it wrote.
+    pub fn tables(&self) -> Vec<&'static str> {
+        [(self.images, "main_sourceimage"), (self.events, "main_event"), (self.deployments, "main_deployment")]
+            .into_iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(_, t)| t)
+            .collect()
+    }
+
     /// Rows updated, all tables.
     pub fn total(&self) -> u64 {
         self.images + self.events + self.deployments
