@@ -115,7 +115,7 @@ impl Default for GatewayArgs {
 }
 
 /// Parses a non-negative number of seconds, fractions allowed ("0.5").
-fn parse_seconds(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds ≥ 0"))
 }

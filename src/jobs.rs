@@ -8,10 +8,16 @@
 //! - [`queue`]: a job's JetStream stream and consumer, its tasks, their state and deletion.
 //! - [`row`]: the `jobs_job` row and its `progress` JSON as Antenna writes them.
 //! - [`logs`]: `jobs_joblog` lines, written in batches off the hot path.
+//! - [`monitor`]: the periodic pass of `tally serve` that runs [`lost`] (images whose tasks
+//!   are exhausted or gone are marked failed, so every job finishes) and [`cleanup`] (finished
+//!   jobs' consumers and streams deleted).
 
 pub mod cancel;
+pub mod cleanup;
 pub mod create;
 pub mod logs;
+pub mod lost;
+pub mod monitor;
 pub mod progress;
 pub mod queue;
 pub mod row;

@@ -88,6 +88,16 @@ pub mod names {
     /// Counter of buffered job log lines, label `outcome` = `written` | `dropped` (buffer full) |
     /// `failed` (the database refused their batch) | `no_job` (their job does not exist).
     pub const JOB_LOG_LINES: &str = "tally_job_log_lines_total";
+    /// Counter of images the job monitor marked failed because their task was lost, label
+    /// `reason` = `max_deliver` (the consumer has nothing left to deliver: the tasks used up
+    /// their deliveries) | `queue_gone` (the job's stream or consumer no longer exists).
+    pub const JOB_LOST_IMAGES: &str = "tally_job_lost_images_total";
+    /// Counter of job task queues (consumer and stream) the job monitor deleted, label `why` =
+    /// `finished` (the job is SUCCESS, FAILURE or REVOKED) | `zombie` (no such job).
+    pub const JOB_QUEUES_DELETED: &str = "tally_job_queues_deleted_total";
+    /// Counter of job monitor passes that failed (Postgres or NATS errors; retried next pass),
+    /// label `part` = `lost_images` | `cleanup`.
+    pub const JOB_MONITOR_ERRORS: &str = "tally_job_monitor_errors_total";
 }
 
 /// Bucket bounds for durations in seconds: half a millisecond (one small batch's decode) to a
@@ -184,6 +194,9 @@ fn describe() {
     describe_counter!(GATEWAY_RESULTS, Unit::Count, "Results published for ingest, by outcome.");
     describe_counter!(GATEWAY_HEARTBEATS, Unit::Count, "Processing-service heartbeats, by outcome.");
     describe_counter!(GATEWAY_SERVICES_OFFLINE, Unit::Count, "Processing services marked offline by the sweep.");
+    describe_counter!(JOB_LOST_IMAGES, Unit::Count, "Images marked failed because their task was lost, by reason.");
+    describe_counter!(JOB_QUEUES_DELETED, Unit::Count, "Job task queues deleted by the job monitor, by why.");
+    describe_counter!(JOB_MONITOR_ERRORS, Unit::Count, "Failed job monitor passes, by part.");
 }
 
 #[cfg(test)]

@@ -873,3 +873,87 @@ async fn tally_serve_no_ingest_serves_the_worker_api() {
     assert!(status.success(), "{status}");
     b.stop().await;
 }
+
+/// Replaces job `job`'s consumer (before any delivery) by one with `max_deliver` and
+/// `ack_wait`.
+async fn recreate_consumer(b: &Bench, job: i64, max_deliver: i64, ack_wait: Duration) {
+    let s = b.fx.js.get_stream(format!("job_{job}")).await.expect("job stream");
+    s.delete_consumer(&format!("job-{job}-consumer")).await.expect("delete consumer");
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some(format!("job-{job}-consumer")),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver,
+        filter_subject: format!("job.{job}.tasks"),
+        ..Default::default()
+    })
+    .await
+    .expect("job consumer");
+}
+
+/// A `/tasks` call answered `{"tasks": []}` within the fetch wait (0.2 s) and a margin.
+async fn empty_in_time(w: &Client, job: i64, what: &str) {
+    let started = Instant::now();
+    let r = w.tasks(job, 5).await;
+    let took = started.elapsed();
+    assert_eq!((r.status, r.json()), (200, json!({"tasks": []})), "{what}");
+    assert!(took < Duration::from_millis(1200), "{what}: answered after {took:?}");
+    eprintln!("{what}: [] in {} ms", took.as_millis());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_of_exhausted_or_drained_queues_answer_empty_within_the_fetch_wait() {
+    let mut b = Bench::new("gw_exhausted", args()).await;
+    let w = b.worker();
+    // Two tasks, one delivery each, 1 s ack wait: one is acked, the other used up max_deliver.
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    recreate_consumer(&b, job, 1, Duration::from_secs(1)).await;
+    let tasks = tasks_of(&w.tasks(job, 5).await);
+    assert_eq!(tasks.len(), 2);
+    b.fx.client.publish(tasks[0].1.clone(), "+ACK".into()).await.expect("ack");
+    b.fx.client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // JetStream holds a no-wait pull without expiry on such a consumer: this used to take the
+    // 10 s cut-off and answer 503.
+    for _ in 0..3 {
+        empty_in_time(&w, job, "exhausted queue").await;
+    }
+    // Every task acked.
+    let drained = b.job(&[3], "STARTED", PIPELINE).await;
+    let tasks = tasks_of(&w.tasks(drained, 5).await);
+    b.fx.client.publish(tasks[0].1.clone(), "+ACK".into()).await.expect("ack");
+    b.fx.client.flush().await.expect("flush");
+    empty_in_time(&w, drained, "drained queue").await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_answer_503_at_once_when_nats_is_disconnected() {
+    let mut b = Bench::new("gw_nats_down", args()).await;
+    let job = b.job(&[1], "STARTED", PIPELINE).await;
+    // A gateway over the same database and a NATS server of its own, which is then killed.
+    let nats = common::services::PrivateNats::start();
+    let client = async_nats::connect(nats.url()).await.expect("private NATS");
+    let url = &b.fx.db.as_ref().expect("test database").url;
+    let store = tally::store::connect(&DbArgs::for_url(url)).await.expect("pool");
+    let server = Server::start(Gateway::connected(store, client.clone(), b.fx.nats_args.clone(), args())).await;
+    let w = server.worker();
+    let r = w.tasks(job, 1).await;
+    assert_eq!((r.status, r.json()), (200, json!({"tasks": []})), "no queue on that server: no tasks");
+    tokio::task::block_in_place(|| nats.kill());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.connection_state() == async_nats::connection::State::Connected {
+        assert!(Instant::now() < deadline, "the client did not notice the server is gone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..2 {
+        let started = Instant::now();
+        let r = w.tasks(job, 1).await;
+        let took = started.elapsed();
+        assert_eq!((r.status, r.json()), (503, json!({"error": "Task queue temporarily unavailable"})));
+        assert!(took < Duration::from_millis(500), "503 after {took:?}");
+        eprintln!("NATS down: 503 in {} ms", took.as_millis());
+    }
+    server.stop().await;
+    b.stop().await;
+}

@@ -170,7 +170,7 @@ async fn create_status_logs_and_cancel_through_the_binary() {
     let still: String = one(&f, &format!("SELECT finished_at::text FROM jobs_job WHERE id = {id}")).await;
     assert_eq!(still, finished, "a second cancel changes nothing");
     let text = ok(&tally(&f, &["job", "status", &id.to_string()]));
-    assert!(text.contains(&format!("none (stream job_{id} does not exist)")), "{text}");
+    assert!(text.contains(&format!("queue deleted (the job is REVOKED; stream job_{id} no longer exists)")), "{text}");
     let missing = tally(&f, &["job", "cancel", "424242"]);
     assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("no job 424242"));
     f.cleanup().await;

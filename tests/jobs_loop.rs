@@ -178,6 +178,9 @@ fn serve(f: &Fixture, listen: &str, consumer: &str, log: &PathBuf) -> Child {
         .args(["--results-subject-prefix", &f.nats_args.results_subject_prefix])
         .args(["--consumer", consumer])
         .args(["--gateway-fetch-wait", "0.2", "--connect-attempts", "4"])
+        // The checks below read each finished job's consumer; the job monitor would delete it
+        // 10 s after the job finished (tests/job_monitor.rs covers that cleanup).
+        .args(["--cleanup-grace", "3600"])
         .env("TALLY_LOG", "info")
         .env("TALLY_LOG_FORMAT", "text")
         .env("NO_COLOR", "1")

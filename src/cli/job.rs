@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::config::{DbArgs, NatsArgs};
 use crate::jobs::cancel::{self, Cleanup};
+use crate::jobs::cleanup;
 use crate::jobs::create::{self, Images, JobSpec, MISSING_URL_BASE};
 use crate::jobs::logs::{self, JobLogs, JobLogsConfig, Level};
 use crate::jobs::queue::QueueSettings;
@@ -285,6 +286,9 @@ fn render_status(job: &JobStatus) -> String {
             ),
             None => format!("{}: {} tasks, no consumer", stream_name(job.id), thousands(q.messages as i64)),
         },
+        Queue::Absent if cleanup::FINAL.contains(&job.status.as_str()) => {
+            format!("queue deleted (the job is {}; stream {} no longer exists)", job.status, stream_name(job.id))
+        }
         Queue::Absent => format!("none (stream {} does not exist)", stream_name(job.id)),
         Queue::NotAsked { reason } => format!("not shown: {reason}"),
         Queue::Unavailable { error } => format!("unknown: {error}"),

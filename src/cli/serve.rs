@@ -1,8 +1,9 @@
 //! `tally serve`: the daemon. Serves `/healthz`, `/readyz`, `/metrics` and the worker API
 //! (the gateway, which needs no bootstrap) at once, rebuilds the dataflow from Postgres
 //! (correcting any count that differs), then consumes results until SIGTERM or SIGINT, when it
-//! finishes and acks the batch in hand and exits. `--no-ingest` and `--no-gateway` turn either
-//! half off.
+//! finishes and acks the batch in hand and exits. Beside ingest runs the job monitor (lost
+//! images marked failed, finished jobs' queues deleted; `crate::jobs::monitor`). `--no-ingest`
+//! and `--no-gateway` turn either half off.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -19,6 +20,7 @@ use crate::gateway::{self, Gateway, GatewayArgs};
 use crate::http::{self, Health};
 use crate::ingest::batch::Ingestor;
 use crate::ingest::daemon::{self, Hooks, IngestArgs};
+use crate::jobs::monitor::{self, MonitorArgs, ResultsConsumer};
 use crate::{dead_letters, metrics, store};
 
 /// Options of `tally serve`.
@@ -39,6 +41,9 @@ pub struct ServeArgs {
     /// Django's query cache (django-cachalot), invalidated after tally's writes.
     #[command(flatten)]
     pub django_cache: DjangoCacheArgs,
+    /// Job monitor options (lost images, finished jobs' queues; runs with ingest).
+    #[command(flatten)]
+    pub monitor: MonitorArgs,
     /// Do not ingest results (serve the worker API only; another `tally serve` ingests).
     #[arg(long, env = "TALLY_NO_INGEST")]
     pub no_ingest: bool,
@@ -149,13 +154,30 @@ async fn ingest(
     }
     health.set_not_ready("connecting to NATS");
     let client = args.nats.connect().await?;
-    daemon::run(ingestor, client.clone(), &args.nats, &args.ingest, health, Hooks::default(), shutdown).await?;
+    let monitor = spawn_job_monitor(args, &store, &client, ingestor.django_cache(), shutdown.child_token());
+    let ran = daemon::run(ingestor, client.clone(), &args.nats, &args.ingest, health, Hooks::default(), shutdown).await;
+    monitor.abort();
+    ran?;
     // Make sure every ack left the client before exiting.
     if let Err(e) = client.flush().await {
         warn!(error = %e, "flushing NATS at shutdown failed");
     }
     drop(lock);
     Ok(())
+}
+
+/// The job monitor (lost images, finished jobs' queues) beside ingest: only the process holding
+/// the ingest lock runs it, so there is one per database.
+fn spawn_job_monitor(
+    args: &ServeArgs,
+    store: &store::Store,
+    client: &async_nats::Client,
+    django: DjangoCache,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let results =
+        ResultsConsumer { stream: args.nats.results_stream.clone(), consumer: args.ingest.consumer.consumer.clone() };
+    monitor::spawn(store.clone(), client.clone(), args.monitor.clone(), Some(results), django, stop)
 }
 
 /// `--no-ingest`: migrates if asked, is ready once the gateway reaches Postgres and NATS, and

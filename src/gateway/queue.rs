@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use async_nats::connection::State;
 use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
@@ -31,8 +32,12 @@ const INFO_TIMEOUT: Duration = Duration::from_millis(500);
 /// Consumer info requests in flight at once per claim.
 const INFO_CONCURRENCY: usize = 32;
 
-/// How long a pull may take in all before the request fails with 503.
-const PULL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past the fetch wait a pull may run before it is cut off with what it has.
+pub const PULL_MARGIN: Duration = Duration::from_millis(500);
+
+/// The shortest expiry a pull request gets (a zero fetch wait still needs one: see
+/// [`Queues::pull`]).
+const MIN_EXPIRES: Duration = Duration::from_millis(20);
 
 /// Jobs whose consumer handle or state is kept at most; emptied when full.
 const MAX_CACHED_JOBS: usize = 10_000;
@@ -201,51 +206,76 @@ impl Queues {
         }
     }
 
-    /// Pulls up to `n` tasks of `job`: what is ready at once, else whatever arrives within
-    /// `wait` (Antenna's 0.5 s fetch). No queue: no tasks. Messages delivered before a
-    /// failure are returned, never dropped (they would wait out the ack wait otherwise).
+    /// Pulls up to `n` tasks of `job` in one pull request: what is ready comes back at once,
+    /// else whatever arrives within `wait` (Antenna's 0.5 s fetch). No queue: no tasks.
+    ///
+    /// The request is a no-wait fetch *with an expiry*. Without one, JetStream holds a no-wait
+    /// request on a consumer whose only outstanding tasks have used up `max_deliver` (they
+    /// still count as due for redelivery) with no deadline, and the client library sets no
+    /// timer either: the call hung until a 10 s cut-off and answered 503 where Antenna answers
+    /// `[]` (reproduced against nats-server 2.9; see the README). The whole pull is also cut
+    /// off at `wait` + [`PULL_MARGIN`], returning what it has; messages delivered before a cut
+    /// or a failure are returned, never dropped (they would wait out the ack wait otherwise).
+    /// A connection that is not up fails at once.
     pub async fn pull(&self, nats: &Nats, job: i64, n: usize, wait: Duration) -> Result<Vec<Message>, QueueError> {
-        let work = async {
-            let Some(c) = self.consumer(nats, job).await? else {
-                return Ok(Vec::new());
-            };
-            let ready = c.fetch().max_messages(n).messages().await;
-            let mut tasks = self.drain(job, ready).await?;
-            if tasks.is_empty() && !wait.is_zero() {
-                let waited = c.batch().max_messages(n).expires(wait).messages().await;
-                tasks = self.drain(job, waited).await?;
-            }
-            // A message's pending count is the consumer's num_pending after its delivery.
-            let pending = tasks.last().and_then(|m| m.info().ok()).map(|i| i.pending).unwrap_or(0);
-            self.remember(job, tasks.len() == n && pending > 0);
-            Ok(tasks)
-        };
-        match tokio::time::timeout(PULL_TIMEOUT, work).await {
-            Ok(result) => result,
-            Err(_) => Err(QueueError(format!("pulling tasks of job {job} took over {PULL_TIMEOUT:?}"))),
+        if nats.client.connection_state() != State::Connected {
+            return Err(QueueError(format!("NATS is {}", nats.client.connection_state())));
         }
+        let expires = wait.max(MIN_EXPIRES);
+        let deadline = Instant::now() + expires + PULL_MARGIN;
+        let c = match tokio::time::timeout_at(deadline.into(), self.consumer(nats, job)).await {
+            Ok(Ok(Some(c))) => c,
+            Ok(Ok(None)) => return Ok(Vec::new()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(QueueError(format!(
+                    "looking up {} took over {:?}",
+                    consumer_name(job),
+                    expires + PULL_MARGIN
+                )))
+            }
+        };
+        let request = tokio::time::timeout_at(deadline.into(), c.fetch().max_messages(n).expires(expires).messages());
+        let batch = match request.await {
+            Ok(batch) => batch,
+            Err(_) => return Err(QueueError(format!("pull request to {} was not sent in time", consumer_name(job)))),
+        };
+        let tasks = self.drain(job, batch, deadline).await?;
+        // A message's pending count is the consumer's num_pending after its delivery.
+        let pending = tasks.last().and_then(|m| m.info().ok()).map(|i| i.pending).unwrap_or(0);
+        self.remember(job, tasks.len() == n && pending > 0);
+        Ok(tasks)
     }
 
-    /// Collects a pull's messages. The request failing is an error; the server ending it with
-    /// a status (e.g. 409 when max_ack_pending is reached, or the consumer deleted) ends the
-    /// pull with what was delivered.
+    /// Collects a pull's messages until it ends or `deadline`. The request failing is an
+    /// error; the server ending it with a status (e.g. 409 when max_ack_pending is reached, or
+    /// the consumer deleted) ends the pull with what was delivered, and so does the deadline.
     async fn drain(
         &self,
         job: i64,
         batch: Result<consumer::pull::Batch, consumer::pull::BatchError>,
+        deadline: Instant,
     ) -> Result<Vec<Message>, QueueError> {
         let mut batch = batch.map_err(|e| {
             self.forget(job);
             QueueError(format!("pull request to {}: {e}", consumer_name(job)))
         })?;
         let mut messages = Vec::new();
-        while let Some(next) = batch.next().await {
+        loop {
+            let next = match tokio::time::timeout_at(deadline.into(), batch.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    warn!(job_id = job, delivered = messages.len(), "pull cut off at the fetch wait");
+                    break;
+                }
+            };
             match next {
-                Ok(m) => messages.push(m),
-                Err(e) => {
+                Some(Ok(m)) => messages.push(m),
+                Some(Err(e)) => {
                     warn!(job_id = job, error = %e, delivered = messages.len(), "pull ended by the server");
                     break;
                 }
+                None => break,
             }
         }
         Ok(messages)

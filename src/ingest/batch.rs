@@ -164,6 +164,11 @@ impl Ingestor {
         self.django = django;
     }
 
+    /// Django's query cache it invalidates.
+    pub fn django_cache(&self) -> DjangoCache {
+        self.django.clone()
+    }
+
     /// The store it writes to.
     pub fn store(&self) -> &Store {
         &self.store

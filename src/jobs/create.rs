@@ -1,8 +1,9 @@
 //! Creating an async ML job as Antenna does (jobs-protocol.md §1.3): `Job.setup()` and
 //! `MLJob.run` up to `queue_images_to_nats`, so that a database without Django can run end to
 //! end: a `jobs_job` row (`dispatch_mode = 'async_api'`, STARTED, the `collect` stage done;
-//! [`super::row`]), the job's stream and consumer ([`super::queue`]), and one task per image
-//! published concurrently; job log lines as Antenna writes them, through [`JobLogs`].
+//! [`super::row`]), its image set in `tally.job_task` (read by [`super::lost`]), the job's
+//! stream and consumer ([`super::queue`]), and one task per image published concurrently; job
+//! log lines as Antenna writes them, through [`JobLogs`].
 //!
 //! Images come from a deployment, in Antenna's order (`SourceImage.Meta.ordering`: event
 //! start, then capture time), optionally limited, or from an explicit list in its order.
@@ -149,6 +150,12 @@ pub async fn create(
         total: Some(n as i64),
     };
     let id = insert_job(&client, &new).await?;
+    let images: Vec<i64> = chosen.tasks.iter().filter_map(|t| t.image_id.parse().ok()).collect();
+    if let Err(e) = record_images(&client, id, &images).await {
+        logs.error(id, format!("Failed to record the images of job '{id}': {e}"));
+        fail(&client, id).await?;
+        return Err(e);
+    }
     info!(job_id = id, images = n, pipeline = %spec.pipeline, "job created");
     let mut created = CreatedJob {
         id,
@@ -217,6 +224,18 @@ pub async fn create(
     logs.info(id, format!("Successfully queued {n}/{n} images to stream for job '{id}'"));
     info!(job_id = id, tasks = n, seconds = created.publish_seconds, "tasks published");
     Ok(created)
+}
+
+/// Records the images of job `id` in `tally.job_task` (before any task is published), so that
+/// the job monitor knows exactly which images a stalled job never got a result for.
+async fn record_images(client: &Client, id: i64, images: &[i64]) -> Result<(), JobError> {
+    client
+        .execute(
+            "INSERT INTO tally.job_task (job_id, image_id) SELECT $1, unnest($2::int8[]) ON CONFLICT DO NOTHING",
+            &[&id, &images],
+        )
+        .await?;
+    Ok(())
 }
 
 /// The images chosen, with the job's project.
