@@ -146,9 +146,14 @@ impl Fixture {
 
     /// Starts ingest in-process (bootstrapped from the database).
     pub async fn start(&self, args: IngestArgs) -> Running {
+        self.start_with(args, tally::django_cache::DjangoCache::disabled()).await
+    }
+
+    /// Starts ingest in-process, invalidating `django` (Django's query cache) after commits.
+    pub async fn start_with(&self, args: IngestArgs, django: tally::django_cache::DjangoCache) -> Running {
         // The bootstrap records metrics too.
         tally::metrics::install();
-        let ingestor = Ingestor::start(
+        let mut ingestor = Ingestor::start(
             self.store.clone(),
             args.workers,
             self.nats_args.results_subject_prefix.clone(),
@@ -156,6 +161,7 @@ impl Fixture {
         )
         .await
         .expect("ingestor");
+        ingestor.set_django_cache(django).await;
         let (tx, rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
         let client = self.client.clone();
