@@ -150,6 +150,9 @@ pub struct Gateway {
     pub heartbeats: heartbeat::Heartbeats,
     /// What the gateway is waiting for while it connects.
     pub waiting: Waiting,
+    /// Set when connecting failed in a way retrying cannot fix (no such database, bad
+    /// credentials).
+    failed: OnceLock<String>,
     /// The writer's end, taken by [`Gateway::run_background`].
     heartbeat_rx: Mutex<Option<mpsc::Receiver<heartbeat::Beat>>>,
 }
@@ -165,6 +168,7 @@ impl Gateway {
             heartbeats,
             heartbeat_rx: Mutex::new(Some(rx)),
             waiting: Waiting::default(),
+            failed: OnceLock::new(),
             store: OnceLock::new(),
             nats: OnceLock::new(),
             connected: watch::Sender::new(false),
@@ -209,6 +213,11 @@ impl Gateway {
     /// refused`; `None` once connected (or before its first attempt).
     pub fn waiting_for(&self) -> Option<String> {
         self.waiting.reason()
+    }
+
+    /// Why the gateway gave up connecting, if it did (retrying could not help).
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// The NATS connection, if made.
@@ -310,6 +319,7 @@ async fn connect_store(gateway: &Gateway, db: &DbArgs, shutdown: &CancellationTo
             // A permanent error: keep saying so (503s and `/readyz`) until shutdown.
             error!(error = %e, "the gateway cannot use the database");
             gateway.waiting.set("Postgres", e.to_string());
+            let _ = gateway.failed.set(e.to_string());
         }
     }
 }

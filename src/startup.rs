@@ -193,13 +193,16 @@ mod tests {
         let got = wait(Duration::from_millis(300), &shutdown, &waiting)
             .until(|| async { Err::<(), _>(Failure::transient("connection refused")) })
             .await;
-        let e = format!("{:#}", got.err().expect("past the deadline"));
+        let e = match got {
+            Err(e) => format!("{e:#}"),
+            Ok(_) => panic!("not past the deadline"),
+        };
         assert!(e.contains("NATS at nats://127.0.0.1:1") && e.contains("connection refused"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(waiting.reason().is_some_and(|r| r.contains("connection refused")));
         // An attempt that hangs is cut short by the deadline too.
         let got = wait(Duration::from_millis(200), &shutdown, &waiting)
-            .until(|| std::future::pending::<Result<(), Failure>>())
+            .until(std::future::pending::<Result<(), Failure>>)
             .await;
         assert!(got.is_err());
     }
@@ -208,8 +211,7 @@ mod tests {
     async fn shutdown_stops_the_wait_and_permanent_errors_fail_at_once() {
         let (shutdown, waiting) = (CancellationToken::new(), Waiting::default());
         shutdown.cancel();
-        let got =
-            wait(Duration::ZERO, &shutdown, &waiting).until(|| std::future::pending::<Result<(), Failure>>()).await;
+        let got = wait(Duration::ZERO, &shutdown, &waiting).until(std::future::pending::<Result<(), Failure>>).await;
         assert!(matches!(got, Ok(None)));
         let live = CancellationToken::new();
         let got = wait(Duration::ZERO, &live, &waiting)

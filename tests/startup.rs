@@ -182,3 +182,19 @@ async fn sigterm_while_waiting_exits_0_promptly() {
         assert!(started.elapsed() < Duration::from_secs(5), "{args:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_does_not_exist_fails_at_once_without_a_deadline() {
+    // Make sure the server answers, so that the error is the database's absence.
+    let (_db, _store) = TestDb::new("startup_no_db", Flavor::Empty).await;
+    let server = std::env::var("TALLY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = tally::store::sibling_database_url(&server, "tally_startup_no_such_database").expect("server URL");
+    for args in [&[][..], &["--no-ingest"][..]] {
+        let (mut serve, _addr) = start_serve(args, &url, &common::ingest::nats_url());
+        let status = tokio::time::timeout(Duration::from_secs(15), serve.wait()).await.expect("exits, no retry");
+        assert!(!status.expect("wait").success(), "{args:?}");
+        let err = stderr_of(&mut serve).await;
+        assert!(err.contains("tally_startup_no_such_database") && err.contains("does not exist"), "{args:?}: {err}");
+    }
+}

@@ -151,7 +151,11 @@ async fn connect_both(
         r = both => r?,
         _ = report => unreachable!("the report loop never ends"),
     };
-    Ok(store.zip(client))
+    let connected = store.zip(client);
+    if connected.is_some() {
+        info!("connected to Postgres and NATS");
+    }
+    Ok(connected)
 }
 
 async fn ingest(
@@ -243,6 +247,9 @@ async fn gateway_only(
             _ = &mut connected => break,
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if let Some(failure) = gateway.failed() {
+            anyhow::bail!("the gateway cannot start: {failure}");
         }
         let reason = gateway.waiting_for();
         if let Some(reason) = &reason {

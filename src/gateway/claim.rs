@@ -166,12 +166,10 @@ impl ClaimQuery {
                         )))
                     }
                 },
-                "offset" => {
-                    if !integer(value).is_some_and(|n| n >= 0) {
-                        return Err(GatewayError::BadRequest(format!(
-                            "offset must be a non-negative integer, not {value:?}"
-                        )));
-                    }
+                "offset" if integer(value).is_none_or(|n| n < 0) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "offset must be a non-negative integer, not {value:?}"
+                    )));
                 }
                 _ => {}
             }

@@ -74,14 +74,23 @@ pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Another attempt may succeed (nothing listens yet, the server is starting, …).
-    #[error("{0}")]
+    #[error("{}", with_cause(.0))]
     Transient(tokio_postgres::Error),
     /// Another attempt will not help: a malformed URL, no such database, bad credentials.
-    #[error("{0}")]
+    #[error("{}", with_cause(.0))]
     Permanent(tokio_postgres::Error),
     /// The pool could not be built.
     #[error("{0}")]
     Pool(String),
+}
+
+/// The driver's error with its cause ("db error: FATAL: database \"x\" does not exist", not
+/// just "db error").
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 impl ConnectError {
