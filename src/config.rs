@@ -66,7 +66,9 @@ pub struct NatsArgs {
     /// check; its max age is the results stream's).
     #[arg(long, env = "TALLY_RESULTS_OBJECT_BUCKET", default_value = "TALLY_RESULT_OBJECTS")]
     pub results_object_bucket: String,
-    /// Seconds to wait for the first connection (a lost connection is retried forever).
+    /// Seconds one attempt to connect may take. `tally serve` retries attempts until
+    /// --startup-deadline; the other commands retry for up to this many seconds in all. A
+    /// connection once made that is lost is retried forever.
     #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", default_value_t = 10)]
     pub nats_connect_timeout: u64,
     /// Seconds to wait for a JetStream API or acknowledgement reply.
@@ -92,36 +94,80 @@ impl NatsArgs {
         format!("{}.{job_id}", self.results_subject_prefix)
     }
 
-    /// Connects (one persistent connection that reconnects on its own once established),
-    /// retrying the first connection for up to `nats_connect_timeout` seconds.
+    /// Where the connection goes, without credentials (for logs and `/readyz`).
+    pub fn redacted_url(&self) -> String {
+        self.nats_url
+            .split(',')
+            .map(|part| {
+                let part = part.trim();
+                match part.rsplit_once('@') {
+                    Some((before, host)) => match before.split_once("://") {
+                        Some((scheme, _credentials)) => format!("{scheme}://{host}"),
+                        None => host.to_string(),
+                    },
+                    None => part.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One attempt to connect, bounded by `nats_connect_timeout`: one persistent connection
+    /// that reconnects on its own once established.
+    pub async fn connect_once(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let options = async_nats::ConnectOptions::new()
+            .name("tally")
+            .connection_timeout(Duration::from_secs(self.nats_connect_timeout.max(1)))
+            .request_timeout(Some(Duration::from_secs(self.nats_request_timeout)))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            });
+        async_nats::connect_with_options(self.nats_url.as_str(), options).await
+    }
+
+    /// Connects, retrying the first connection for up to `nats_connect_timeout` seconds in all
+    /// (the one-shot commands; `tally serve` retries until its start-up deadline).
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
         let deadline = std::time::Instant::now() + Duration::from_secs(self.nats_connect_timeout);
         let mut delay = Duration::from_millis(100);
         loop {
-            let options = async_nats::ConnectOptions::new()
-                .name("tally")
-                .connection_timeout(Duration::from_secs(self.nats_connect_timeout.clamp(1, 5)))
-                .request_timeout(Some(Duration::from_secs(self.nats_request_timeout)))
-                .event_callback(|event| async move {
-                    match event {
-                        async_nats::Event::Connected => tracing::info!("NATS connected"),
-                        async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
-                        other => tracing::info!(event = %other, "NATS event"),
-                    }
-                });
-            match async_nats::connect_with_options(self.nats_url.as_str(), options).await {
-                Ok(client) => return Ok(client),
-                Err(e) if std::time::Instant::now() + delay < deadline => {
-                    tracing::warn!(url = %self.nats_url, error = %e, retry_in = ?delay, "cannot connect to NATS yet");
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+            let attempt = tokio::time::timeout(remaining, self.connect_once()).await;
+            match attempt {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(e)) if std::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(url = %self.redacted_url(), error = %e, retry_in = ?delay, "cannot connect to NATS yet");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => anyhow::bail!(
+                Ok(Err(e)) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: {e} (is nats-server running with -js?)",
-                    self.nats_url,
+                    self.redacted_url(),
+                    self.nats_connect_timeout
+                ),
+                Err(_) => anyhow::bail!(
+                    "cannot connect to NATS at {} within {} s: timed out (is nats-server running with -js?)",
+                    self.redacted_url(),
                     self.nats_connect_timeout
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NatsArgs;
+
+    #[test]
+    fn nats_urls_are_shown_without_credentials() {
+        let shown = |url: &str| NatsArgs::for_url(url).redacted_url();
+        assert_eq!(shown("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(shown("nats://user:secret@n1:4222, tls://tok@n2:4222"), "nats://n1:4222,tls://n2:4222");
+        assert_eq!(shown("secret@n3:4222"), "n3:4222");
     }
 }

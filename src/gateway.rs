@@ -42,10 +42,11 @@ use clap::Args;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{DbArgs, NatsArgs};
 use crate::ingest::nats::ConsumerArgs;
+use crate::startup::{Failure, Wait, Waiting};
 use crate::store::{self, Store};
 
 pub use error::GatewayError;
@@ -115,7 +116,7 @@ impl Default for GatewayArgs {
 }
 
 /// Parses a non-negative number of seconds, fractions allowed ("0.5").
-pub(crate) fn parse_seconds(s: &str) -> Result<Duration, String> {
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds ≥ 0"))
 }
@@ -153,6 +154,11 @@ pub struct Gateway {
     pub jobs: job::JobCache,
     /// Where handlers drop heartbeats for the background writer.
     pub heartbeats: heartbeat::Heartbeats,
+    /// What the gateway is waiting for while it connects.
+    pub waiting: Waiting,
+    /// Set when connecting failed in a way retrying cannot fix (no such database, bad
+    /// credentials).
+    failed: OnceLock<String>,
     /// The writer's end, taken by [`Gateway::run_background`].
     heartbeat_rx: Mutex<Option<mpsc::Receiver<heartbeat::Beat>>>,
 }
@@ -167,6 +173,8 @@ impl Gateway {
             jobs: job::JobCache::default(),
             heartbeats,
             heartbeat_rx: Mutex::new(Some(rx)),
+            waiting: Waiting::default(),
+            failed: OnceLock::new(),
             store: OnceLock::new(),
             nats: OnceLock::new(),
             objects: OnceLock::new(),
@@ -207,6 +215,17 @@ impl Gateway {
     /// The pool, or 503 while Postgres has not answered yet.
     pub fn store(&self) -> Result<&Store, GatewayError> {
         self.store.get().ok_or(GatewayError::Starting("the database is not connected yet"))
+    }
+
+    /// What the gateway is waiting for, e.g. `waiting for NATS at nats://…: connection
+    /// refused`; `None` once connected (or before its first attempt).
+    pub fn waiting_for(&self) -> Option<String> {
+        self.waiting.reason()
+    }
+
+    /// Why the gateway gave up connecting, if it did (retrying could not help).
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
     }
 
     /// The NATS connection, if made.
@@ -271,6 +290,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(error::json_rejections))
         .with_state(gateway)
 }
 
@@ -299,24 +319,35 @@ pub fn start(
     (gateway, handle)
 }
 
-/// Retries `store::connect` (itself retrying with backoff) until it succeeds or `shutdown`.
+/// Connects to Postgres, one attempt at a time with backoff, until it answers or `shutdown`;
+/// what it waits for is in [`Gateway::waiting_for`].
 async fn connect_store(gateway: &Gateway, db: &DbArgs, shutdown: &CancellationToken) {
-    loop {
-        let attempt = tokio::select! {
-            r = store::connect(db) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match attempt {
-            Ok(store) => {
-                check_table(&store).await;
-                gateway.set_store(store);
-                info!("gateway connected to the database");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "gateway cannot reach the database yet; retrying");
-                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(5)) => {}, _ = shutdown.cancelled() => return }
-            }
+    let wait = Wait {
+        service: "Postgres",
+        at: store::connect::describe(&db.database_url),
+        deadline: None,
+        deadline_setting: Duration::ZERO,
+        shutdown,
+        first_backoff: Duration::from_millis(db.connect_backoff_ms),
+        waiting: &gateway.waiting,
+    };
+    let attempt = || async {
+        store::connect::connect_once(db)
+            .await
+            .map_err(|e| Failure { message: e.to_string(), permanent: e.is_permanent() })
+    };
+    match wait.until(attempt).await {
+        Ok(Some(store)) => {
+            check_table(&store).await;
+            gateway.set_store(store);
+            info!("gateway connected to the database");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            // A permanent error: keep saying so (503s and `/readyz`) until shutdown.
+            error!(error = %e, "the gateway cannot use the database");
+            gateway.waiting.set("Postgres", e.to_string());
+            let _ = gateway.failed.set(e.to_string());
         }
     }
 }
@@ -333,20 +364,22 @@ async fn check_table(store: &Store) {
     }
 }
 
-/// Connects to NATS (retrying until `shutdown`), then makes sure the results stream exists.
+/// Connects to NATS (one attempt at a time with backoff, until `shutdown`), then makes sure
+/// the results stream exists.
 async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &CancellationToken) {
-    let client = loop {
-        let attempt = tokio::select! {
-            r = gateway.nats_args.connect() => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match attempt {
-            Ok(client) => break client,
-            Err(e) => {
-                warn!(error = %e, "gateway cannot reach NATS yet; retrying");
-                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(2)) => {}, _ = shutdown.cancelled() => return }
-            }
-        }
+    let wait = Wait {
+        service: "NATS",
+        at: gateway.nats_args.redacted_url(),
+        deadline: None,
+        deadline_setting: Duration::ZERO,
+        shutdown,
+        first_backoff: Duration::from_millis(100),
+        waiting: &gateway.waiting,
+    };
+    let Ok(Some(client)) =
+        wait.until(|| async { gateway.nats_args.connect_once().await.map_err(Failure::transient) }).await
+    else {
+        return;
     };
     gateway.set_nats(client);
     info!("gateway connected to NATS");

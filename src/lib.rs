@@ -9,6 +9,7 @@
 //! - [`store`]: Postgres: migrations, schema checks, bootstrap, sink, verify.
 //! - [`dead_letters`]: result messages that could not be saved: store, list, replay.
 //! - [`gateway`]: the worker API (claim, tasks, result) and processing-service heartbeats.
+//! - [`startup`]: waiting for Postgres and NATS at start-up (backoff, deadline, `/readyz` reason).
 //! - [`http`]: the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
 //! - [`metrics`]: the daemon's Prometheus metric names and recorder.
 //! - [`synth`]: a synthetic ADC-like workload for the demo and the benchmarks.
@@ -32,6 +33,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod plot;
 pub mod results_stream;
+pub mod startup;
 pub mod stats;
 pub mod store;
 pub mod synth;

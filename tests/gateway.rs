@@ -957,3 +957,102 @@ async fn tasks_answer_503_at_once_when_nats_is_disconnected() {
     server.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_input_gets_drf_answers_and_touches_nothing() {
+    let mut b = Bench::new("gw_hostile", args()).await;
+    let job = b.job(&[1, 2], "STARTED", PIPELINE).await;
+    let w = b.worker();
+    let store = b.fx.store.clone();
+    let served = || async {
+        let c = store.client().await.expect("client");
+        c.query_one("SELECT count(*) FROM tally.job_dispatch WHERE served_count > 0", &[])
+            .await
+            .expect("served")
+            .get::<_, i64>(0)
+    };
+
+    // Job ids are canonical decimals only: `+{job}` is no job (Rust and Python both parse it).
+    for path in [
+        format!("/api/v2/jobs/+{job}/tasks/"),
+        format!("/api/v2/jobs/0{job}/tasks/"),
+        format!("/api/v2/jobs/%20{job}/tasks/"),
+        "/api/v2/jobs/%FF/tasks/".to_string(),
+        format!("/api/v2/jobs/+{job}/result/"),
+        format!("/api/v2/jobs/0{job}/result/"),
+    ] {
+        let body = if path.ends_with("tasks/") { json!({"batch_size": 2}) } else { json!({"results": []}) };
+        let r = w.post(&path, &body).await;
+        assert_eq!((r.status, r.detail()), (404, "Not found.".to_string()), "{path}: {}", r.body);
+    }
+    // A result path segment that is not UTF-8: a JSON error, not axum's plain text.
+    let r = w.post("/api/v2/jobs/%FF/result/", &json!({"results": []})).await;
+    assert!(r.status == 404 || r.status == 400, "{}", r.body);
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("application/json")), "{:?}", r.headers);
+    let _ = r.detail();
+
+    // Claims: a NUL or any control character in the slugs is a 400, not a 503.
+    for slugs in ["moths%00", "%00", &format!("{PIPELINE},%07x"), "a%0Ab", "%7F"] {
+        let r = w.claim(slugs).await;
+        assert_eq!(r.status, 400, "{slugs}: {}", r.body);
+        assert!(r.detail().contains("control characters"), "{slugs}: {}", r.body);
+    }
+    // Only empty slugs: django-filter's `slug IN ('', '', …)` matches no pipeline, so Antenna
+    // answers with an empty page; a claimable job exists all the same.
+    for slugs in [",,,", ",", "%20,%20"] {
+        let r = w.claim(slugs).await;
+        assert_eq!(r.status, 200, "{slugs}: {}", r.body);
+        assert_eq!(
+            r.json(),
+            json!({"count": 0, "next": null, "previous": null, "results": [], "user_permissions": []}),
+            "{slugs}"
+        );
+    }
+    // Malformed parameters: 400 with DRF's shape.
+    for query in ["limit=abc", "limit=0", "limit=-1", "offset=x"] {
+        let r = w.get(&format!("/api/v2/jobs?ids_only=1&pipeline__slug__in={PIPELINE}&{query}")).await;
+        assert_eq!(r.status, 400, "{query}: {}", r.body);
+        assert!(r.detail().contains(query.split('=').next().unwrap_or_default()), "{query}: {}", r.body);
+    }
+    assert_eq!(served().await, 0, "none of those claimed anything");
+    // Empty entries among real slugs are ignored.
+    assert_eq!(claimed(&w.claim(&format!(",{PIPELINE},,")).await), vec![job]);
+    assert_eq!(served().await, 1);
+
+    // Bodies not sent as JSON: DRF's 415, and nothing pulled or published.
+    let tasks_path = format!("/api/v2/jobs/{job}/tasks/");
+    let result_path = format!("/api/v2/jobs/{job}/result/");
+    let tasks_body = br#"{"batch_size": 2}"#;
+    let result_body = br#"{"results": []}"#;
+    for (content_type, shown) in [
+        (Some("text/plain"), "text/plain"),
+        (Some("application/x-www-form-urlencoded"), "application/x-www-form-urlencoded"),
+        (Some("text/plain; charset=utf-8"), "text/plain; charset=utf-8"),
+        (None, ""),
+    ] {
+        for (path, body) in [(&tasks_path, &tasks_body[..]), (&result_path, &result_body[..])] {
+            let r = w.post_typed(path, content_type, body).await;
+            assert_eq!(r.status, 415, "{content_type:?} {path}: {}", r.body);
+            assert_eq!(r.json(), json!({"detail": format!("Unsupported media type \"{shown}\" in request.")}));
+        }
+    }
+    assert_eq!(b.fx.consumer_state(&format!("job_{job}"), &format!("job-{job}-consumer")).await, (2, 0));
+    // JSON in any spelling is taken.
+    for content_type in ["Application/JSON; charset=UTF-8", "application/vnd.api+json"] {
+        let r = w.post_typed(&result_path, Some(content_type), result_body).await;
+        assert_eq!(r.status, 200, "{content_type}: {}", r.body);
+    }
+
+    // Nested 5,000 deep: refused before any parser recurses.
+    let deep = |key: &str| format!("{{\"{key}\": {}{}}}", "[".repeat(5000), "]".repeat(5000));
+    for (path, body) in [(&tasks_path, deep("batch_size")), (&result_path, deep("results"))] {
+        let r = w.post_raw(path, body.as_bytes()).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert!(r.detail().contains("nested deeper than 64 levels"), "{path}: {}", r.body);
+    }
+    assert_eq!(b.fx.consumer_state(&format!("job_{job}"), &format!("job-{job}-consumer")).await, (2, 0));
+    assert_eq!(b.results_in_stream().await, 0, "nothing published");
+    // And the job's tasks are all still there for a well-formed request.
+    assert_eq!(tasks_of(&w.tasks(job, 2).await).len(), 2);
+    b.stop().await;
+}

@@ -21,6 +21,7 @@ use crate::http::{self, Health};
 use crate::ingest::batch::Ingestor;
 use crate::ingest::daemon::{self, Hooks, IngestArgs};
 use crate::jobs::monitor::{self, MonitorArgs, ResultsConsumer};
+use crate::startup::{self, Failure, Wait, Waiting};
 use crate::{dead_letters, metrics, store};
 
 /// Options of `tally serve`.
@@ -53,6 +54,10 @@ pub struct ServeArgs {
     /// Run `tally migrate` first.
     #[arg(long, env = "TALLY_MIGRATE")]
     pub migrate: bool,
+    /// Seconds Postgres and NATS may take to answer at start (each retried with backoff,
+    /// not ready meanwhile); past it, exit with an error. 0: wait forever.
+    #[arg(long, env = "TALLY_STARTUP_DEADLINE", value_parser = gateway::parse_seconds, default_value = "0")]
+    pub startup_deadline: Duration,
 }
 
 /// Advisory lock key held by the one ingest process allowed per database.
@@ -67,6 +72,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     spawn_signal_handler(shutdown.clone());
     let health = Arc::new(Health::default());
     health.set_not_ready("starting");
+    // Postgres and NATS must answer within the deadline, counted from here.
+    let deadline = startup::deadline(args.startup_deadline);
     let handle = metrics::install();
     let django = DjangoCache::new(&args.django_cache)?;
     tokio::spawn(django.clone().run_retries(Duration::from_secs(5), shutdown.clone()));
@@ -85,8 +92,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let server = tokio::spawn(http::serve(listener, router, shutdown.clone()));
 
     let result = match (&gateway, args.no_ingest) {
-        (Some((g, _)), true) => gateway_only(&args, Arc::clone(g), Arc::clone(&health), shutdown.clone()).await,
-        _ => ingest(&args, django, Arc::clone(&health), shutdown.clone()).await,
+        (Some((g, _)), true) => {
+            gateway_only(&args, Arc::clone(g), Arc::clone(&health), deadline, shutdown.clone()).await
+        }
+        _ => ingest(&args, django, Arc::clone(&health), deadline, shutdown.clone()).await,
     };
     shutdown.cancel();
     match server.await {
@@ -111,14 +120,67 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Waits for Postgres and NATS side by side (each retried with backoff until `deadline`),
+/// saying in `/readyz` what is still missing. `None`: shutdown came first.
+async fn connect_both(
+    args: &ServeArgs,
+    health: &Health,
+    deadline: Option<std::time::Instant>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(store::Store, async_nats::Client)>> {
+    let waiting = Waiting::default();
+    let wait = |service, at, first_backoff| Wait {
+        service,
+        at,
+        deadline,
+        deadline_setting: args.startup_deadline,
+        shutdown,
+        first_backoff,
+        waiting: &waiting,
+    };
+    let postgres = wait(
+        "Postgres",
+        store::connect::describe(&args.db.database_url),
+        Duration::from_millis(args.db.connect_backoff_ms),
+    );
+    let nats = wait("NATS", args.nats.redacted_url(), Duration::from_millis(100));
+    let pg = postgres.until(|| async {
+        store::connect::connect_once(&args.db)
+            .await
+            .map_err(|e| Failure { message: e.to_string(), permanent: e.is_permanent() })
+    });
+    let js = nats.until(|| async { args.nats.connect_once().await.map_err(Failure::transient) });
+    let report = async {
+        loop {
+            if let Some(reason) = waiting.reason() {
+                health.set_not_ready(reason);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let both = async { tokio::try_join!(pg, js) };
+    let (store, client) = tokio::select! {
+        r = both => r?,
+        _ = report => unreachable!("the report loop never ends"),
+    };
+    let connected = store.zip(client);
+    if connected.is_some() {
+        info!("connected to Postgres and NATS");
+    }
+    Ok(connected)
+}
+
 async fn ingest(
     args: &ServeArgs,
     django: DjangoCache,
     health: Arc<Health>,
+    deadline: Option<std::time::Instant>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    health.set_not_ready("connecting to Postgres");
-    let store = store::connect(&args.db).await?;
+    health.set_not_ready("connecting to Postgres and NATS");
+    let Some((store, client)) = connect_both(args, &health, deadline, &shutdown).await? else {
+        return Ok(());
+    };
     if args.migrate {
         store::migrate::migrate(&store).await?;
     }
@@ -152,8 +214,6 @@ async fn ingest(
     if shutdown.is_cancelled() {
         return Ok(());
     }
-    health.set_not_ready("connecting to NATS");
-    let client = args.nats.connect().await?;
     let monitor = spawn_job_monitor(args, &store, &client, ingestor.django_cache(), shutdown.child_token());
     let ran = daemon::run(ingestor, client.clone(), &args.nats, &args.ingest, health, Hooks::default(), shutdown).await;
     monitor.abort();
@@ -186,18 +246,55 @@ async fn gateway_only(
     args: &ServeArgs,
     gateway: Arc<Gateway>,
     health: Arc<Health>,
+    deadline: Option<std::time::Instant>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     if args.migrate {
+        health.set_not_ready("waiting for Postgres to migrate");
+        let waiting = Waiting::default();
+        let wait = Wait {
+            service: "Postgres",
+            at: store::connect::describe(&args.db.database_url),
+            deadline,
+            deadline_setting: args.startup_deadline,
+            shutdown: &shutdown,
+            first_backoff: Duration::from_millis(args.db.connect_backoff_ms),
+            waiting: &waiting,
+        };
+        let attempt = || async {
+            store::connect::connect_once(&args.db)
+                .await
+                .map_err(|e| Failure { message: e.to_string(), permanent: e.is_permanent() })
+        };
+        let Some(store) = wait.until(attempt).await? else { return Ok(()) };
         health.set_not_ready("migrating");
-        let store = store::connect(&args.db).await?;
         store::migrate::migrate(&store).await?;
     }
     health.set_not_ready("gateway connecting to Postgres and NATS");
-    tokio::select! {
-        _ = gateway.wait_connected() => health.set_ready(),
-        _ = shutdown.cancelled() => return Ok(()),
+    let connected = gateway.wait_connected();
+    tokio::pin!(connected);
+    loop {
+        tokio::select! {
+            _ = &mut connected => break,
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if let Some(failure) = gateway.failed() {
+            anyhow::bail!("the gateway cannot start: {failure}");
+        }
+        let reason = gateway.waiting_for();
+        if let Some(reason) = &reason {
+            health.set_not_ready(reason.clone());
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            anyhow::bail!(
+                "the gateway did not reach Postgres and NATS within the start-up deadline of {} s: {}",
+                args.startup_deadline.as_secs_f64(),
+                reason.unwrap_or_else(|| "still connecting".into())
+            );
+        }
     }
+    health.set_ready();
     info!("serving the worker API only (--no-ingest)");
     shutdown.cancelled().await;
     Ok(())

@@ -99,11 +99,21 @@ const CLAIM: &str = "
     WHERE d.job_id = pick.job_id
     RETURNING d.job_id";
 
+/// Which pipelines a claim names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pipelines {
+    /// No `pipeline__slug__in`, or only empty ones: jobs of every pipeline.
+    Any,
+    /// The slugs named, sorted and deduplicated. Empty when every entry was empty
+    /// (`pipeline__slug__in=,,,`): then no job matches.
+    Among(Vec<String>),
+}
+
 /// What a claim asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimQuery {
-    /// `pipeline__slug__in` (comma-separated, may repeat), sorted and deduplicated; empty: any.
-    pub pipelines: Vec<String>,
+    /// `pipeline__slug__in` (comma-separated, may repeat).
+    pub pipelines: Pipelines,
     /// `ids_only`: the worker form of the list call.
     pub ids_only: bool,
     /// `dispatch_mode`: only `async_api` jobs are ever claimable.
@@ -113,25 +123,83 @@ pub struct ClaimQuery {
 }
 
 impl ClaimQuery {
-    /// Reads the query string's pairs. Unknown parameters are ignored, as DRF does; a `limit`
-    /// that is not a positive integer means the default, as DRF's paginator does.
-    pub fn parse(pairs: &[(String, String)]) -> ClaimQuery {
-        let mut q = ClaimQuery { pipelines: Vec::new(), ids_only: false, dispatch_mode: None, limit: 1 };
+    /// Reads the query string's pairs; unknown parameters are ignored, as DRF does.
+    ///
+    /// `pipeline__slug__in` is read as django-filter's `BaseInFilter` over a `CharField`, which
+    /// Antenna uses: an empty value is no filter at all; otherwise the value is split on `,`
+    /// and each entry stripped, and the filter is `slug IN (entries)`. An empty entry matches
+    /// no pipeline (no pipeline has an empty slug), so empty entries among real slugs change
+    /// nothing, and a value of only empty entries (`,,,`) matches no job: Antenna answers that
+    /// claim with an empty page, and so does tally. A control character (NUL included: Postgres
+    /// refuses NUL in text, which made this a 503) is a 400. Repeated parameters are united.
+    ///
+    /// `limit` must be a positive integer (larger than [`MAX_LIMIT`] means [`MAX_LIMIT`], as
+    /// DRF's cutoff), and `offset`, which a claim ignores, a non-negative one: otherwise 400.
+    /// DRF's paginator would quietly use its default instead; a claim whose query is malformed
+    /// is refused rather than guessed at.
+    pub fn parse(pairs: &[(String, String)]) -> Result<ClaimQuery, GatewayError> {
+        let mut q = ClaimQuery { pipelines: Pipelines::Any, ids_only: false, dispatch_mode: None, limit: 1 };
         for (key, value) in pairs {
             match key.as_str() {
                 "pipeline__slug__in" => {
-                    q.pipelines.extend(value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from))
+                    if value.chars().any(char::is_control) {
+                        return Err(GatewayError::BadRequest(
+                            "pipeline__slug__in must not contain control characters".into(),
+                        ));
+                    }
+                    if value.is_empty() {
+                        continue;
+                    }
+                    let entries = value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from);
+                    match &mut q.pipelines {
+                        Pipelines::Among(slugs) => slugs.extend(entries),
+                        any => *any = Pipelines::Among(entries.collect()),
+                    }
                 }
                 "ids_only" => q.ids_only = truthy(value),
                 "dispatch_mode" => q.dispatch_mode = Some(value.clone()),
-                "limit" => q.limit = value.trim().parse::<i64>().ok().filter(|n| *n > 0).unwrap_or(1).min(MAX_LIMIT),
+                "limit" => match integer(value) {
+                    Some(n) if n > 0 => q.limit = n.min(MAX_LIMIT),
+                    _ => {
+                        return Err(GatewayError::BadRequest(format!(
+                            "limit must be a positive integer, not {value:?}"
+                        )))
+                    }
+                },
+                "offset" if integer(value).is_none_or(|n| n < 0) => {
+                    return Err(GatewayError::BadRequest(format!(
+                        "offset must be a non-negative integer, not {value:?}"
+                    )));
+                }
                 _ => {}
             }
         }
-        q.pipelines.sort();
-        q.pipelines.dedup();
-        q
+        if let Pipelines::Among(slugs) = &mut q.pipelines {
+            slugs.sort();
+            slugs.dedup();
+        }
+        Ok(q)
     }
+
+    /// The slugs to filter on (empty: every pipeline), or `None` when no pipeline can match.
+    fn slugs(&self) -> Option<&[String]> {
+        match &self.pipelines {
+            Pipelines::Any => Some(&[]),
+            Pipelines::Among(slugs) if slugs.is_empty() => None,
+            Pipelines::Among(slugs) => Some(slugs),
+        }
+    }
+}
+
+/// A decimal integer as DRF's `int()` reads it (surrounding whitespace allowed); larger than
+/// `i64` saturates, so that a huge limit is a large one rather than an error.
+fn integer(value: &str) -> Option<i64> {
+    let t = value.trim();
+    let digits = t.strip_prefix(['+', '-']).unwrap_or(t);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(t.parse::<i64>().unwrap_or(if t.starts_with('-') { i64::MIN } else { i64::MAX }))
 }
 
 /// Antenna's query booleans: present and empty, or 1/true/yes.
@@ -175,7 +243,7 @@ pub async fn next(
 
 fn query_of(query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<ClaimQuery, GatewayError> {
     let Query(pairs) = query.map_err(|e| GatewayError::BadRequest(format!("bad query string: {}", e.body_text())))?;
-    Ok(ClaimQuery::parse(&pairs))
+    ClaimQuery::parse(&pairs)
 }
 
 /// DRF's paginated shape.
@@ -190,16 +258,21 @@ fn page(claimed: &Claimed) -> Value {
 
 /// Claims up to `q.limit` jobs (see the module documentation).
 pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, GatewayError> {
-    if !q.pipelines.is_empty() {
-        gateway.heartbeats.beat(Beat::Pipelines(q.pipelines.clone()));
-    }
     let none = Claimed { count: 0, jobs: Vec::new() };
+    // Only empty slugs (`,,,`): no pipeline matches (see `ClaimQuery::parse`).
+    let Some(pipelines) = q.slugs() else {
+        metrics::counter!(names::GATEWAY_CLAIMS, "outcome" => "none").increment(1);
+        return Ok(none);
+    };
+    if !pipelines.is_empty() {
+        gateway.heartbeats.beat(Beat::Pipelines(pipelines.to_vec()));
+    }
     if q.dispatch_mode.as_deref().is_some_and(|mode| mode != "async_api") {
         return Ok(none);
     }
     let client = gateway.store()?.client().await.map_err(GatewayError::db)?;
     let statement = client.prepare_cached(CANDIDATES).await.map_err(GatewayError::db)?;
-    let rows = client.query(&statement, &[&q.pipelines]).await.map_err(GatewayError::db)?;
+    let rows = client.query(&statement, &[&pipelines]).await.map_err(GatewayError::db)?;
     let mut slugs: HashMap<i64, String> = HashMap::with_capacity(rows.len());
     let mut unknown = Vec::new();
     for row in &rows {
@@ -274,31 +347,73 @@ mod tests {
         query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    fn parse(query: &[(&str, &str)]) -> ClaimQuery {
+        ClaimQuery::parse(&pairs(query)).unwrap_or_else(|e| panic!("{query:?}: {e}"))
+    }
+
+    fn refused(query: &[(&str, &str)]) -> String {
+        match ClaimQuery::parse(&pairs(query)) {
+            Err(GatewayError::BadRequest(detail)) => detail,
+            other => panic!("{query:?}: not a 400: {other:?}"),
+        }
+    }
+
+    fn among(slugs: &[&str]) -> Pipelines {
+        Pipelines::Among(slugs.iter().map(|s| s.to_string()).collect())
+    }
+
     #[test]
     fn reads_adc_claim_query() {
-        let q = ClaimQuery::parse(&pairs(&[
+        let q = parse(&[
             ("pipeline__slug__in", "b, a,,a"),
             ("ids_only", "1"),
             ("incomplete_only", "1"),
             ("dispatch_mode", "async_api"),
-        ]));
-        assert_eq!(q.pipelines, vec!["a".to_string(), "b".to_string()]);
+        ]);
+        assert_eq!(q.pipelines, among(&["a", "b"]));
         assert!(q.ids_only);
         assert_eq!(q.dispatch_mode.as_deref(), Some("async_api"));
         assert_eq!(q.limit, 1);
     }
 
     #[test]
-    fn booleans_and_limits_as_drf() {
-        assert!(ClaimQuery::parse(&pairs(&[("ids_only", "")])).ids_only);
-        assert!(ClaimQuery::parse(&pairs(&[("ids_only", "True")])).ids_only);
-        assert!(!ClaimQuery::parse(&pairs(&[("ids_only", "0")])).ids_only);
-        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "3")])).limit, 3);
-        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "x")])).limit, 1);
-        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "-2")])).limit, 1);
-        assert_eq!(ClaimQuery::parse(&pairs(&[("limit", "100000")])).limit, MAX_LIMIT);
-        let repeated = ClaimQuery::parse(&pairs(&[("pipeline__slug__in", "x"), ("pipeline__slug__in", "y")]));
-        assert_eq!(repeated.pipelines, vec!["x".to_string(), "y".to_string()]);
+    fn booleans_and_limits() {
+        assert!(parse(&[("ids_only", "")]).ids_only);
+        assert!(parse(&[("ids_only", "True")]).ids_only);
+        assert!(!parse(&[("ids_only", "0")]).ids_only);
+        assert_eq!(parse(&[("limit", "3")]).limit, 3);
+        assert_eq!(parse(&[("limit", " 3 ")]).limit, 3);
+        assert_eq!(parse(&[("limit", "100000")]).limit, MAX_LIMIT);
+        assert_eq!(parse(&[("limit", "99999999999999999999999")]).limit, MAX_LIMIT);
+        assert_eq!(parse(&[("offset", "0"), ("limit", "2")]).limit, 2);
+        for bad in ["x", "abc", "-2", "0", "", "1.5", "3x", "+", "٣"] {
+            assert!(refused(&[("limit", bad)]).contains("limit must be a positive integer"), "{bad:?}");
+        }
+        assert!(refused(&[("offset", "abc")]).contains("offset"));
+        assert!(refused(&[("offset", "-1")]).contains("offset"));
+    }
+
+    #[test]
+    fn slugs_as_django_filter_reads_them() {
+        assert_eq!(parse(&[]).pipelines, Pipelines::Any);
+        assert_eq!(parse(&[("pipeline__slug__in", "")]).pipelines, Pipelines::Any);
+        assert_eq!(parse(&[("pipeline__slug__in", ",,,")]).pipelines, among(&[]));
+        assert_eq!(parse(&[("pipeline__slug__in", ",,,")]).slugs(), None);
+        assert_eq!(parse(&[("pipeline__slug__in", " , ")]).slugs(), None);
+        assert_eq!(parse(&[]).slugs(), Some(&[][..]));
+        assert_eq!(parse(&[("pipeline__slug__in", ",moths,")]).pipelines, among(&["moths"]));
+        let repeated = parse(&[("pipeline__slug__in", "x"), ("pipeline__slug__in", "y")]);
+        assert_eq!(repeated.pipelines, among(&["x", "y"]));
+        let with_empty = parse(&[("pipeline__slug__in", ""), ("pipeline__slug__in", "y")]);
+        assert_eq!(with_empty.pipelines, among(&["y"]));
+    }
+
+    #[test]
+    fn control_characters_in_slugs_are_refused() {
+        for bad in ["\0", "moths\0", "a,\u{7}", "a\nb", "\t", "\u{7f}", "x\u{85}"] {
+            assert!(refused(&[("pipeline__slug__in", bad)]).contains("control characters"), "{bad:?}");
+        }
+        assert_eq!(parse(&[("pipeline__slug__in", "papillons-é,ñ")]).pipelines, among(&["papillons-é", "ñ"]));
     }
 
     #[test]

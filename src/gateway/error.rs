@@ -3,7 +3,9 @@
 //! Bodies follow Django REST framework's `{"detail": …}` except where Antenna's views answer
 //! with their own shapes (the two 503s of `/tasks` and `/result`), which workers may parse.
 
+use axum::extract::Request;
 use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -21,6 +23,10 @@ pub enum GatewayError {
     /// 404: no such job (or route).
     #[error("not found")]
     NotFound,
+    /// 415: a body that is not sent as JSON; holds the request's `Content-Type` ("" when
+    /// absent), as DRF's `UnsupportedMediaType`.
+    #[error("unsupported media type {0:?}")]
+    UnsupportedMediaType(String),
     /// 413: the body is larger than the configured limit, or one result larger than NATS takes.
     #[error("{0}")]
     TooLarge(String),
@@ -49,6 +55,21 @@ impl GatewayError {
     pub fn db(e: impl std::fmt::Display) -> GatewayError {
         GatewayError::Database(e.to_string())
     }
+
+    /// The status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::TaskQueue(_)
+            | GatewayError::ResultQueue { .. }
+            | GatewayError::Database(_)
+            | GatewayError::Starting(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
 }
 
 impl IntoResponse for GatewayError {
@@ -71,6 +92,11 @@ impl IntoResponse for GatewayError {
             GatewayError::TooLarge(detail) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, Json(json!({"detail": detail}))).into_response()
             }
+            GatewayError::UnsupportedMediaType(media_type) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Json(json!({"detail": format!("Unsupported media type \"{media_type}\" in request.")})),
+            )
+                .into_response(),
             GatewayError::TaskQueue(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "Task queue temporarily unavailable"})))
                     .into_response()
@@ -94,6 +120,29 @@ impl IntoResponse for GatewayError {
 /// Paths the gateway does not serve.
 pub async fn not_found() -> GatewayError {
     GatewayError::NotFound
+}
+
+/// Middleware: a client error answered without a JSON body (axum's own rejections are plain
+/// text, e.g. a path parameter that is not UTF-8 once percent-decoded) gets DRF's shape,
+/// `{"detail": <the text>}`, with its status kept. The gateway's own errors are JSON already.
+pub async fn json_rejections(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    // Rejection texts are short; anything longer is cut rather than buffered whole.
+    let text = match axum::body::to_bytes(response.into_body(), 4096).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let detail = if text.is_empty() { status.canonical_reason().unwrap_or("Bad request").to_string() } else { text };
+    (status, Json(json!({"detail": detail}))).into_response()
 }
 
 /// A served path with another method (DRF's message).

@@ -20,7 +20,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -30,7 +30,7 @@ use tracing::{error, warn};
 use super::auth::Worker;
 use super::body::{self, Body};
 use super::heartbeat::Beat;
-use super::tasks::job_id;
+use super::tasks::JobId;
 use super::{job, Gateway, GatewayError};
 use crate::ingest::message::{parse_ack_subject, REASON_FOREIGN_REPLY_SUBJECT, REASON_WRONG_SHAPE};
 use crate::metrics::names;
@@ -82,10 +82,9 @@ enum Checked {
 pub async fn post(
     _worker: Worker,
     State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
     Body(bytes): Body,
 ) -> Result<Json<Value>, GatewayError> {
-    let id = job_id(&id)?;
     let checked = check(id, &bytes)?;
     known_job(&gateway, id).await?;
     let Some(nats) = gateway.nats() else {
@@ -371,6 +370,39 @@ mod tests {
         assert!(matches!(items[0], Checked::Valid { .. }));
         assert!(matches!(items[1], Checked::Refused { code: REASON_WRONG_SHAPE, .. }));
         assert!(matches!(items[2], Checked::Valid { .. }));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any body: no panic; a refusal of the whole request is a 400; every valid item has a
+        /// reply subject of job 7 that NATS headers can carry; every refused item's reason fits
+        /// in a header once escaped.
+        #[test]
+        fn any_body_is_checked_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            subject in "[ -~\\r\\n\\t]{0,80}",
+        ) {
+            let _ = check(7, &Bytes::from(bytes));
+            let body = serde_json::json!({"results": [{"reply_subject": subject, "result": {}}, 3, {"result": 1}]});
+            match check(7, &Bytes::from(body.to_string())) {
+                Ok(items) => {
+                    proptest::prop_assert_eq!(items.len(), 3);
+                    for item in items {
+                        match item {
+                            Checked::Valid { reply_subject, .. } => {
+                                proptest::prop_assert!(results_stream::header_safe(&reply_subject));
+                                proptest::prop_assert_eq!(parse_ack_subject(&reply_subject).map(|a| a.job), Ok(7));
+                            }
+                            Checked::Refused { detail, .. } => {
+                                proptest::prop_assert!(results_stream::header_safe(&header_text(&detail)));
+                            }
+                        }
+                    }
+                }
+                Err(e) => proptest::prop_assert!(false, "a well-formed envelope was refused whole: {e}"),
+            }
+        }
     }
 
     #[test]

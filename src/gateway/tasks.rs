@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::{AckKind, Message};
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -31,19 +32,38 @@ struct TasksRequest {
     batch_size: i64,
 }
 
-/// The job id of a path, 404 when it is not one.
+/// The job id of a path, 404 when it is not one. Only the canonical form of a positive
+/// decimal is a job id: ASCII digits, no sign, no leading zero, no whitespace, within `i64`.
+/// (Rust's `i64::from_str` and Python's `int()` both take `+1001`; a path that spells a job
+/// another way names no job here.)
 pub fn job_id(raw: &str) -> Result<i64, GatewayError> {
-    raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or(GatewayError::NotFound)
+    let canonical = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && !raw.starts_with('0');
+    if !canonical {
+        return Err(GatewayError::NotFound);
+    }
+    raw.parse::<i64>().map_err(|_| GatewayError::NotFound)
+}
+
+/// The `{id}` of a job path, as an extractor: 404 (JSON) when it is not a job id, including a
+/// segment that is not UTF-8 once percent-decoded (axum's own rejection would be plain text).
+pub struct JobId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobId {
+    type Rejection = GatewayError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, GatewayError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state).await.map_err(|_| GatewayError::NotFound)?;
+        job_id(&raw).map(JobId)
+    }
 }
 
 /// Serves the tasks call.
 pub async fn post(
     _worker: Worker,
     State(gateway): State<Arc<Gateway>>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
     Body(bytes): Body,
 ) -> Result<Json<Value>, GatewayError> {
-    let id = job_id(&id)?;
     let request: TasksRequest = body::parse(&bytes)?;
     let max = gateway.args.gateway_max_batch_size.max(1);
     let n = usize::try_from(request.batch_size)
@@ -128,9 +148,22 @@ mod tests {
     #[test]
     fn job_ids_are_positive_integers() {
         assert_eq!(job_id("42").ok(), Some(42));
+        assert_eq!(job_id("1001").ok(), Some(1001));
+        assert_eq!(job_id("9223372036854775807").ok(), Some(i64::MAX));
         assert!(job_id("0").is_err());
         assert!(job_id("-3").is_err());
         assert!(job_id("abc").is_err());
         assert!(job_id("99999999999999999999").is_err());
+        assert!(job_id("9223372036854775808").is_err());
+    }
+
+    #[test]
+    fn only_the_canonical_form_is_a_job_id() {
+        for raw in [
+            "+1001", "01001", "00", "", " 1001", "1001 ", "1001\n", "\t7", "1_001", "1,001", "1e3", "0x10", "١٢",
+            "１２", "7\0", "+0", "-0",
+        ] {
+            assert!(job_id(raw).is_err(), "{raw:?}");
+        }
     }
 }

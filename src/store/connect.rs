@@ -1,4 +1,6 @@
-//! Connecting: a pool of sessions with tally's settings, reached with bounded retries.
+//! Connecting: a pool of sessions with tally's settings, reached with bounded retries
+//! ([`connect`]) or one attempt at a time ([`connect_once`], which `tally serve` retries until
+//! its start-up deadline).
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
@@ -48,6 +50,78 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
             }
         }
     }
+    let pool = pool(args, config)?;
+    info!(attempts = attempt, "connected to the database");
+    Ok(pool)
+}
+
+/// One attempt: the pool, once the database has answered one connection. The error is the
+/// driver's, so that [`is_permanent`] can tell whether another attempt may succeed.
+pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
+    let config: tokio_postgres::Config = args.database_url.parse().map_err(ConnectError::Permanent)?;
+    match config.connect(NoTls).await {
+        Ok((client, connection)) => {
+            drop(client);
+            drop(connection);
+        }
+        Err(e) if is_permanent(&e) => return Err(ConnectError::Permanent(e)),
+        Err(e) => return Err(ConnectError::Transient(e)),
+    }
+    pool(args, config).map_err(|e| ConnectError::Pool(e.to_string()))
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Another attempt may succeed (nothing listens yet, the server is starting, …).
+    #[error("{}", with_cause(.0))]
+    Transient(tokio_postgres::Error),
+    /// Another attempt will not help: a malformed URL, no such database, bad credentials.
+    #[error("{}", with_cause(.0))]
+    Permanent(tokio_postgres::Error),
+    /// The pool could not be built.
+    #[error("{0}")]
+    Pool(String),
+}
+
+/// The driver's error with its cause ("db error: FATAL: database \"x\" does not exist", not
+/// just "db error").
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+impl ConnectError {
+    /// Whether retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, ConnectError::Transient(_))
+    }
+}
+
+/// Where `url` points, without credentials: `host:port/database` (for logs and `/readyz`).
+pub fn describe(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "the database (unparsable URL)".into();
+    };
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            }
+        })
+        .collect();
+    format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
+}
+
+fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreError> {
     let setup = format!(
         "SET TIME ZONE '{}'; SET statement_timeout = {}",
         args.time_zone.replace('\'', "''"),
@@ -62,7 +136,6 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
         }))
         .build()
         .map_err(|e| StoreError::Pool(e.to_string()))?;
-    info!(attempts = attempt, "connected to the database");
     Ok(Store { pool, args: args.clone() })
 }
 
@@ -85,7 +158,14 @@ fn is_permanent(e: &tokio_postgres::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::sibling_database_url;
+    use super::{describe, sibling_database_url};
+
+    #[test]
+    fn descriptions_carry_no_password() {
+        assert_eq!(describe("postgres://tally:secret@db.example:6543/antenna"), "db.example:6543/antenna");
+        assert_eq!(describe("postgres://postgres@127.0.0.1/antenna"), "127.0.0.1:5432/antenna");
+        assert!(!describe("host=h password=secret dbname=d").contains("secret"));
+    }
 
     #[test]
     fn replaces_only_the_database() {

@@ -65,12 +65,21 @@ impl Client {
     }
 
     fn head(&self, method: &str, path: &str, length: Option<usize>) -> String {
+        self.head_typed(method, path, length.map(|n| (Some("application/json"), n)))
+    }
+
+    /// A request head; a body of `n` bytes is announced with its `Content-Type` (`None`: no
+    /// such header).
+    fn head_typed(&self, method: &str, path: &str, body: Option<(Option<&str>, usize)>) -> String {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
         if let Some(token) = &self.token {
             head.push_str(&format!("Authorization: Token {token}\r\n"));
         }
-        if let Some(n) = length {
-            head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {n}\r\n"));
+        if let Some((content_type, n)) = body {
+            if let Some(content_type) = content_type {
+                head.push_str(&format!("Content-Type: {content_type}\r\n"));
+            }
+            head.push_str(&format!("Content-Length: {n}\r\n"));
         }
         head.push_str("\r\n");
         head
@@ -79,6 +88,13 @@ impl Client {
     pub async fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Response {
         let mut request = self.head(method, path, body.map(|b| b.len())).into_bytes();
         request.extend_from_slice(body.unwrap_or_default());
+        exchange(self.addr, &request).await
+    }
+
+    /// A POST whose body is sent with `content_type` (`None`: without a `Content-Type`).
+    pub async fn post_typed(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> Response {
+        let mut request = self.head_typed("POST", path, Some((content_type, body.len()))).into_bytes();
+        request.extend_from_slice(body);
         exchange(self.addr, &request).await
     }
 
