@@ -88,6 +88,8 @@ impl Wait<'_> {
     {
         let mut backoff = self.first_backoff.max(Duration::from_millis(10));
         let mut attempts = 0u32;
+        // The last failure an attempt reported, kept for when the deadline cuts one short.
+        let mut previous: Option<String> = None;
         self.waiting.set(self.service, format!("waiting for {} at {}", self.service, self.at));
         loop {
             attempts += 1;
@@ -112,8 +114,12 @@ impl Wait<'_> {
                     anyhow::bail!("cannot connect to {} at {}: {}", self.service, self.at, failure.message);
                 }
                 Some(Err(failure)) => failure.message,
-                None => "the attempt was still going at the deadline".to_string(),
+                None => match &previous {
+                    Some(before) => format!("the attempt was still going at the deadline; the one before: {before}"),
+                    None => "the attempt was still going at the deadline".to_string(),
+                },
             };
+            previous = Some(last.clone());
             self.waiting.set(self.service, format!("waiting for {} at {}: {last}", self.service, self.at));
             let now = Instant::now();
             if self.deadline.is_some_and(|d| now >= d) {
