@@ -83,7 +83,7 @@ impl NatsArgs {
             nats_url: url.to_string(),
             results_stream: "TALLY_RESULTS".into(),
             results_subject_prefix: "tally.results".into(),
-            results_object_bucket: "TALLY_RESULT_OBJECTS".into(),
+            results_object_bucket: crate::results_stream::DEFAULT_BUCKET.into(),
             nats_connect_timeout: 10,
             nats_request_timeout: 10,
         }

@@ -322,9 +322,10 @@ pub async fn replay(
     js: &async_nats::jetstream::Context,
     ids: &[i64],
 ) -> Result<ReplayReport, StoreError> {
-    let nats = crate::config::NatsArgs::for_url("");
     let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
-    let objects = crate::results_stream::ensure_bucket(js, &nats, max_age).await.map_err(StoreError::Nats)?;
+    let objects = crate::results_stream::ensure_bucket(js, crate::results_stream::DEFAULT_BUCKET, max_age)
+        .await
+        .map_err(StoreError::Nats)?;
     replay_with(store, js, &objects, ids).await
 }
 

@@ -185,6 +185,18 @@ impl DjangoCache {
     }
 }
 
+/// For a one-shot command (`verify --fix`, `rebuild`): invalidates `tables` once, and warns on
+/// stderr when Redis did not take it (no retry follows the command's exit).
+pub async fn invalidate_once(args: &DjangoCacheArgs, tables: &[&str]) -> anyhow::Result<()> {
+    let django = DjangoCache::new(args)?;
+    django.invalidate(tables.iter().copied()).await;
+    let pending = django.pending();
+    if !pending.is_empty() {
+        eprintln!("warning: Django's cache could not be invalidated for {pending:?}; it may serve the old counts");
+    }
+    Ok(())
+}
+
 impl Inner {
     async fn delete(&self, keys: &[String]) -> redis::RedisResult<()> {
         let mut slot = self.connection.lock().await;

@@ -392,7 +392,8 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
             crate::ingest::nats::ensure_stream(&nats.js, &gateway.nats_args, results)
                 .await
                 .map_err(|e| e.to_string())?;
-            crate::results_stream::ensure_bucket(&nats.js, &gateway.nats_args, results.max_age()).await
+            crate::results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, results.max_age())
+                .await
         };
         match ready.await {
             Ok(objects) => {

@@ -50,7 +50,7 @@ impl Health {
     /// Marks the daemon ready.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
-        let clear = self.conditions().is_empty();
+        let clear = self.conditions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty();
         metrics::gauge!(names::INGEST_READY).set(if clear { 1.0 } else { 0.0 });
     }
 
@@ -85,7 +85,8 @@ impl Health {
 
     /// Whether the daemon is ready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.conditions().is_empty()
+        self.ready.load(Ordering::SeqCst)
+            && self.conditions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).is_empty()
     }
 
     /// Why the daemon is not ready (the conditions set, else the last reason given, even once

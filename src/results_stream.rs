@@ -30,8 +30,6 @@ use thiserror::Error;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, warn};
 
-use crate::config::NatsArgs;
-
 /// Header of a claim-check message: the name of the object holding the result.
 pub const OBJECT_HEADER: &str = "Tally-Result-Object";
 /// Header of a claim-check message: the object's size in bytes.
@@ -41,6 +39,8 @@ pub const REFUSED_HEADER: &str = "Tally-Refused";
 /// Header of a result the gateway refused: the reason, as a JSON string (so it never holds a
 /// raw control character).
 pub const REFUSED_REASON_HEADER: &str = "Tally-Refused-Reason";
+/// The object store bucket of large results unless `--results-object-bucket` says otherwise.
+pub const DEFAULT_BUCKET: &str = "TALLY_RESULT_OBJECTS";
 /// JetStream's de-duplication header.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
@@ -124,13 +124,13 @@ pub struct Objects {
 }
 
 /// Creates the object store bucket of large results, or binds to it.
-pub async fn ensure_bucket(js: &jetstream::Context, nats: &NatsArgs, max_age: Duration) -> Result<Objects, String> {
-    let name = nats.results_object_bucket.clone();
+pub async fn ensure_bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Objects, String> {
+    let name = name.to_string();
     if let Ok(store) = js.get_object_store(&name).await {
         return Ok(Objects { name, store });
     }
     let config = object_store::Config {
-        bucket: nats.results_object_bucket.clone(),
+        bucket: name.clone(),
         description: Some("tally: results larger than one NATS message (claim check)".into()),
         max_age,
         storage: stream::StorageType::File,

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{consumer, stream};
 use client::{Client, Response};
 use common::ingest::{self, antenna_progress, world, Fixture, PIPELINE};
 use common::Flavor;
@@ -119,42 +118,8 @@ impl Bench {
         )
         .await
         .expect("insert job");
-        let name = format!("job_{job}");
-        let _ = self.fx.js.delete_stream(&name).await;
-        let s = self
-            .fx
-            .js
-            .create_stream(stream::Config {
-                name,
-                subjects: vec![format!("job.{job}.tasks")],
-                max_age: Duration::from_secs(3600),
-                ..Default::default()
-            })
-            .await
-            .expect("job stream");
+        ingest::antenna_queue(&self.fx.js, job, images, 2, Duration::from_secs(300)).await;
         self.fx.jobs.push(job);
-        s.create_consumer(consumer::pull::Config {
-            durable_name: Some(format!("job-{job}-consumer")),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(300),
-            max_deliver: 2,
-            max_ack_pending: 1000,
-            filter_subject: format!("job.{job}.tasks"),
-            ..Default::default()
-        })
-        .await
-        .expect("job consumer");
-        for image in images {
-            let task = json!({"id": image.to_string(), "image_id": image.to_string(),
-                              "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
-            self.fx
-                .js
-                .publish(format!("job.{job}.tasks"), serde_json::to_vec(&task).expect("json").into())
-                .await
-                .expect("publish task")
-                .await
-                .expect("task stored");
-        }
         job
     }
 
@@ -631,9 +596,13 @@ async fn one_bad_item_never_sinks_the_batch() {
     assert_eq!((processed, failed_n), (3, 1));
     ingest.stop().await;
     // Acked, so its object is gone.
-    let objects = tally::results_stream::ensure_bucket(&b.fx.js, &b.fx.nats_args, Duration::from_secs(3600))
-        .await
-        .expect("bucket");
+    let objects = tally::results_stream::ensure_bucket(
+        &b.fx.js,
+        &b.fx.nats_args.results_object_bucket,
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("bucket");
     assert!(objects.store.get(&object).await.is_err(), "the object of a saved result is deleted");
     ingest::assert_counts_exact(&b.fx.store).await;
     b.stop().await;
@@ -877,18 +846,7 @@ async fn tally_serve_no_ingest_serves_the_worker_api() {
 /// Replaces job `job`'s consumer (before any delivery) by one with `max_deliver` and
 /// `ack_wait`.
 async fn recreate_consumer(b: &Bench, job: i64, max_deliver: i64, ack_wait: Duration) {
-    let s = b.fx.js.get_stream(format!("job_{job}")).await.expect("job stream");
-    s.delete_consumer(&format!("job-{job}-consumer")).await.expect("delete consumer");
-    s.create_consumer(consumer::pull::Config {
-        durable_name: Some(format!("job-{job}-consumer")),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait,
-        max_deliver,
-        filter_subject: format!("job.{job}.tasks"),
-        ..Default::default()
-    })
-    .await
-    .expect("job consumer");
+    ingest::antenna_consumer(&b.fx.js, job, max_deliver, ack_wait).await;
 }
 
 /// A `/tasks` call answered `{"tasks": []}` within the fetch wait (0.2 s) and a margin.

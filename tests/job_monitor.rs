@@ -19,8 +19,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
-use common::ingest::{self, antenna_progress, job_progress, unique, world, Fixture, PIPELINE};
+use async_nats::jetstream::{self, consumer};
+use common::ingest::{
+    self, antenna_progress, antenna_queue, job_progress, progress_param as param, unique, world, Fixture, PIPELINE,
+};
 use common::services::PrivateNats;
 use common::{Flavor, TestDb};
 use serde_json::{json, Value};
@@ -67,15 +69,6 @@ async fn failed_images(store: &Store, job: i64) -> Vec<(i64, Option<String>)> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
-}
-
-/// A stage parameter of `job`'s progress.
-fn param(progress: &Value, stage: &str, key: &str) -> Value {
-    progress["stages"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["key"] == stage))
-        .and_then(|s| s["params"].as_array()?.iter().find(|p| p["key"] == key).map(|p| p["value"].clone()))
-        .unwrap_or(Value::Null)
 }
 
 async fn progress_of(store: &Store, job: i64) -> (String, Value) {
@@ -144,36 +137,8 @@ async fn antenna_job(f: &mut Fixture, images: &[u64], max_deliver: i64, ack_wait
     )
     .await
     .expect("insert job");
-    let _ = f.js.delete_stream(stream_name(job)).await;
-    let s =
-        f.js.create_stream(stream::Config {
-            name: stream_name(job),
-            subjects: vec![format!("job.{job}.tasks")],
-            max_age: Duration::from_secs(3600),
-            ..Default::default()
-        })
-        .await
-        .expect("job stream");
+    antenna_queue(&f.js, job, images, max_deliver, ack_wait).await;
     f.jobs.push(job);
-    s.create_consumer(consumer::pull::Config {
-        durable_name: Some(consumer_name(job)),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait,
-        max_deliver,
-        filter_subject: format!("job.{job}.tasks"),
-        ..Default::default()
-    })
-    .await
-    .expect("job consumer");
-    for image in images {
-        let task = json!({"id": image.to_string(), "image_id": image.to_string(),
-                          "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
-        f.js.publish(format!("job.{job}.tasks"), serde_json::to_vec(&task).expect("json").into())
-            .await
-            .expect("publish task")
-            .await
-            .expect("task stored");
-    }
     job
 }
 

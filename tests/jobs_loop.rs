@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use clap::Parser;
+use common::ingest::progress_param as param;
 use common::ingest::{self, expected, unique, world, Expected, Fixture, PIPELINE};
 use common::Flavor;
 use serde_json::Value;
@@ -209,15 +210,6 @@ async fn wait_ready(child: &mut Child, base: &str, log: &PathBuf) {
         assert!(Instant::now() < deadline, "tally serve not ready within 30 s\n{}", log_tail(log));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// A parameter of a stage of a job's `progress`.
-fn param(progress: &Value, stage: &str, key: &str) -> Value {
-    progress["stages"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["key"] == stage))
-        .and_then(|s| s["params"].as_array()?.iter().find(|p| p["key"] == key).map(|p| p["value"].clone()))
-        .unwrap_or(Value::Null)
 }
 
 fn stage<'a>(progress: &'a Value, key: &str) -> &'a Value {

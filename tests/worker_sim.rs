@@ -10,10 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{consumer, stream};
 use common::ingest::{self, antenna_progress, assert_counts_exact, expected, job_progress, rows, world, Fixture};
 use common::Flavor;
-use serde_json::json;
 use tally::config::DbArgs;
 use tally::gateway::{self, Gateway, GatewayArgs};
 use tally::ingest::daemon::IngestArgs;
@@ -80,36 +78,8 @@ async fn job(fx: &mut Fixture, images: &[u64]) -> i64 {
     )
     .await
     .expect("insert job");
-    let name = format!("job_{job}");
-    let _ = fx.js.delete_stream(&name).await;
-    let s = fx
-        .js
-        .create_stream(stream::Config {
-            name,
-            subjects: vec![format!("job.{job}.tasks")],
-            max_age: Duration::from_secs(3600),
-            ..Default::default()
-        })
-        .await
-        .expect("job stream");
+    ingest::antenna_queue(&fx.js, job, images, 2, Duration::from_secs(300)).await;
     fx.jobs.push(job);
-    s.create_consumer(consumer::pull::Config {
-        durable_name: Some(format!("job-{job}-consumer")),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(300),
-        max_deliver: 2,
-        max_ack_pending: 1000,
-        filter_subject: format!("job.{job}.tasks"),
-        ..Default::default()
-    })
-    .await
-    .expect("job consumer");
-    for image in images {
-        let task = json!({"id": image.to_string(), "image_id": image.to_string(),
-                          "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
-        let ack = fx.js.publish(format!("job.{job}.tasks"), task.to_string().into()).await.expect("publish task");
-        ack.await.expect("task stored");
-    }
     job
 }
 

@@ -31,14 +31,7 @@ pub async fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let mut engine = Engine::new(args.workers)?;
     let loaded = store::bootstrap::bootstrap(&store, &mut engine).await?;
     let written = store::sink::write_all(&store, &engine.snapshot()).await?;
-    let django = crate::django_cache::DjangoCache::new(&args.django_cache)?;
-    django.invalidate(written.tables()).await;
-    if !django.pending().is_empty() {
-        eprintln!(
-            "warning: Django's cache could not be invalidated for {:?}; it may serve the old counts",
-            django.pending()
-        );
-    }
+    crate::django_cache::invalidate_once(&args.django_cache, &written.tables()).await?;
     println!(
         "read {} rows ({} detections) in {:.1} s; corrected {} images, {} events, {} deployments",
         thousands(loaded.rows as i64),

@@ -60,14 +60,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut fixed = None;
     if args.fix && !differences.is_empty() {
         let written = store::verify::fix(&store, &verification).await?;
-        let django = crate::django_cache::DjangoCache::new(&args.django_cache)?;
-        django.invalidate(written.tables()).await;
-        if !django.pending().is_empty() {
-            eprintln!(
-                "warning: Django's cache could not be invalidated for {:?}; it may serve the old counts",
-                django.pending()
-            );
-        }
+        crate::django_cache::invalidate_once(&args.django_cache, &written.tables()).await?;
         remaining = store::verify::verify(&store, scope).await?.differences.len();
         fixed = Some(written.total());
     }

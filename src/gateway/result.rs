@@ -96,7 +96,7 @@ pub async fn post(
             // `tally serve` creates the bucket at start; a gateway assembled elsewhere does it
             // on first use, with the results stream's default max age.
             let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
-            let objects = results_stream::ensure_bucket(&nats.js, &gateway.nats_args, max_age)
+            let objects = results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, max_age)
                 .await
                 .map_err(|reason| GatewayError::ResultQueue { job_id: id, reason })?;
             gateway.set_objects(objects.clone());

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::{self, consumer, stream};
 use tally::config::NatsArgs;
 use tally::http::Health;
 use tally::ingest::batch::Ingestor;
@@ -351,4 +351,57 @@ pub async fn job_progress(store: &Store, job: i64) -> (String, i64, i64, i64, i6
         param("results", "detections"),
         param("results", "classifications"),
     )
+}
+
+/// A job's task queue as Antenna leaves it: stream `job_{id}` (replacing one of that name),
+/// durable consumer `job-{id}-consumer` with `max_deliver` and `ack_wait`, and one task per
+/// image in Antenna's body. No task is pulled.
+pub async fn antenna_queue(js: &jetstream::Context, job: i64, images: &[u64], max_deliver: i64, ack_wait: Duration) {
+    let name = tally::jobs::stream_name(job);
+    let _ = js.delete_stream(&name).await;
+    js.create_stream(stream::Config {
+        name,
+        subjects: vec![format!("job.{job}.tasks")],
+        max_age: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .expect("job stream");
+    antenna_consumer(js, job, max_deliver, ack_wait).await;
+    for image in images {
+        let task = serde_json::json!({"id": image.to_string(), "image_id": image.to_string(),
+                                      "image_url": format!("https://example.org/{image}.jpg"), "reply_subject": null});
+        js.publish(format!("job.{job}.tasks"), serde_json::to_vec(&task).expect("json").into())
+            .await
+            .expect("publish task")
+            .await
+            .expect("task stored");
+    }
+}
+
+/// (Re)creates job `job`'s consumer with `max_deliver` and `ack_wait` (Antenna's other
+/// settings), replacing the one there.
+pub async fn antenna_consumer(js: &jetstream::Context, job: i64, max_deliver: i64, ack_wait: Duration) {
+    let s = js.get_stream(tally::jobs::stream_name(job)).await.expect("job stream");
+    let _ = s.delete_consumer(&tally::jobs::consumer_name(job)).await;
+    s.create_consumer(consumer::pull::Config {
+        durable_name: Some(tally::jobs::consumer_name(job)),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver,
+        max_ack_pending: 1000,
+        filter_subject: format!("job.{job}.tasks"),
+        ..Default::default()
+    })
+    .await
+    .expect("job consumer");
+}
+
+/// A parameter of a stage of a job's `progress` (`Null` when absent).
+pub fn progress_param(progress: &serde_json::Value, stage: &str, key: &str) -> serde_json::Value {
+    progress["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["key"] == stage))
+        .and_then(|s| s["params"].as_array()?.iter().find(|p| p["key"] == key).map(|p| p["value"].clone()))
+        .unwrap_or(serde_json::Value::Null)
 }
