@@ -8,6 +8,8 @@
 //! - [`batch`]: one batch end to end: decode, save, dead letters, dataflow, counts, commit,
 //!   then acks.
 //! - [`nats`]: the results stream and durable consumer, the pull loop's transport, task acks.
+//! - [`feed`]: the change feed: Django's edits to the count inputs, from the outbox its
+//!   triggers fill, applied between batches.
 //! - [`daemon`]: `tally serve`'s ingest loop: bootstrap, consume, shutdown.
 
 pub mod ack;
@@ -15,6 +17,7 @@ pub mod analyze;
 pub mod batch;
 pub mod daemon;
 pub mod determination;
+pub mod feed;
 pub mod message;
 pub mod monitor;
 pub mod nats;

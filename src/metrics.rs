@@ -98,6 +98,17 @@ pub mod names {
     /// Counter of job monitor passes that failed (Postgres or NATS errors; retried next pass),
     /// label `part` = `lost_images` | `cleanup`.
     pub const JOB_MONITOR_ERRORS: &str = "tally_job_monitor_errors_total";
+    /// Counter of rows changed by other writers (Django) that the change feed applied, label
+    /// `table`.
+    pub const FEED_ROWS: &str = "tally_feed_rows_total";
+    /// Histogram of seconds from a change's commit in Django to the commit of its counts.
+    pub const FEED_LAG_SECONDS: &str = "tally_feed_lag_seconds";
+    /// Histogram of seconds per change-feed step (read, dataflow, counts, commit).
+    pub const FEED_STEP_SECONDS: &str = "tally_feed_step_seconds";
+    /// Counter of change-feed steps that failed (retried; the engine is rebuilt).
+    pub const FEED_ERRORS: &str = "tally_feed_errors_total";
+    /// Gauge: outbox entries left after the last change-feed step.
+    pub const FEED_BACKLOG: &str = "tally_feed_backlog";
 }
 
 /// Bucket bounds for durations in seconds: half a millisecond (one small batch's decode) to a
@@ -141,6 +152,8 @@ fn builder() -> PrometheusBuilder {
         (names::INGEST_BATCH_SECONDS, SECONDS_BUCKETS),
         (names::PUBLISH_TO_ACK_SECONDS, SECONDS_BUCKETS),
         (names::GATEWAY_REQUEST_SECONDS, SECONDS_BUCKETS),
+        (names::FEED_LAG_SECONDS, SECONDS_BUCKETS),
+        (names::FEED_STEP_SECONDS, SECONDS_BUCKETS),
         (names::INGEST_BATCH_MESSAGES, BATCH_BUCKETS),
     ] {
         // Only an empty bucket list is refused, and ours are non-empty constants.
@@ -165,6 +178,11 @@ fn describe() {
     describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
     describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");
     describe_counter!(COUNT_WRITES, Unit::Count, "Count rows written to Antenna's tables, by table.");
+    describe_counter!(FEED_ROWS, Unit::Count, "Rows changed by other writers (Django) applied from the change feed, by table.");
+    describe_histogram!(FEED_LAG_SECONDS, Unit::Seconds, "Seconds from a Django change to the commit of its counts.");
+    describe_histogram!(FEED_STEP_SECONDS, Unit::Seconds, "Seconds per change-feed step.");
+    describe_counter!(FEED_ERRORS, Unit::Count, "Change-feed steps that failed (retried after a rebuild).");
+    describe_gauge!(FEED_BACKLOG, Unit::Count, "Change-feed outbox entries left after the last step.");
     describe_gauge!(
         DATAFLOW_LAG_SECONDS,
         Unit::Seconds,

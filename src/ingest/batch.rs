@@ -14,7 +14,7 @@
 //! before the next batch.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram};
 use tally_dataflows::Engine;
@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 use crate::dead_letters::{self, NewDeadLetter};
 use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
+use crate::ingest::feed;
 use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
@@ -78,6 +79,21 @@ pub struct BatchReport {
     pub changed_owners: usize,
     /// The Antenna tables the batch wrote (whose django-cachalot keys it invalidated).
     pub tables: std::collections::BTreeSet<&'static str>,
+}
+
+/// What one change-feed step did.
+#[derive(Debug, Default)]
+pub struct FeedReport {
+    /// Outbox entries applied (0: the outbox was empty).
+    pub entries: usize,
+    /// Distinct rows re-read, by table.
+    pub rows: std::collections::BTreeMap<String, u64>,
+    /// Count rows written.
+    pub sink: SinkReport,
+    /// Owners whose counts changed.
+    pub changed_owners: usize,
+    /// A TRUNCATE made the step rebuild the engine from Postgres.
+    pub rebuilt: bool,
 }
 
 /// How counts are kept while ingesting. Only [`CountStrategy::Incremental`] is tally; the
@@ -191,22 +207,81 @@ impl Ingestor {
 
     /// Reloads the engine from Postgres and writes every count that differs (SPEC §6: on
     /// start, and after a batch failed with the engine applied).
+    /// Change-feed entries visible when it starts are covered by what it reads, and deleted.
     pub async fn rebuild(&mut self) -> Result<(), IngestError> {
         let mut engine = Engine::new(self.workers).map_err(store::StoreError::from)?;
+        let covered = feed::visible(&self.store.client().await?).await?;
         let loaded = store::bootstrap::bootstrap(&self.store, &mut engine).await?;
         let corrected = store::sink::write_all(&self.store, &engine.snapshot()).await?;
+        feed::forget(&self.store.client().await?, &covered).await?;
         self.django.invalidate(corrected.tables()).await;
         info!(
             rows = loaded.rows,
             detections = loaded.detections,
             seconds = loaded.seconds,
             corrected = corrected.total(),
+            feed_entries_covered = covered.len(),
             "dataflow state rebuilt from Postgres"
         );
         self.engine = engine;
         self.dirty = false;
         metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
         Ok(())
+    }
+
+    /// Applies up to `limit` change-feed entries (Django's edits) as one dataflow time: their
+    /// rows re-read, the counts that changed written, and the entries deleted, in one
+    /// transaction. `pause` (tests only) sleeps between the read and the rest.
+    pub async fn apply_feed(&mut self, limit: i64, pause: Option<Duration>) -> Result<FeedReport, IngestError> {
+        if self.dirty {
+            self.rebuild().await?;
+        }
+        let started = Instant::now();
+        let mut client = self.store.client().await?;
+        let tx = client.transaction().await.map_err(store::StoreError::from)?;
+        let read = feed::read(&tx, limit).await?;
+        if read.seqs.is_empty() {
+            return Ok(FeedReport::default());
+        }
+        info!(entries = read.seqs.len(), rows = ?read.rows, truncate = read.truncate, "change feed: read");
+        if let Some(pause) = pause {
+            warn!(?pause, "change feed: pausing before applying (--debug-feed-pause)");
+            tokio::time::sleep(pause).await;
+        }
+        if read.truncate {
+            // No transition tables for a TRUNCATE: read everything again.
+            drop(tx);
+            warn!("change feed: a table was truncated; rebuilding the dataflow from Postgres");
+            self.dirty = true;
+            self.rebuild().await?;
+            return Ok(FeedReport { entries: read.seqs.len(), rebuilt: true, ..FeedReport::default() });
+        }
+        self.dirty = true;
+        let engine = &mut self.engine;
+        let changes = tokio::task::block_in_place(|| engine.apply(&read.input)).map_err(store::StoreError::from)?;
+        let sink = store::sink::write_changes_in(&tx, &changes).await?;
+        feed::consume(&tx, &read.seqs).await?;
+        tx.commit().await.map_err(store::StoreError::from)?;
+        self.dirty = false;
+        self.django.invalidate(sink.tables()).await;
+        let seconds = started.elapsed().as_secs_f64();
+        histogram!(names::FEED_STEP_SECONDS).record(seconds);
+        histogram!(names::FEED_LAG_SECONDS).record(read.oldest_age + seconds);
+        for (table, n) in &read.rows {
+            counter!(names::FEED_ROWS, "table" => table.clone()).increment(*n);
+        }
+        counter!(names::COUNT_WRITES, "table" => "main_sourceimage").increment(sink.images);
+        counter!(names::COUNT_WRITES, "table" => "main_event").increment(sink.events);
+        counter!(names::COUNT_WRITES, "table" => "main_deployment").increment(sink.deployments);
+        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
+        info!(
+            entries = read.seqs.len(),
+            changed_owners = changes.len(),
+            counts_written = sink.total(),
+            ms = (seconds * 1000.0) as u64,
+            "change feed: applied"
+        );
+        Ok(FeedReport { entries: read.seqs.len(), rows: read.rows, sink, changed_owners: changes.len(), rebuilt: false })
     }
 
     /// Processes one batch. `Err` means a transient failure of the whole batch: nothing was

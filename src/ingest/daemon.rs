@@ -21,6 +21,7 @@ use crate::config::NatsArgs;
 use crate::http::Health;
 use crate::ingest::ack::{self, Deferral, Settlement};
 use crate::ingest::batch::{Incoming, Ingestor, Outcome};
+use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::message::{reason_code, Rejection, REASON_OBJECT_MISSING, REASON_OVERSIZED, REASON_WRONG_SHAPE};
 use crate::ingest::monitor;
 use crate::ingest::nats::{self, ConsumerArgs};
@@ -59,6 +60,9 @@ pub struct IngestArgs {
     /// Consumer settings.
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+    /// Change feed settings.
+    #[command(flatten)]
+    pub feed: FeedArgs,
 }
 
 impl Default for IngestArgs {
@@ -72,6 +76,7 @@ impl Default for IngestArgs {
             monitor_every: Duration::from_secs(5),
             stall_after: Duration::from_secs(60),
             consumer: ConsumerArgs::default(),
+            feed: FeedArgs::default(),
         }
     }
 }
@@ -149,6 +154,14 @@ pub async fn run(
         Duration::from_secs(1),
         helpers.clone(),
     ));
+    // Django's edits: the listener wakes the loop, which applies them between batches.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let listener = feed::spawn_listener(
+        ingestor.store().args.database_url.clone(),
+        Arc::clone(&wake),
+        args.feed.feed_poll,
+        helpers.clone(),
+    );
     let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
     backoff = Duration::from_millis(100);
     'connect: while !shutdown.is_cancelled() {
@@ -174,6 +187,10 @@ pub async fn run(
             // Wait for the first message of a batch (or shutdown).
             let first = tokio::select! {
                 m = messages.next() => m,
+                _ = wake.notified() => {
+                    drain_feed(&mut ingestor, &args.feed, &health, &wake).await;
+                    continue;
+                }
                 _ = shutdown.cancelled() => break 'connect,
             };
             let mut batch = match first {
@@ -211,10 +228,38 @@ pub async fn run(
         }
     }
     helpers.cancel();
-    let _ = tokio::join!(monitor, retries);
+    let _ = tokio::join!(monitor, retries, listener);
     health.set_not_ready("shutting down");
     info!("ingest stopped");
     Ok(())
+}
+
+/// Applies the change feed until the outbox is empty. A failure is logged and counted, and
+/// the loop is woken again a second later (the engine is rebuilt first if it was applied).
+async fn drain_feed(ingestor: &mut Ingestor, args: &FeedArgs, health: &Health, wake: &Arc<tokio::sync::Notify>) {
+    loop {
+        match ingestor.apply_feed(args.feed_batch, args.debug_feed_pause).await {
+            Ok(report) if report.entries < args.feed_batch.max(1) as usize => break,
+            Ok(_) => continue,
+            Err(e) => {
+                counter!(names::FEED_ERRORS).increment(1);
+                warn!(error = %e, "change feed step failed; retrying in 1 s");
+                health.set_not_ready(format!("change feed: {e}"));
+                let wake = Arc::clone(wake);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    wake.notify_one();
+                });
+                return;
+            }
+        }
+    }
+    health.set_ready();
+    if let Ok(client) = ingestor.store().client().await {
+        if let Ok(n) = feed::backlog(&client).await {
+            gauge!(names::FEED_BACKLOG).set(n as f64);
+        }
+    }
 }
 
 /// What the loop hands every batch.

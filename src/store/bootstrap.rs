@@ -39,6 +39,8 @@ struct Source {
     sql: &'static str,
     types: &'static [Type],
     push: fn(&BinaryCopyOutRow, &mut InputBatch) -> Result<(), tokio_postgres::Error>,
+    /// Records that the row with this id is gone.
+    remove: fn(&mut InputBatch, u64),
 }
 
 fn id(row: &BinaryCopyOutRow, i: usize) -> Result<u64, tokio_postgres::Error> {
@@ -62,6 +64,7 @@ const SOURCES: &[Source] = &[
             b.taxa.push((id(r, 0)?, Some(Taxon { ancestors })));
             Ok(())
         },
+        remove: |b, id| b.taxa.push((id, None)),
     },
     Source {
         name: "main_project",
@@ -71,6 +74,7 @@ const SOURCES: &[Source] = &[
             b.projects.push((id(r, 0)?, Some(Project { threshold: Score::new(r.try_get(1)?) })));
             Ok(())
         },
+        remove: |b, id| b.projects.push((id, None)),
     },
     Source {
         name: "main_project_default_filters_include_taxa",
@@ -80,6 +84,7 @@ const SOURCES: &[Source] = &[
             b.include_taxa.push((id(r, 0)?, Some(FilterTaxon { project: id(r, 1)?, taxon: id(r, 2)? })));
             Ok(())
         },
+        remove: |b, id| b.include_taxa.push((id, None)),
     },
     Source {
         name: "main_project_default_filters_exclude_taxa",
@@ -89,6 +94,7 @@ const SOURCES: &[Source] = &[
             b.exclude_taxa.push((id(r, 0)?, Some(FilterTaxon { project: id(r, 1)?, taxon: id(r, 2)? })));
             Ok(())
         },
+        remove: |b, id| b.exclude_taxa.push((id, None)),
     },
     Source {
         name: "main_deployment",
@@ -98,6 +104,7 @@ const SOURCES: &[Source] = &[
             b.deployments.push((id(r, 0)?, Some(Deployment { project: opt_id(r, 1)? })));
             Ok(())
         },
+        remove: |b, id| b.deployments.push((id, None)),
     },
     Source {
         name: "main_event",
@@ -107,6 +114,7 @@ const SOURCES: &[Source] = &[
             b.events.push((id(r, 0)?, Some(Event { deployment: opt_id(r, 1)?, project: opt_id(r, 2)? })));
             Ok(())
         },
+        remove: |b, id| b.events.push((id, None)),
     },
     Source {
         name: "main_sourceimage",
@@ -127,6 +135,7 @@ const SOURCES: &[Source] = &[
             ));
             Ok(())
         },
+        remove: |b, id| b.images.push((id, None)),
     },
     Source {
         name: "main_occurrence",
@@ -144,6 +153,7 @@ const SOURCES: &[Source] = &[
             ));
             Ok(())
         },
+        remove: |b, id| b.occurrences.push((id, None)),
     },
     Source {
         name: "main_detection",
@@ -156,6 +166,7 @@ const SOURCES: &[Source] = &[
             ));
             Ok(())
         },
+        remove: |b, id| b.detections.push((id, None)),
     },
 ];
 
@@ -218,7 +229,36 @@ fn apply(engine: &mut Engine, batch: &InputBatch) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads the rows of input table `table` whose `column` is in `ids` into `batch`, as upserts.
+/// Reads the current rows of input table `table` with these primary keys into `batch`: an
+/// upsert for each row found, a delete for each id that no longer exists. The change feed
+/// turns its outbox entries into exact input differences this way (the engine diffs them
+/// against the rows it holds, so an unchanged row changes nothing).
+pub async fn read_by_id(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    ids: &[i64],
+    batch: &mut InputBatch,
+) -> Result<(), StoreError> {
+    let found = read_rows(tx, table, "id", ids, batch).await?;
+    let Some(source) = SOURCES.iter().find(|s| s.name == table) else {
+        return Err(StoreError::NotMigrated(format!("{table} (not a dataflow input)")));
+    };
+    let found: std::collections::HashSet<i64> = found.into_iter().collect();
+    for &id in ids {
+        if !found.contains(&id) {
+            (source.remove)(batch, id as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `table` is an input of the counts (one the change feed watches).
+pub fn is_input(table: &str) -> bool {
+    SOURCES.iter().any(|s| s.name == table)
+}
+
+/// Reads the rows of input table `table` whose `column` is in `ids` into `batch`, as upserts,
+/// and returns the ids of the rows read.
 /// Ingest uses this to bring the engine the rows that Django may have created since the
 /// bootstrap (a new image, event or taxon) before it counts anything that refers to them.
 pub async fn read_rows(
@@ -227,9 +267,9 @@ pub async fn read_rows(
     column: &str,
     ids: &[i64],
     batch: &mut InputBatch,
-) -> Result<(), StoreError> {
+) -> Result<Vec<i64>, StoreError> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let Some(source) = SOURCES.iter().find(|s| s.name == table) else {
         return Err(StoreError::NotMigrated(format!("{table} (not a dataflow input)")));
@@ -242,8 +282,11 @@ pub async fn read_rows(
     );
     let copy = tx.copy_out(&sql).await?;
     let mut rows = pin!(BinaryCopyOutStream::new(copy, source.types));
+    let mut read = Vec::new();
     while let Some(row) = rows.next().await {
-        (source.push)(&row?, batch)?;
+        let row = row?;
+        read.push(row.try_get::<i64>(0)?);
+        (source.push)(&row, batch)?;
     }
-    Ok(())
+    Ok(read)
 }

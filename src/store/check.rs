@@ -70,7 +70,11 @@ pub async fn check_schema(store: &Store) -> Result<(), StoreError> {
         }
     }
     let migrated: bool = client
-        .query_one("SELECT to_regprocedure('tally.passes(bigint, double precision, bigint)') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regprocedure('tally.passes(bigint, double precision, bigint)') IS NOT NULL
+                    AND to_regclass('tally.change_outbox') IS NOT NULL",
+            &[],
+        )
         .await?
         .get(0);
     if !migrated {

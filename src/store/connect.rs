@@ -10,7 +10,9 @@ use tracing::{info, warn};
 use crate::config::DbArgs;
 use crate::store::StoreError;
 
-/// A pool of Postgres sessions, each with the configured time zone and statement timeout.
+/// A pool of Postgres sessions, each with the configured time zone and statement timeout, and
+/// `tally.origin = 'tally'`: the change feed's triggers skip tally's own writes, which reach
+/// the dataflow in the transaction that makes them (migration V7).
 #[derive(Clone)]
 pub struct Store {
     /// The sessions.
@@ -123,7 +125,7 @@ pub fn describe(url: &str) -> String {
 
 fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreError> {
     let setup = format!(
-        "SET TIME ZONE '{}'; SET statement_timeout = {}",
+        "SET TIME ZONE '{}'; SET statement_timeout = {}; SET tally.origin = 'tally'",
         args.time_zone.replace('\'', "''"),
         args.statement_timeout.saturating_mul(1000)
     );
