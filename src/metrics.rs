@@ -178,7 +178,11 @@ fn describe() {
     describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
     describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");
     describe_counter!(COUNT_WRITES, Unit::Count, "Count rows written to Antenna's tables, by table.");
-    describe_counter!(FEED_ROWS, Unit::Count, "Rows changed by other writers (Django) applied from the change feed, by table.");
+    describe_counter!(
+        FEED_ROWS,
+        Unit::Count,
+        "Rows changed by other writers (Django) applied from the change feed, by table."
+    );
     describe_histogram!(FEED_LAG_SECONDS, Unit::Seconds, "Seconds from a Django change to the commit of its counts.");
     describe_histogram!(FEED_STEP_SECONDS, Unit::Seconds, "Seconds per change-feed step.");
     describe_counter!(FEED_ERRORS, Unit::Count, "Change-feed steps that failed (retried after a rebuild).");

@@ -141,7 +141,9 @@ async fn filter_and_determination_edits_reach_the_counts() {
         &f,
         &dj,
         "m2m remove from default_filters_include_taxa",
-        &format!("DELETE FROM main_project_default_filters_include_taxa WHERE project_id = 2 AND taxon_id IN ({family})"),
+        &format!(
+            "DELETE FROM main_project_default_filters_include_taxa WHERE project_id = 2 AND taxon_id IN ({family})"
+        ),
     )
     .await;
 
@@ -205,13 +207,17 @@ async fn filter_and_determination_edits_reach_the_counts() {
     // Django's own recompute writes count columns only, and a save() that rewrites a row with
     // the same input values changes nothing: neither enters the feed.
     assert_eq!(
-        entries_of(&dj, "UPDATE main_event SET captures_count = captures_count + 1, calculated_fields_updated_at = now()")
-            .await,
+        entries_of(
+            &dj,
+            "UPDATE main_event SET captures_count = captures_count + 1, calculated_fields_updated_at = now()"
+        )
+        .await,
         0,
         "a count-only UPDATE (update_calculated_fields) entered the feed"
     );
     assert_eq!(
-        entries_of(&dj, "UPDATE main_occurrence SET updated_at = now(), determination_score = determination_score").await,
+        entries_of(&dj, "UPDATE main_occurrence SET updated_at = now(), determination_score = determination_score")
+            .await,
         0,
         "an UPDATE that changes no input value entered the feed"
     );
@@ -398,9 +404,295 @@ async fn taxonomy_imports_and_new_captures_reach_the_counts() {
     .await;
 
     // A TRUNCATE has no transition tables: serve rebuilds from the tables.
-    step(&f, &dj, "TRUNCATE main_project_default_filters_include_taxa", "TRUNCATE main_project_default_filters_include_taxa")
-        .await;
+    step(
+        &f,
+        &dj,
+        "TRUNCATE main_project_default_filters_include_taxa",
+        "TRUNCATE main_project_default_filters_include_taxa",
+    )
+    .await;
 
+    r.stop().await;
+    f.cleanup().await;
+}
+
+/// `tally serve` (the binary) on the fixture's database and streams, logging to `log`.
+fn serve(f: &Fixture, log: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-gateway", "--feed-poll", "1s"])
+        .args(["--database-url", &f.db.as_ref().expect("db").url])
+        .args(["--nats-url", &f.nats_args.nats_url])
+        .args(["--results-stream", &f.nats_args.results_stream])
+        .args(["--results-subject-prefix", &f.nats_args.results_subject_prefix])
+        .args(extra)
+        .env("TALLY_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(out)
+        .spawn()
+        .expect("start tally serve")
+}
+
+/// Waits until `log` has a line containing `text` `times` times in all.
+async fn logged(log: &std::path::Path, text: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = std::fs::read_to_string(log).unwrap_or_default().matches(text).count();
+        if seen >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{text}` not logged {times} times within 60 s:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL between reading the outbox and committing: nothing is applied, nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_reading_the_outbox_and_committing_loses_nothing() {
+    let (f, r) = running("feed_crash").await;
+    r.stop().await;
+    let dj = django(&f).await;
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("feed-crash-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+
+    let mut daemon = serve(&f, &log, &["--debug-feed-pause", "120s"]);
+    logged(&log, "change feed: listening", 1).await;
+    let before = computed(&f.store).await;
+    dj.batch_execute("UPDATE main_project SET updated_at = now(), default_filters_score_threshold = 0.9 WHERE id = 1")
+        .await
+        .expect("threshold edit");
+    logged(&log, "change feed: pausing before applying", 1).await;
+    daemon.kill().expect("SIGKILL");
+    daemon.wait().expect("reaped");
+
+    // Killed after the read: the entry is still there and the stored counts are the old ones.
+    assert_eq!(backlog(&f.store).await, 1, "the outbox entry must survive the crash");
+    let after = computed(&f.store).await;
+    assert_ne!(before, after, "the edit must change some count");
+    let stale = verify(&f.store, Scope::default()).await.expect("verify");
+    assert!(!stale.differences.is_empty(), "nothing may be applied before the commit");
+
+    // Restarted: the rebuild (or the feed) covers the entry, once.
+    let mut daemon = serve(&f, &log, &[]);
+    logged(&log, "change feed: listening", 2).await;
+    drained(&f.store).await;
+    assert_counts_exact(&f.store).await;
+    // And it keeps applying edits.
+    step(
+        &f,
+        &dj,
+        "threshold edit after the restart",
+        "UPDATE main_project SET default_filters_score_threshold = 0.6 WHERE id = 1",
+    )
+    .await;
+    let pid = daemon.id().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    let status = daemon.wait().expect("serve exits");
+    assert!(status.success(), "serve did not stop cleanly on SIGTERM: {status}");
+    f.cleanup().await;
+}
+
+/// One Django edit of the property test; indices pick among the rows that exist then.
+#[derive(Debug, Clone)]
+enum Edit {
+    Threshold { project: i64, value: f64 },
+    ToggleInclude { project: i64, pick: usize },
+    ToggleExclude { project: i64, pick: usize },
+    Identify { occurrence: usize, species: usize },
+    MoveImage { image: usize, event: usize },
+    ImageTimestamp { image: usize, hours: i32 },
+    DeleteOccurrence { occurrence: usize },
+    DeleteImage { image: usize },
+    Reparent { species: usize, genus: usize },
+    DeploymentProject { deployment: i64, project: i64 },
+}
+
+fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (1..=2i64, prop::sample::select(vec![0.0, 0.3, 0.5, 0.7, 0.95]))
+            .prop_map(|(project, value)| Edit::Threshold { project, value }),
+        (1..=2i64, any::<usize>()).prop_map(|(project, pick)| Edit::ToggleInclude { project, pick }),
+        (1..=2i64, any::<usize>()).prop_map(|(project, pick)| Edit::ToggleExclude { project, pick }),
+        (any::<usize>(), any::<usize>()).prop_map(|(occurrence, species)| Edit::Identify { occurrence, species }),
+        (any::<usize>(), any::<usize>()).prop_map(|(image, event)| Edit::MoveImage { image, event }),
+        (any::<usize>(), -48..48i32).prop_map(|(image, hours)| Edit::ImageTimestamp { image, hours }),
+        any::<usize>().prop_map(|occurrence| Edit::DeleteOccurrence { occurrence }),
+        any::<usize>().prop_map(|image| Edit::DeleteImage { image }),
+        (any::<usize>(), any::<usize>()).prop_map(|(species, genus)| Edit::Reparent { species, genus }),
+        (1..=4i64, 1..=2i64).prop_map(|(deployment, project)| Edit::DeploymentProject { deployment, project }),
+    ]
+}
+
+/// The `pick`-th (modulo) id `sql` returns, if any.
+async fn pick(c: &tokio_postgres::Client, sql: &str, pick: usize) -> Option<i64> {
+    let ids: Vec<i64> =
+        c.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")).iter().map(|r| r.get(0)).collect();
+    (!ids.is_empty()).then(|| ids[pick % ids.len()])
+}
+
+const SPECIES: &str = "SELECT id FROM main_taxon WHERE jsonb_array_length(parents_json) = 3 ORDER BY id";
+const GENERA: &str = "SELECT id FROM main_taxon WHERE jsonb_array_length(parents_json) = 2 ORDER BY id";
+const FAMILIES: &str = "SELECT id FROM main_taxon WHERE jsonb_array_length(parents_json) = 1 ORDER BY id";
+
+/// The SQL Django emits for `edit` (empty when there is nothing to pick).
+async fn django_sql(c: &tokio_postgres::Client, edit: &Edit) -> String {
+    match *edit {
+        Edit::Threshold { project, value } => {
+            format!("UPDATE main_project SET updated_at = now(), default_filters_score_threshold = {value} WHERE id = {project}")
+        }
+        Edit::ToggleInclude { project, pick: p } | Edit::ToggleExclude { project, pick: p } => {
+            let (table, taxa) = match edit {
+                Edit::ToggleInclude { .. } => ("main_project_default_filters_include_taxa", FAMILIES),
+                _ => ("main_project_default_filters_exclude_taxa", GENERA),
+            };
+            let Some(taxon) = pick(c, taxa, p).await else { return String::new() };
+            let linked =
+                one(c, &format!("SELECT count(*) FROM {table} WHERE project_id = {project} AND taxon_id = {taxon}"))
+                    .await;
+            if linked > 0 {
+                format!("DELETE FROM {table} WHERE project_id = {project} AND taxon_id IN ({taxon})")
+            } else {
+                format!("INSERT INTO {table} (project_id, taxon_id) VALUES ({project}, {taxon})")
+            }
+        }
+        Edit::Identify { occurrence, species } => {
+            let (Some(o), Some(t)) = (
+                pick(c, "SELECT id FROM main_occurrence ORDER BY id", occurrence).await,
+                pick(c, SPECIES, species).await,
+            ) else {
+                return String::new();
+            };
+            format!(
+                "BEGIN;
+                 INSERT INTO main_identification (created_at, updated_at, occurrence_id, taxon_id, withdrawn, comment)
+                 VALUES (now(), now(), {o}, {t}, false, '');
+                 UPDATE main_occurrence SET updated_at = now(), event_id = event_id, determination_id = {t},
+                        determination_score = 1.0 WHERE id = {o};
+                 COMMIT;"
+            )
+        }
+        Edit::MoveImage { image, event } => {
+            let (Some(i), Some(e)) = (
+                pick(c, "SELECT id FROM main_sourceimage ORDER BY id", image).await,
+                pick(c, "SELECT id FROM main_event ORDER BY id", event).await,
+            ) else {
+                return String::new();
+            };
+            format!("UPDATE main_sourceimage SET event_id = {e} WHERE id = {i}")
+        }
+        Edit::ImageTimestamp { image, hours } => {
+            let Some(i) = pick(c, "SELECT id FROM main_sourceimage ORDER BY id", image).await else {
+                return String::new();
+            };
+            format!(
+                "UPDATE main_sourceimage SET \"timestamp\" = \"timestamp\" + interval '{hours} hours' WHERE id = {i}"
+            )
+        }
+        Edit::DeleteOccurrence { occurrence } => {
+            let Some(o) = pick(c, "SELECT id FROM main_occurrence ORDER BY id", occurrence).await else {
+                return String::new();
+            };
+            format!(
+                "BEGIN;
+                 UPDATE main_detection SET occurrence_id = NULL WHERE occurrence_id = {o};
+                 DELETE FROM main_identification WHERE occurrence_id = {o};
+                 DELETE FROM main_occurrence WHERE id = {o};
+                 COMMIT;"
+            )
+        }
+        Edit::DeleteImage { image } => {
+            let Some(i) = pick(c, "SELECT id FROM main_sourceimage ORDER BY id", image).await else {
+                return String::new();
+            };
+            format!(
+                "BEGIN;
+                 UPDATE main_classification SET detection_id = NULL
+                 WHERE detection_id IN (SELECT id FROM main_detection WHERE source_image_id = {i});
+                 DELETE FROM main_detection WHERE source_image_id = {i};
+                 UPDATE jobs_job SET source_image_single_id = NULL WHERE source_image_single_id = {i};
+                 DELETE FROM main_sourceimage WHERE id = {i};
+                 COMMIT;"
+            )
+        }
+        Edit::Reparent { species, genus } => {
+            let (Some(s), Some(g)) = (pick(c, SPECIES, species).await, pick(c, GENERA, genus).await) else {
+                return String::new();
+            };
+            format!(
+                "UPDATE main_taxon s SET updated_at = now(),
+                        parents_json = g.parents_json || jsonb_build_array(jsonb_build_object('id', g.id, 'rank', 'GENUS'))
+                 FROM main_taxon g WHERE s.id = {s} AND g.id = {g}"
+            )
+        }
+        Edit::DeploymentProject { deployment, project } => format!(
+            "BEGIN;
+             UPDATE main_deployment SET updated_at = now(), project_id = {project} WHERE id = {deployment};
+             UPDATE main_event SET project_id = {project} WHERE deployment_id = {deployment};
+             UPDATE main_occurrence SET project_id = {project} WHERE deployment_id = {deployment};
+             UPDATE main_sourceimage SET project_id = {project} WHERE deployment_id = {deployment};
+             COMMIT;"
+        ),
+    }
+}
+
+/// Random ingest batches interleaved with random Django edits (published and committed at
+/// the same time): after every step, once both have settled, every count equals `verify`.
+#[test]
+fn random_ingest_and_django_edits_interleaved_keep_every_count_exact() {
+    use proptest::prelude::*;
+    let cases: u32 = std::env::var("TALLY_FEED_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let config = ProptestConfig { cases, max_shrink_iters: 16, failure_persistence: None, ..ProptestConfig::default() };
+    let steps = prop::collection::vec((0..8usize, edit()), 3..10);
+    proptest!(config, |(steps in steps)| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(interleave(steps));
+    });
+}
+
+async fn interleave(steps: Vec<(usize, Edit)>) {
+    let mut f = Fixture::new("feed_prop", Flavor::Empty, world(2, 4)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images).await;
+    let mut r = f.start(IngestArgs::default()).await;
+    let dj = django(&f).await;
+    let mut published = 0usize;
+    let mut settled = 0usize;
+    for (n, edit) in &steps {
+        let batch: Vec<(u64, String)> = tasks.iter().skip(published).take(*n).cloned().collect();
+        published += batch.len();
+        let sql = django_sql(&dj, edit).await;
+        let publish = async {
+            for (image, reply) in &batch {
+                f.publish(job, reply, f.factory.task_result(reply, *image)).await;
+            }
+        };
+        let edit_now = async {
+            if !sql.is_empty() {
+                dj.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{edit:?}: {sql}: {e}"));
+            }
+        };
+        tokio::join!(publish, edit_now);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while settled < published {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let acked =
+                tokio::time::timeout(left, r.acked.recv()).await.expect("results settled").expect("ingest running");
+            settled += acked.reply_subjects.len() + acked.dead_lettered;
+        }
+        drained(&f.store).await;
+        let v = verify(&f.store, Scope::default()).await.expect("verify");
+        assert!(
+            v.differences.is_empty(),
+            "after {edit:?} with {} results: {:?}",
+            batch.len(),
+            &v.differences[..v.differences.len().min(8)]
+        );
+    }
     r.stop().await;
     f.cleanup().await;
 }

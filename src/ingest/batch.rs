@@ -281,7 +281,13 @@ impl Ingestor {
             ms = (seconds * 1000.0) as u64,
             "change feed: applied"
         );
-        Ok(FeedReport { entries: read.seqs.len(), rows: read.rows, sink, changed_owners: changes.len(), rebuilt: false })
+        Ok(FeedReport {
+            entries: read.seqs.len(),
+            rows: read.rows,
+            sink,
+            changed_owners: changes.len(),
+            rebuilt: false,
+        })
     }
 
     /// Processes one batch. `Err` means a transient failure of the whole batch: nothing was
