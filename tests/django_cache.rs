@@ -199,3 +199,27 @@ async fn a_redis_that_is_down_never_stops_ingest() {
     running.stop().await;
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_commands_invalidate_the_job_tables() {
+    let mut fx = Fixture::new("dj_job", Flavor::Empty, world(1, 3)).await;
+    let url = fx.db.as_ref().expect("db").url.clone();
+    let images: Vec<u64> = fx.world.images.iter().take(3).copied().collect();
+    let (job, _) = fx.job(&images).await;
+    let prefix = format!("tally-test-{}", common::ingest::unique());
+    let mut django = Probe::start(&url, &prefix);
+    let read = |p: &mut Probe| p.ask(&format!("get job {job} status"));
+    let first = read(&mut django);
+    let c = fx.store.client().await.expect("client");
+    c.execute("UPDATE jobs_job SET status = 'PENDING' WHERE id = $1", &[&job]).await.expect("raw write");
+    assert_eq!(read(&mut django), first, "Django serves its cached read");
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["job", "cancel", &job.to_string(), "--database-url", &url])
+        .args(["--nats-url", &fx.nats_args.nats_url])
+        .args(["--django-cache-url", REDIS, "--django-cache-key-prefix", &prefix])
+        .output()
+        .expect("tally job cancel");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(&mut django), "REVOKED", "after `tally job cancel`, Django reads the new status");
+    fx.cleanup().await;
+}

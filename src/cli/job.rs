@@ -83,6 +83,9 @@ pub struct CreateArgs {
     /// Print the created job as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Django's query cache, invalidated for the tables the job's creation wrote.
+    #[command(flatten)]
+    pub django_cache: crate::django_cache::DjangoCacheArgs,
 }
 
 /// Options of `tally job status`.
@@ -112,6 +115,9 @@ pub struct CancelArgs {
     pub nats: NatsArgs,
     /// The job (jobs_job.id).
     pub id: i64,
+    /// Django's query cache, invalidated for the tables the cancellation wrote.
+    #[command(flatten)]
+    pub django_cache: crate::django_cache::DjangoCacheArgs,
 }
 
 /// Options of `tally job logs`.
@@ -177,6 +183,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {} job log lines could not be written", written.dropped + written.failed);
     }
     let job = created?;
+    crate::django_cache::invalidate_once(&args.django_cache, &["jobs_job", "jobs_joblog"]).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&job)?);
         return Ok(ExitCode::SUCCESS);
@@ -311,6 +318,9 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let (logs, writer) = JobLogs::start(store.clone(), JobLogsConfig::default());
     let cancelled = cancel::cancel(&store, js.as_ref(), &logs, args.id, "tally job cancel").await;
     writer.shutdown().await;
+    if cancelled.is_ok() {
+        crate::django_cache::invalidate_once(&args.django_cache, &["jobs_job", "jobs_joblog"]).await?;
+    }
     let c = match cancelled {
         Err(JobError::NotFound(id)) => anyhow::bail!("no job {id}"),
         other => other?,

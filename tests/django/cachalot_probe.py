@@ -47,7 +47,12 @@ django.setup()
 
 from probe_app import models  # noqa: E402
 
-MODELS = {"deployment": models.Deployment, "sourceimage": models.SourceImage, "detection": models.Detection}
+MODELS = {
+    "deployment": models.Deployment,
+    "sourceimage": models.SourceImage,
+    "detection": models.Detection,
+    "job": models.Job,
+}
 
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:

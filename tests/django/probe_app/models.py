@@ -30,3 +30,12 @@ class Detection(models.Model):
         app_label = "probe_app"
         managed = False
         db_table = "main_detection"
+
+
+class Job(models.Model):
+    status = models.CharField(max_length=255)
+
+    class Meta:
+        app_label = "probe_app"
+        managed = False
+        db_table = "jobs_job"
