@@ -5,7 +5,7 @@
 -- transition tables and appends ONE outbox row per statement: the table, the operation and
 -- the ids of the rows whose count inputs changed. `Deployment.update_children`'s 100k-row
 -- UPDATE therefore costs one join of its transition tables and one outbox row, not 100k
--- trigger calls and 100k outbox rows (README, "Live beside Django", has the measured cost).
+-- trigger calls and 100k outbox rows (docs/benchmarks.md has the measured cost).
 --
 -- Updates that change no input column (tally's count writes, Django's
 -- `update_calculated_fields`, a `save()` that rewrites every column with the same input
