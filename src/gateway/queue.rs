@@ -213,7 +213,7 @@ impl Queues {
     /// request on a consumer whose only outstanding tasks have used up `max_deliver` (they
     /// still count as due for redelivery) with no deadline, and the client library sets no
     /// timer either: the call hung until a 10 s cut-off and answered 503 where Antenna answers
-    /// `[]` (reproduced against nats-server 2.9; see the README). The whole pull is also cut
+    /// `[]` (reproduced against nats-server 2.9; see docs/worker-api.md). The whole pull is also cut
     /// off at `wait` + [`PULL_MARGIN`], returning what it has; messages delivered before a cut
     /// or a failure are returned, never dropped (they would wait out the ack wait otherwise).
     /// A connection that is not up fails at once.
