@@ -1,6 +1,7 @@
 //! Command-line interface: one module per subcommand, dispatched from [`run`].
 
 pub mod bench;
+pub mod bench_feed;
 pub mod bench_ingest;
 pub mod bench_jobs;
 pub mod bench_store;

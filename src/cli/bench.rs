@@ -35,6 +35,11 @@ pub enum BenchCommand {
     /// latencies, redeliveries, exact progress and fairness; then 32 claim pollers and result
     /// POSTs alone; and the issue's targets.
     Jobs(Box<crate::cli::bench_jobs::JobsBenchArgs>),
+    /// The change feed (issue 10): the feed triggers' overhead on Django's own statements
+    /// (bulk UPDATE, `save_results`, count-only UPDATE; with vs without), single-row edit →
+    /// counts committed latency alone and under ingest, and filter edits on a large project;
+    /// and the issue's goals.
+    Feed(Box<crate::cli::bench_feed::FeedBenchArgs>),
 }
 
 /// Options of `tally bench dataflow`.
@@ -82,6 +87,10 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             .enable_all()
             .build()?
             .block_on(crate::cli::bench_jobs::run(*args)),
+        BenchCommand::Feed(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::cli::bench_feed::run(*args)),
     }
 }
 

@@ -9,7 +9,7 @@
 mod antenna_sql;
 mod ceiling;
 pub(crate) mod cpu;
-mod publish;
+pub(crate) mod publish;
 mod report;
 
 use std::path::PathBuf;
@@ -515,25 +515,43 @@ impl Run<'_> {
     /// Jobs of at most Antenna's `NATS_MAX_ACK_PENDING` tasks over `images`, their tasks
     /// pulled as a worker would.
     async fn tasks(&mut self, images: &[Id]) -> anyhow::Result<Vec<(i64, Task)>> {
-        let bar = counter_bar(images.len() as u64, "tasks");
-        let mut tasks = Vec::with_capacity(images.len());
-        for chunk in images.chunks(ANTENNA_MAX_ACK_PENDING) {
-            let job = AsyncJob { id: next_job_id(), project: 1, pipeline: self.bench.pipeline };
-            job.insert(&self.store).await?;
-            self.bench.register(&job.stream_name());
-            self.jobs.push(job.clone());
-            for task in job.dispatch(&self.js, chunk, TASK_ACK_WAIT).await? {
-                tasks.push((job.id, task));
-            }
-            bar.set_position(tasks.len() as u64);
-        }
-        bar.finish_and_clear();
-        Ok(tasks)
+        let (bench, jobs) = (self.bench, &mut self.jobs);
+        dispatch_jobs(&self.store, &self.js, bench.pipeline, images, |job| {
+            bench.register(&job.stream_name());
+            jobs.push(job.clone());
+        })
+        .await
     }
 }
 
-/// Ingest running in-process, as `tally serve` runs it.
-struct Ingest {
+/// Creates jobs of at most Antenna's `NATS_MAX_ACK_PENDING` tasks over `images` (in project 1,
+/// for `pipeline`) as Antenna does, and pulls their tasks as a worker would; returns
+/// `(job, task)` pairs. `created` hears of each job before its stream exists, so that the
+/// caller can delete it even if this fails.
+pub(crate) async fn dispatch_jobs(
+    store: &Store,
+    js: &jetstream::Context,
+    pipeline: i64,
+    images: &[Id],
+    mut created: impl FnMut(&AsyncJob),
+) -> anyhow::Result<Vec<(i64, Task)>> {
+    let bar = counter_bar(images.len() as u64, "tasks");
+    let mut tasks = Vec::with_capacity(images.len());
+    for chunk in images.chunks(ANTENNA_MAX_ACK_PENDING) {
+        let job = AsyncJob { id: next_job_id(), project: 1, pipeline };
+        job.insert(store).await?;
+        created(&job);
+        for task in job.dispatch(js, chunk, TASK_ACK_WAIT).await? {
+            tasks.push((job.id, task));
+        }
+        bar.set_position(tasks.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(tasks)
+}
+
+/// Ingest running in-process, as `tally serve` runs it (with the change feed).
+pub(crate) struct Ingest {
     shutdown: CancellationToken,
     handle: tokio::task::JoinHandle<Result<(), crate::ingest::IngestError>>,
     acked: mpsc::UnboundedReceiver<Acked>,
@@ -541,7 +559,8 @@ struct Ingest {
 }
 
 impl Ingest {
-    async fn start(ingestor: Ingestor, nats_args: &NatsArgs, args: &IngestArgs) -> anyhow::Result<Ingest> {
+    /// Starts the ingest loop over `ingestor` (already bootstrapped).
+    pub(crate) async fn start(ingestor: Ingestor, nats_args: &NatsArgs, args: &IngestArgs) -> anyhow::Result<Ingest> {
         let client = nats_args.connect().await?;
         let (tx, acked) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();
@@ -554,7 +573,7 @@ impl Ingest {
     }
 
     /// Waits until `n` more results are acked; returns their batches' acks.
-    async fn wait_for(&mut self, n: usize, bar: &ProgressBar) -> anyhow::Result<Vec<Acked>> {
+    pub(crate) async fn wait_for(&mut self, n: usize, bar: &ProgressBar) -> anyhow::Result<Vec<Acked>> {
         let mut batches = Vec::new();
         let mut saved = 0;
         while saved < n {
@@ -577,7 +596,8 @@ impl Ingest {
         Ok(batches)
     }
 
-    async fn stop(self) {
+    /// Stops the loop and waits for it.
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.handle.await;
     }
