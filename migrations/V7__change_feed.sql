@@ -45,143 +45,28 @@ $$;
 CREATE FUNCTION tally.feed_skips() RETURNS boolean
 LANGUAGE sql STABLE AS $$ SELECT current_setting('tally.origin', true) IS NOT DISTINCT FROM 'tally' $$;
 
--- One trigger function per table: the UPDATE branch names the table's count inputs.
+-- One trigger function for every table: its arguments name the table's count inputs (column
+-- names or expressions over one row), compared between the old and new rows of an UPDATE.
 -- Primary keys are compared with a FULL JOIN so that an UPDATE of `id` is a delete plus an
--- insert.
-CREATE FUNCTION tally.feed_main_project() RETURNS trigger LANGUAGE plpgsql AS $$
+-- insert. The query is built per statement (EXECUTE sees the transition tables).
+CREATE FUNCTION tally.feed_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed bigint[];
 BEGIN
     IF tally.feed_skips() THEN RETURN NULL; END IF;
     IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
+        changed := ARRAY(SELECT id FROM new_rows);
     ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
+        changed := ARRAY(SELECT id FROM old_rows);
     ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR n.default_filters_score_threshold IS DISTINCT FROM o.default_filters_score_threshold));
+        EXECUTE format(
+            'SELECT ARRAY(SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
+                          WHERE n.id IS NULL OR o.id IS NULL OR (%s, NULL) IS DISTINCT FROM (%s, NULL))',
+            (SELECT string_agg('n.' || a, ', ') FROM unnest(TG_ARGV) a),
+            (SELECT string_agg('o.' || a, ', ') FROM unnest(TG_ARGV) a))
+        INTO changed;
     END IF;
-    RETURN NULL;
-END
-$$;
-
--- Both link tables have the same columns.
-CREATE FUNCTION tally.feed_filter_taxa() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR (n.project_id, n.taxon_id) IS DISTINCT FROM (o.project_id, o.taxon_id)));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_deployment() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL OR n.project_id IS DISTINCT FROM o.project_id));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_event() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR (n.deployment_id, n.project_id) IS DISTINCT FROM (o.deployment_id, o.project_id)));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_sourceimage() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR (n.event_id, n.deployment_id, n.project_id, n."timestamp", n.size)
-                  IS DISTINCT FROM (o.event_id, o.deployment_id, o.project_id, o."timestamp", o.size)));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_detection() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR (n.source_image_id, n.occurrence_id, n.bbox IS NULL)
-                  IS DISTINCT FROM (o.source_image_id, o.occurrence_id, o.bbox IS NULL)));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_occurrence() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL
-               OR (n.event_id, n.deployment_id, n.determination_id, n.determination_score)
-                  IS DISTINCT FROM (o.event_id, o.deployment_id, o.determination_id, o.determination_score)));
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE FUNCTION tally.feed_main_taxon() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF tally.feed_skips() THEN RETURN NULL; END IF;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM new_rows));
-    ELSIF TG_OP = 'DELETE' THEN
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(SELECT id FROM old_rows));
-    ELSE
-        PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, ARRAY(
-            SELECT coalesce(n.id, o.id) FROM new_rows n FULL JOIN old_rows o ON o.id = n.id
-            WHERE n.id IS NULL OR o.id IS NULL OR n.parents_json IS DISTINCT FROM o.parents_json));
-    END IF;
+    PERFORM tally.feed_append(TG_TABLE_NAME, TG_OP, changed);
     RETURN NULL;
 END
 $$;
@@ -195,30 +80,33 @@ BEGIN
 END
 $$;
 
--- The triggers: INSERT, UPDATE, DELETE with transition tables, and TRUNCATE, on every input.
+-- The triggers: INSERT, UPDATE, DELETE with transition tables, and TRUNCATE, on every input,
+-- each with the table's count inputs.
 DO $$
 DECLARE
     t record;
 BEGIN
     FOR t IN SELECT * FROM (VALUES
-        ('main_project', 'tally.feed_main_project'),
-        ('main_project_default_filters_include_taxa', 'tally.feed_filter_taxa'),
-        ('main_project_default_filters_exclude_taxa', 'tally.feed_filter_taxa'),
-        ('main_deployment', 'tally.feed_main_deployment'),
-        ('main_event', 'tally.feed_main_event'),
-        ('main_sourceimage', 'tally.feed_main_sourceimage'),
-        ('main_detection', 'tally.feed_main_detection'),
-        ('main_occurrence', 'tally.feed_main_occurrence'),
-        ('main_taxon', 'tally.feed_main_taxon')
-    ) AS v(tbl, fn)
+        ('main_project', $a$'default_filters_score_threshold'$a$),
+        ('main_project_default_filters_include_taxa', $a$'project_id', 'taxon_id'$a$),
+        ('main_project_default_filters_exclude_taxa', $a$'project_id', 'taxon_id'$a$),
+        ('main_deployment', $a$'project_id'$a$),
+        ('main_event', $a$'deployment_id', 'project_id'$a$),
+        ('main_sourceimage', $a$'event_id', 'deployment_id', 'project_id', '"timestamp"', 'size'$a$),
+        ('main_detection', $a$'source_image_id', 'occurrence_id', 'bbox IS NULL'$a$),
+        ('main_occurrence', $a$'event_id', 'deployment_id', 'determination_id', 'determination_score'$a$),
+        ('main_taxon', $a$'parents_json'$a$)
+    ) AS v(tbl, inputs)
     LOOP
         EXECUTE format('CREATE TRIGGER tally_feed_insert AFTER INSERT ON public.%I
-                        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', t.tbl, t.fn);
+                        REFERENCING NEW TABLE AS new_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION tally.feed_changes(%s)', t.tbl, t.inputs);
         EXECUTE format('CREATE TRIGGER tally_feed_update AFTER UPDATE ON public.%I
                         REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-                        FOR EACH STATEMENT EXECUTE FUNCTION %s()', t.tbl, t.fn);
+                        FOR EACH STATEMENT EXECUTE FUNCTION tally.feed_changes(%s)', t.tbl, t.inputs);
         EXECUTE format('CREATE TRIGGER tally_feed_delete AFTER DELETE ON public.%I
-                        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', t.tbl, t.fn);
+                        REFERENCING OLD TABLE AS old_rows
+                        FOR EACH STATEMENT EXECUTE FUNCTION tally.feed_changes(%s)', t.tbl, t.inputs);
         EXECUTE format('CREATE TRIGGER tally_feed_truncate AFTER TRUNCATE ON public.%I
                         FOR EACH STATEMENT EXECUTE FUNCTION tally.feed_truncate()', t.tbl);
     END LOOP;

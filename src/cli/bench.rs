@@ -71,6 +71,18 @@ pub struct DataflowArgs {
     pub json: bool,
 }
 
+/// Deletes the NATS streams a harness created (at its end, also after Ctrl-C or an error);
+/// a NATS that does not answer leaves them.
+pub(crate) async fn delete_streams(nats_url: &str, streams: &std::sync::Mutex<Vec<String>>) {
+    let streams = streams.lock().map(|s| s.clone()).unwrap_or_default();
+    if let Ok(client) = async_nats::connect(nats_url).await {
+        let js = async_nats::jetstream::new(client);
+        for name in streams {
+            let _ = js.delete_stream(name).await;
+        }
+    }
+}
+
 /// Runs a benchmark harness.
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {

@@ -156,13 +156,7 @@ pub async fn run(args: JobsBenchArgs) -> anyhow::Result<ExitCode> {
         r = bench(&args, &admin, &taxonomy, &database, &streams) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    let streams = streams.lock().map(|s| s.clone()).unwrap_or_default();
-    if let Ok(client) = async_nats::connect(&args.nats_url).await {
-        let js = jetstream::new(client);
-        for name in streams {
-            let _ = js.delete_stream(name).await;
-        }
-    }
+    crate::cli::bench::delete_streams(&args.nats_url, &streams).await;
     if !args.keep {
         let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).await;
     }
