@@ -1,19 +1,12 @@
 //! Command-line interface: one module per subcommand, dispatched from [`run`].
 
-pub mod bench;
-pub mod bench_feed;
-pub mod bench_ingest;
-pub mod bench_jobs;
-pub mod bench_store;
 pub mod counts;
 pub mod dead_letters;
-pub mod demo;
 pub mod job;
 pub mod migrate;
 pub mod rebuild;
 pub mod serve;
 pub mod verify;
-pub mod worker_sim;
 
 use std::process::ExitCode;
 
@@ -41,13 +34,6 @@ pub enum Command {
     /// NATS JetStream, save them, keep every count exact and ack. Serves /healthz, /readyz and
     /// /metrics. SIGTERM finishes the batch in hand, acks it and exits.
     Serve(Box<serve::ServeArgs>),
-    /// Run the count dataflow on a synthetic deployment, with no services: stream ML results,
-    /// edit a filter mid-stream, print the maintained counts, check them against a from-scratch
-    /// recompute, and compare the time of both.
-    Demo(demo::DemoArgs),
-    /// Benchmarks that print figures side by side, measured in one run.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// Create Antenna's tables on an empty database (none are touched where they exist) and
     /// tally's own schema `tally`. Idempotent.
     Migrate(migrate::MigrateArgs),
@@ -67,39 +53,22 @@ pub enum Command {
     /// show its status and task queue, cancel it, or read and follow its log.
     #[command(subcommand)]
     Job(job::JobCommand),
-    /// Simulated ADC workers: claim jobs over the worker HTTP API, fetch tasks, post a
-    /// deterministic synthetic result per task; print what they did and each call's latency.
-    WorkerSim(worker_sim::WorkerSimArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => runtime()?.block_on(serve::run(*args)),
-        Command::Demo(args) => demo::run(args),
-        Command::Bench(command) => bench::run(command),
         Command::Migrate(args) => runtime()?.block_on(migrate::run(args)),
         Command::Rebuild(args) => runtime()?.block_on(rebuild::run(args)),
         Command::Verify(args) => runtime()?.block_on(verify::run(args)),
         Command::Counts(args) => runtime()?.block_on(counts::run(args)),
         Command::DeadLetters(command) => runtime()?.block_on(dead_letters::run(command)),
         Command::Job(command) => runtime()?.block_on(job::run(command)),
-        Command::WorkerSim(args) => runtime()?.block_on(worker_sim::run(args)),
     }
 }
 
 /// The async runtime of the commands that talk to services.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
-}
-
-/// A score vector length for the simulated models: 1 to 30,000 classes (ADC's models have
-/// 2,497 and 29,176).
-pub fn parse_score_len(s: &str) -> Result<usize, String> {
-    let n: usize = s.trim().parse().map_err(|e| format!("{s:?} is not a number of classes: {e}"))?;
-    if (1..=30_000).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("{n} classes: the score length must be from 1 to 30000"))
-    }
 }

@@ -12,14 +12,12 @@
 //! - [`startup`]: waiting for Postgres and NATS at start-up (backoff, deadline, `/readyz` reason).
 //! - [`http`]: the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
 //! - [`metrics`]: the daemon's Prometheus metric names and recorder.
-//! - [`synth`]: a synthetic ADC-like workload for the demo and the benchmarks.
 //! - [`taxa_file`]: Antenna's taxonomy fixture files.
-//! - [`plot`]: small SVG line charts for benchmark reports.
-//! - [`stats`]: means, percentiles and resident memory for reports.
 //! - [`table`]: aligned terminal tables and timestamp formatting.
 //! - [`telemetry`]: `tracing` setup (text or JSON).
 //!
-//! The count dataflow itself, its engine and its oracle live in the `tally-dataflows` crate.
+//! The count dataflow itself, its engine and its oracle live in the `tally-dataflows` crate;
+//! the demo, the benchmarks, simulated workers and synthetic data in `tally-tools`.
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -31,13 +29,9 @@ pub mod http;
 pub mod ingest;
 pub mod jobs;
 pub mod metrics;
-pub mod plot;
 pub mod results_stream;
 pub mod startup;
-pub mod stats;
 pub mod store;
-pub mod synth;
 pub mod table;
 pub mod taxa_file;
 pub mod telemetry;
-pub mod worker_sim;

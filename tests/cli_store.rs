@@ -6,9 +6,9 @@ mod common;
 use std::process::{Command, Output};
 
 use common::{seed, Flavor, TestDb};
-use tally::synth::{Workload, WorkloadConfig};
 use tally_dataflows::taxonomy::Taxonomy;
 use tally_dataflows::Tables;
+use tally_tools::synth::{Workload, WorkloadConfig};
 
 fn tally(args: &[&str], url: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tally"))

@@ -14,7 +14,7 @@ use common::ingest::{assert_counts_exact, expected, job_progress, rows, Fixture}
 use common::services::{PrivateNats, PrivatePostgres};
 use rand::{Rng, SeedableRng};
 use tally::config::DbArgs;
-use tally::synth::results::WorldConfig;
+use tally_tools::synth::results::WorldConfig;
 
 struct Daemon {
     child: Child,

@@ -1,7 +1,7 @@
 //! Ingest into tables that start empty keeps Antenna's deferred foreign-key checks on index
 //! scans. Those checks run at COMMIT with plans each backend caches; a plan cached while
 //! `main_detection` was empty scans the whole table for every classification checked, until
-//! the table's statistics change (`tally bench jobs` measured a 7-minute COMMIT before
+//! the table's statistics change (`tally-tools bench jobs` measured a 7-minute COMMIT before
 //! `src/ingest/analyze.rs`). Ingest analyzes what it has doubled, so after it has grown the
 //! tables, a batch's checks no longer scan them.
 //!

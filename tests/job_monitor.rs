@@ -146,7 +146,7 @@ async fn antenna_job(f: &mut Fixture, images: &[u64], max_deliver: i64, ack_wait
 async fn pull_all(f: &Fixture, job: i64, n: usize) -> Vec<(u64, String)> {
     let c: consumer::PullConsumer =
         f.js.get_consumer_from_stream(consumer_name(job), stream_name(job)).await.expect("job consumer");
-    let tasks = tally::synth::jobs::pull(&c, job, n).await.expect("every task pulled");
+    let tasks = tally_tools::synth::jobs::pull(&c, job, n).await.expect("every task pulled");
     tasks.into_iter().map(|t| (t.image, t.reply_subject)).collect()
 }
 

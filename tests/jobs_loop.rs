@@ -1,7 +1,7 @@
 //! The whole jobs loop through the real binaries, on the shared Postgres and NATS JetStream
 //! (SPEC §5, `antenna/jobs-protocol.md`): `tally serve` (ingest and worker gateway) runs as a
 //! child process, `tally job create` queues four Antenna-style jobs (one per deployment of two
-//! projects, one of them with `--limit`), and three `tally worker-sim` processes drain them
+//! projects, one of them with `--limit`), and three `tally-tools worker-sim` processes drain them
 //! concurrently over HTTP with a worker token.
 //!
 //! It proves that, with nothing but the binaries in between:
@@ -31,7 +31,7 @@ use common::ingest::progress_param as param;
 use common::ingest::{self, expected, unique, world, Expected, Fixture, PIPELINE};
 use common::Flavor;
 use serde_json::Value;
-use tally::cli::{Cli, Command};
+use tally_tools::cli::{Cli, Command};
 use tokio::process::Child;
 
 /// The token of the workers' (active) user.
@@ -47,7 +47,7 @@ const IMAGES_PER_EVENT: usize = 10;
 const WORKER_PROCESSES: usize = 3;
 const LOOPS: &str = "2";
 
-/// The options of every `tally worker-sim` (besides `--url` and `--token`).
+/// The options of every `tally-tools worker-sim` (besides `--url` and `--token`).
 const SIM_ARGS: &[&str] = &[
     "--pipeline",
     PIPELINE,
@@ -339,7 +339,7 @@ async fn jobs_are_drained_by_worker_processes_and_finish_with_exact_progress() {
     let loop_started = Instant::now();
     let workers: Vec<_> = (0..WORKER_PROCESSES)
         .map(|_| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            tokio::process::Command::new(common::tools_bin())
                 .args(["worker-sim", "--url", &base, "--token", TOKEN])
                 .args(SIM_ARGS)
                 .env("TALLY_LOG", "warn")
@@ -355,7 +355,7 @@ async fn jobs_are_drained_by_worker_processes_and_finish_with_exact_progress() {
     let mut sum: BTreeMap<&str, u64> = BTreeMap::new();
     for (w, out) in outputs.into_iter().enumerate() {
         let out = out.expect("worker-sim runs");
-        let report: Value = serde_json::from_str(&ok("tally worker-sim", &out)).expect("worker-sim prints JSON");
+        let report: Value = serde_json::from_str(&ok("tally-tools worker-sim", &out)).expect("worker-sim prints JSON");
         eprintln!(
             "worker {w}: {} claims, {} tasks, {} results in {} posts, stopped: {}",
             report["claims"],

@@ -1,4 +1,4 @@
-//! `tally worker-sim` against real Postgres, NATS and HTTP: the gateway served in-process on
+//! `tally-tools worker-sim` against real Postgres, NATS and HTTP: the gateway served in-process on
 //! `127.0.0.1:0`, ingest running in-process, and simulated ADC workers draining Antenna-style
 //! jobs. Every task is acked, every image saved, every count exact, every job finished with
 //! exact progress; a bad token stops the workers at once with the 401 in the report; a gateway
@@ -16,7 +16,7 @@ use tally::config::DbArgs;
 use tally::gateway::{self, Gateway, GatewayArgs};
 use tally::ingest::daemon::IngestArgs;
 use tally::store::Store;
-use tally::worker_sim::{self, Call, Refusal, Retry, StopReason, StopWhen, WorkerReport, WorkerSim};
+use tally_tools::worker_sim::{self, Call, Refusal, Retry, StopReason, StopWhen, WorkerReport, WorkerSim};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -5,7 +5,7 @@
 //! (`SELECT 1 FROM ONLY main_detection x WHERE id = $1 FOR KEY SHARE OF x`). A plan made while
 //! the table was empty is a sequential scan, and it stays cached until the table's statistics
 //! change. On a database that starts empty, with autovacuum off or not yet round, every batch
-//! then scans the whole referenced tables once per inserted row: measured with `tally bench
+//! then scans the whole referenced tables once per inserted row: measured with `tally-tools bench
 //! jobs` on this machine (autovacuum off), a COMMIT of 576 results ran for over 7 minutes, with
 //! 167,671 sequential scans of `main_detection` reading 7 billion tuples.
 //!

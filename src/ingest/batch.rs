@@ -97,7 +97,7 @@ pub struct FeedReport {
 }
 
 /// How counts are kept while ingesting. Only [`CountStrategy::Incremental`] is tally; the
-/// others exist so that `tally bench ingest` can measure the alternatives side by side.
+/// others exist so that `tally-tools bench ingest` can measure the alternatives side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CountStrategy {
     /// The dataflow computes the changed counts, written in the batch's transaction.

@@ -334,7 +334,7 @@ pub fn image_url(
     let base = public_base_url.filter(|b| !b.trim().is_empty()).unwrap_or(missing_base);
     let bad = |reason: String| JobError::BadUrl { image, base: base.into(), path: path.into(), reason };
     let url =
-        reqwest::Url::parse(base).and_then(|b| b.join(path.trim_start_matches('/'))).map_err(|e| bad(e.to_string()))?;
+        url::Url::parse(base).and_then(|b| b.join(path.trim_start_matches('/'))).map_err(|e| bad(e.to_string()))?;
     if !url.has_host() {
         return Err(bad("no host".into()));
     }

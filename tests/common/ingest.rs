@@ -13,8 +13,8 @@ use tally::ingest::batch::Ingestor;
 use tally::ingest::daemon::{self, Acked, Hooks, IngestArgs};
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::Store;
-use tally::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tally_dataflows::taxonomy::Taxonomy;
+use tally_tools::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -120,7 +120,7 @@ impl Fixture {
             .get_consumer_from_stream(tally::jobs::consumer_name(job), tally::jobs::stream_name(job))
             .await
             .expect("job consumer");
-        let tasks = tally::synth::jobs::pull(&consumer, job, images.len()).await.expect("every task pulled");
+        let tasks = tally_tools::synth::jobs::pull(&consumer, job, images.len()).await.expect("every task pulled");
         (job, tasks.into_iter().map(|t| (t.image, t.reply_subject)).collect())
     }
 

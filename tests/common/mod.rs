@@ -134,3 +134,11 @@ pub async fn link_service(store: &Store, id: i64, slug: &str, projects: &[i64]) 
     .await
     .expect("link projects");
 }
+
+/// The `tally-tools` binary (worker-sim, bench, demo), built beside `tally` by
+/// `cargo test --workspace`: integration tests see only their own package's binaries.
+pub fn tools_bin() -> std::path::PathBuf {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_tally")).with_file_name("tally-tools");
+    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    bin
+}
