@@ -33,7 +33,7 @@ pub enum Command {
     /// Run the daemon: rebuild the count dataflow from Postgres, then consume ML results from
     /// NATS JetStream, save them, keep every count exact and ack. Serves /healthz, /readyz and
     /// /metrics. SIGTERM finishes the batch in hand, acks it and exits.
-    Serve(Box<serve::ServeArgs>),
+    Serve(Box<crate::server::Config>),
     /// Create Antenna's tables on an empty database (none are touched where they exist) and
     /// tally's own schema `tally`. Idempotent.
     Migrate(migrate::MigrateArgs),

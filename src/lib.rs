@@ -10,6 +10,7 @@
 //! - [`dead_letters`]: result messages that could not be saved: store, list, replay.
 //! - [`gateway`]: the worker API (claim, tasks, result) and processing-service heartbeats.
 //! - [`startup`]: waiting for Postgres and NATS at start-up (backoff, deadline, `/readyz` reason).
+//! - [`server`]: `server::start`, the one place the daemon is put together.
 //! - [`http`]: the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
 //! - [`metrics`]: the daemon's Prometheus metric names and recorder.
 //! - [`taxa_file`]: Antenna's taxonomy fixture files.
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod results_stream;
+pub mod server;
 pub mod startup;
 pub mod store;
 pub mod table;

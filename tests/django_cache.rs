@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::ingest::{world, Fixture};
 use common::Flavor;
 use serde_json::Value;
-use tally::django_cache::{DjangoCache, DjangoCacheArgs};
+use tally::django_cache::DjangoCacheArgs;
 use tally::ingest::daemon::IngestArgs;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
@@ -148,8 +148,8 @@ async fn ingest_invalidates_the_tables_it_writes() {
     let before_count = django.ask(&format!("get sourceimage {image} detections_count"));
     let before_rows = django.ask(&format!("count detection source_image_id {image}"));
     assert_eq!(before_rows, 0);
-    let cache = DjangoCache::new(&cache_args(&prefix, REDIS)).expect("cache");
-    let mut running = fx.start_with(IngestArgs::default(), cache.clone()).await;
+    let mut running = fx.start_with(IngestArgs::default(), cache_args(&prefix, REDIS)).await;
+    let cache = running.server.django.clone();
     fx.publish(job, &tasks[0].1, fx.factory.task_result(&tasks[0].1, image)).await;
     running.wait_for(1, 0, Duration::from_secs(20)).await;
     running.stop().await;
@@ -174,8 +174,9 @@ async fn a_redis_that_is_down_never_stops_ingest() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
         l.local_addr().expect("addr").port()
     };
-    let cache = DjangoCache::new(&cache_args("tally-down", &format!("redis://127.0.0.1:{port}/0"))).expect("cache");
-    let mut running = fx.start_with(IngestArgs::default(), cache.clone()).await;
+    let mut running =
+        fx.start_with(IngestArgs::default(), cache_args("tally-down", &format!("redis://127.0.0.1:{port}/0"))).await;
+    let cache = running.server.django.clone();
     fx.publish(job, &tasks[0].1, fx.factory.task_result(&tasks[0].1, image)).await;
     let started = Instant::now();
     running.wait_for(1, 0, Duration::from_secs(30)).await;

@@ -12,16 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{Client, Response};
+use common::gateway::Served;
 use common::ingest::{self, antenna_progress, world, Fixture, PIPELINE};
 use common::Flavor;
 use serde_json::{json, Value};
 use tally::config::DbArgs;
-use tally::gateway::{self, Gateway, GatewayArgs};
+use tally::gateway::{Gateway, GatewayArgs};
 use tally::ingest::daemon::IngestArgs;
 use tally::ingest::message::job_of_reply_subject;
 use tally::store::seed::{self, PipelineSpec};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// The token of an active superuser.
 const TOKEN: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -30,40 +29,10 @@ const INACTIVE_TOKEN: &str = "fedcba9876543210fedcba9876543210fedcba98";
 /// A second pipeline, for jobs a claim for [`PIPELINE`] must not return.
 const OTHER_PIPELINE: &str = "tally-test-other-pipeline";
 
-/// A gateway served in-process on an ephemeral port.
-struct Server {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
-    background: JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(gateway: Arc<Gateway>) -> Server {
-        tally::metrics::install();
-        let shutdown = CancellationToken::new();
-        let background = gateway.run_background(shutdown.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let server = tokio::spawn(tally::http::serve(listener, gateway::router(gateway), shutdown.clone()));
-        Server { addr, shutdown, server, background }
-    }
-
-    fn worker(&self) -> Client {
-        Client { addr: self.addr, token: Some(TOKEN.into()) }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.server.await.expect("server task").expect("server");
-        self.background.await.expect("background task");
-    }
-}
-
 /// A fixture plus a gateway serving it.
 struct Bench {
     fx: Fixture,
-    server: Server,
+    server: Served,
     addr: SocketAddr,
 }
 
@@ -84,14 +53,13 @@ impl Bench {
         .await
         .expect("users and tokens");
         let url = &fx.db.as_ref().expect("test database").url;
-        let store = tally::store::connect(&DbArgs { pool_size: 16, ..DbArgs::for_url(url) }).await.expect("pool");
-        let gateway = Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), args);
-        let server = Server::start(gateway).await;
+        let args = GatewayArgs { gateway_pool_size: 16, ..args };
+        let server = Served::daemon(DbArgs::for_url(url), fx.nats_args.clone(), args).await;
         Bench { fx, addr: server.addr, server }
     }
 
     fn worker(&self) -> Client {
-        self.server.worker()
+        Client { addr: self.addr, token: Some(TOKEN.into()) }
     }
 
     fn anonymous(&self) -> Client {
@@ -660,8 +628,8 @@ async fn without_nats_tasks_and_results_answer_antenna_s_503() {
     let gateway = Gateway::new(b.fx.nats_args.clone(), args());
     let url = &b.fx.db.as_ref().expect("test database").url;
     gateway.set_store(tally::store::connect(&DbArgs::for_url(url)).await.expect("pool"));
-    let cold = Server::start(gateway).await;
-    let w = cold.worker();
+    let cold = Served::alone(gateway).await;
+    let w = Client { addr: cold.addr, token: Some(TOKEN.into()) };
     let r = w.tasks(job, 1).await;
     assert_eq!((r.status, r.json()), (503, json!({"error": "Task queue temporarily unavailable"})));
     let r = w
@@ -894,8 +862,8 @@ async fn tasks_answer_503_at_once_when_nats_is_disconnected() {
     let client = async_nats::connect(nats.url()).await.expect("private NATS");
     let url = &b.fx.db.as_ref().expect("test database").url;
     let store = tally::store::connect(&DbArgs::for_url(url)).await.expect("pool");
-    let server = Server::start(Gateway::connected(store, client.clone(), b.fx.nats_args.clone(), args())).await;
-    let w = server.worker();
+    let server = Served::alone(Gateway::connected(store, client.clone(), b.fx.nats_args.clone(), args())).await;
+    let w = Client { addr: server.addr, token: Some(TOKEN.into()) };
     let r = w.tasks(job, 1).await;
     assert_eq!((r.status, r.json()), (200, json!({"tasks": []})), "no queue on that server: no tasks");
     tokio::task::block_in_place(|| nats.kill());

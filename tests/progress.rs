@@ -397,8 +397,8 @@ async fn two_concurrent_ingest_loops_lose_no_progress_update() {
     // Two loops on the same durable consumer: they pull different batches and commit them
     // concurrently (one ingest writer per database is `tally serve`'s rule, enforced by its
     // advisory lock; the progress write must still be exact without it).
-    let mut a = f.start(small_batches(3)).await;
-    let mut b = f.start(small_batches(3)).await;
+    let mut a = f.start_unlocked(small_batches(3)).await;
+    let mut b = f.start_unlocked(small_batches(3)).await;
     let mut all: Vec<(i64, u64, String)> = big_tasks.iter().map(|(i, r)| (big, *i, r.clone())).collect();
     all.extend(small_tasks.iter().map(|(i, r)| (small, *i, r.clone())));
     shuffle(&mut all, 5);

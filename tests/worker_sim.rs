@@ -10,52 +10,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::gateway::Served;
 use common::ingest::{self, antenna_progress, assert_counts_exact, expected, job_progress, rows, world, Fixture};
 use common::Flavor;
 use tally::config::DbArgs;
-use tally::gateway::{self, Gateway, GatewayArgs};
+use tally::gateway::{Gateway, GatewayArgs};
 use tally::ingest::daemon::IngestArgs;
-use tally::store::Store;
 use tally_tools::worker_sim::{self, Call, Refusal, Retry, StopReason, StopWhen, WorkerReport, WorkerSim};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The token of an active superuser.
 const TOKEN: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// A gateway served in-process on an ephemeral port.
-struct Server {
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    server: JoinHandle<std::io::Result<()>>,
-    background: JoinHandle<()>,
+/// `tally serve --no-ingest` over the fixture's database, with a pool of 8.
+async fn served(fx: &Fixture) -> Served {
+    let args = GatewayArgs { gateway_pool_size: 8, ..gateway_args() };
+    Served::daemon(fx.store.args.clone(), fx.nats_args.clone(), args).await
 }
 
-impl Server {
-    async fn start(gateway: Arc<Gateway>) -> Server {
-        tally::metrics::install();
-        let shutdown = CancellationToken::new();
-        let background = gateway.run_background(shutdown.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let server = tokio::spawn(tally::http::serve(listener, gateway::router(gateway), shutdown.clone()));
-        Server { addr, shutdown, server, background }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.server.await.expect("server task").expect("server");
-        self.background.await.expect("background task");
-    }
-}
-
-/// A seeded fixture with a worker token, and a pool of its own for the gateway.
-async fn fixture(label: &str, images: usize) -> (Fixture, Store) {
+/// A seeded fixture with a worker token.
+async fn fixture(label: &str, images: usize) -> Fixture {
     let fx = Fixture::new(label, Flavor::Empty, world(2, images)).await;
     common::insert_worker_token(&fx.store, TOKEN).await;
-    let url = &fx.db.as_ref().expect("test database").url;
-    let store = tally::store::connect(&DbArgs { pool_size: 8, ..DbArgs::for_url(url) }).await.expect("pool");
-    (fx, store)
+    fx
 }
 
 fn gateway_args() -> GatewayArgs {
@@ -108,7 +85,7 @@ fn assert_clean(report: &WorkerReport) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_loops_drain_every_job_and_ingest_saves_every_image_exactly() {
-    let (mut fx, store) = fixture("wsim_e2e", 8).await;
+    let mut fx = fixture("wsim_e2e", 8).await;
     let images = fx.world.images.clone();
     assert_eq!(images.len(), 64);
     let mut jobs = Vec::new();
@@ -116,8 +93,7 @@ async fn three_loops_drain_every_job_and_ingest_saves_every_image_exactly() {
         jobs.push((job(&mut fx, chunk).await, chunk.to_vec()));
     }
     let mut running = fx.start(IngestArgs::default()).await;
-    let server =
-        Server::start(Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), gateway_args())).await;
+    let server = served(&fx).await;
 
     let report = worker_sim::run(&sim(&fx, server.addr, TOKEN, 3), CancellationToken::new()).await.expect("run");
     eprintln!("{}", report.render());
@@ -159,11 +135,10 @@ async fn three_loops_drain_every_job_and_ingest_saves_every_image_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bad_token_stops_every_loop_with_the_401() {
-    let (mut fx, store) = fixture("wsim_401", 2).await;
+    let mut fx = fixture("wsim_401", 2).await;
     let images = fx.world.images.clone();
     let job = job(&mut fx, &images[..6]).await;
-    let server =
-        Server::start(Gateway::connected(store, fx.client.clone(), fx.nats_args.clone(), gateway_args())).await;
+    let server = served(&fx).await;
     let mut s = sim(&fx, server.addr, "not-a-token", 3);
     // Would run 60 s if it looped on the refusal.
     s.stop.idle = Some(Duration::from_secs(60));
@@ -190,12 +165,13 @@ async fn a_bad_token_stops_every_loop_with_the_401() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_still_connecting_is_retried_and_a_task_limit_is_exact() {
-    let (mut fx, store) = fixture("wsim_503", 4).await;
+    let mut fx = fixture("wsim_503", 4).await;
+    let store = tally::store::connect(&DbArgs { pool_size: 8, ..fx.store.args.clone() }).await.expect("pool");
     let images = fx.world.images.clone();
     let job = job(&mut fx, &images[..20]).await;
     // Not connected yet: every request answers 503 until it is.
     let gateway = Gateway::new(fx.nats_args.clone(), gateway_args());
-    let server = Server::start(Arc::clone(&gateway)).await;
+    let server = Served::alone(Arc::clone(&gateway)).await;
     let mut s = sim(&fx, server.addr, TOKEN, 3);
     s.stop = StopWhen { idle: Some(Duration::from_secs(30)), max_tasks: Some(13) };
     let run = tokio::spawn(async move { worker_sim::run(&s, CancellationToken::new()).await });

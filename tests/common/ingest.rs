@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, stream};
 use tally::config::NatsArgs;
+use tally::django_cache::DjangoCacheArgs;
 use tally::http::Health;
-use tally::ingest::batch::Ingestor;
-use tally::ingest::daemon::{self, Acked, Hooks, IngestArgs};
+use tally::ingest::daemon::{Acked, Hooks, IngestArgs};
+use tally::server::Config;
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::Store;
 use tally_dataflows::taxonomy::Taxonomy;
 use tally_tools::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Flavor, TestDb};
@@ -144,37 +144,43 @@ impl Fixture {
         !ack.duplicate
     }
 
-    /// Starts ingest in-process (bootstrapped from the database).
+    /// Starts ingest in-process through `tally::server::start`, as `tally serve --no-gateway`
+    /// runs it, and waits until it is bootstrapped and consuming.
     pub async fn start(&self, args: IngestArgs) -> Running {
-        self.start_with(args, tally::django_cache::DjangoCache::disabled()).await
+        self.start_with(args, DjangoCacheArgs::default()).await
     }
 
-    /// Starts ingest in-process, invalidating `django` (Django's query cache) after commits.
-    pub async fn start_with(&self, args: IngestArgs, django: tally::django_cache::DjangoCache) -> Running {
-        // The bootstrap records metrics too.
-        tally::metrics::install();
-        let mut ingestor = Ingestor::start(
-            self.store.clone(),
-            args.workers,
-            self.nats_args.results_subject_prefix.clone(),
-            args.max_result_bytes,
-        )
-        .await
-        .expect("ingestor");
-        ingestor.set_django_cache(django).await;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let client = self.client.clone();
-        let nats_args = self.nats_args.clone();
-        let token = shutdown.clone();
-        let health = Arc::new(Health::default());
-        let h = Arc::clone(&health);
-        let handle = tokio::spawn(async move {
-            daemon::run(ingestor, client, &nats_args, &args, h, Hooks { acked: Some(tx) }, token)
-                .await
-                .expect("ingest loop")
-        });
-        Running { shutdown, handle, acked: rx, health, saved: 0, dead: 0 }
+    /// Starts ingest in-process, invalidating Django's query cache described by `django` after
+    /// commits.
+    pub async fn start_with(&self, args: IngestArgs, django: DjangoCacheArgs) -> Running {
+        self.start_config(args, django, true).await
+    }
+
+    /// Starts a second ingest loop on the same database, which `tally serve`'s ingest lock
+    /// forbids: for the test that proves the progress writes exact without it.
+    pub async fn start_unlocked(&self, args: IngestArgs) -> Running {
+        self.start_config(args, DjangoCacheArgs::default(), false).await
+    }
+
+    async fn start_config(&self, args: IngestArgs, django: DjangoCacheArgs, ingest_lock: bool) -> Running {
+        let (tx, acked) = mpsc::unbounded_channel();
+        let mut config = Config::new(self.store.args.clone(), self.nats_args.clone());
+        config.ingest = args;
+        config.django_cache = django;
+        config.gateway.no_gateway = true;
+        // The job monitor's first pass comes one period after start: an hour keeps it out of
+        // the tests, which check the queues it would delete.
+        config.monitor.job_monitor_every = Duration::from_secs(3600);
+        config.hooks = Hooks { acked: Some(tx) };
+        config.ingest_lock = ingest_lock;
+        let server = tally::server::start(config, CancellationToken::new())
+            .await
+            .expect("tally starts")
+            .until_ready(Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("ingest did not become ready: {e:#}"));
+        let health = Arc::clone(&server.health);
+        Running { server, acked, health, saved: 0, dead: 0 }
     }
 
     /// `(num_pending, num_ack_pending)` of consumer `name` on `stream`.
@@ -196,10 +202,8 @@ impl Fixture {
 
 /// Ingest running in-process.
 pub struct Running {
-    /// Cancels it.
-    pub shutdown: CancellationToken,
-    /// Its task.
-    pub handle: JoinHandle<()>,
+    /// The daemon.
+    pub server: tally::server::Running,
     /// Every batch's acks.
     pub acked: mpsc::UnboundedReceiver<Acked>,
     /// Readiness.
@@ -235,8 +239,7 @@ impl Running {
 
     /// Stops it (SIGTERM-like) and waits.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        self.handle.await.expect("ingest task");
+        self.server.stop().await.expect("ingest stops cleanly");
     }
 }
 

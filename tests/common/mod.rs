@@ -7,6 +7,7 @@
 //! message saying so: they never skip.
 #![allow(dead_code)]
 
+pub mod gateway;
 pub mod ingest;
 pub mod services;
 

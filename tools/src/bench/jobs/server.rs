@@ -1,6 +1,6 @@
-//! The system under test, in this process: ingest (the pull loop `tally serve` runs, with its
-//! bootstrap) and the worker gateway (started exactly as `tally serve` starts it) served on
-//! `127.0.0.1:0`, both on a tokio runtime of their own.
+//! The system under test, in this process: `tally::server::start` (ingest with its bootstrap
+//! and the worker gateway, exactly as `tally serve` runs them) served on `127.0.0.1:0`, on a
+//! tokio runtime of its own.
 //!
 //! A runtime of their own keeps the benchmark's clients (up to 32 pollers, the simulated
 //! workers, the progress sampler) off the server's scheduler, as a separate process would, while
@@ -19,11 +19,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use tally::config::{DbArgs, NatsArgs};
-use tally::gateway::{self, GatewayArgs};
 use tally::http::Health;
-use tally::ingest::batch::Ingestor;
-use tally::ingest::daemon::{self, Hooks, IngestArgs};
-use tally::store;
+use tally::ingest::daemon::{Hooks, IngestArgs};
+use tally::server::{self, Config};
 
 /// Ingest and the gateway, running.
 pub struct Server {
@@ -46,6 +44,7 @@ pub struct Server {
 /// What the server's runtime hands back once everything is up.
 struct Started {
     addr: SocketAddr,
+    health: Arc<Health>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -70,7 +69,6 @@ impl Server {
             shutdown.clone(),
             Arc::clone(&saved),
             Arc::clone(&dead_lettered),
-            Arc::clone(&health),
         ));
         let mut server = Server {
             addr: ([127, 0, 0, 1], 0).into(),
@@ -84,6 +82,7 @@ impl Server {
         // On an error, dropping `server` stops whatever had started.
         let started = up.await.context("the server's start task failed")??;
         server.addr = started.addr;
+        server.health = started.health;
         server.tasks = started.tasks;
         Ok(server)
     }
@@ -136,47 +135,30 @@ async fn start_inner(
     shutdown: CancellationToken,
     saved: Arc<AtomicU64>,
     dead_lettered: Arc<AtomicU64>,
-    health: Arc<Health>,
 ) -> anyhow::Result<Started> {
-    let db = DbArgs::for_url(&url);
-    let store = store::connect(&db).await?;
-    let client = nats_args.connect().await?;
-    let js = async_nats::jetstream::new(client.clone());
-    tally::ingest::nats::ensure_stream(&js, &nats_args, &ingest.consumer).await?;
-    let ingestor =
-        Ingestor::start(store, ingest.workers, nats_args.results_subject_prefix.clone(), ingest.max_result_bytes)
-            .await
-            .context("bootstrapping ingest")?;
-
-    let consumer = ingest.consumer.clone();
     let (tx, mut acked) = mpsc::unbounded_channel();
-    let (token, n, h) = (shutdown.clone(), nats_args.clone(), Arc::clone(&health));
-    let ingest_task = tokio::spawn(async move {
-        if let Err(e) = daemon::run(ingestor, client, &n, &ingest, h, Hooks { acked: Some(tx) }, token).await {
-            tracing::error!(error = %e, "ingest stopped on an error");
-        }
-    });
+    let mut config = Config::new(DbArgs::for_url(&url), nats_args);
+    config.ingest = ingest;
+    config.hooks = Hooks { acked: Some(tx) };
+    // The job monitor's first pass comes one period after start: an hour keeps it out of the
+    // run, whose checks read the finished jobs' queues it would delete.
+    config.monitor.job_monitor_every = std::time::Duration::from_secs(3600);
+    let running = server::start(config, shutdown).await?.until_ready(std::time::Duration::from_secs(600)).await?;
+    if let Some(gateway) = &running.gateway {
+        gateway.wait_connected().await;
+    }
+    let addr = running.addr;
+    let health = Arc::clone(&running.health);
     let counter = tokio::spawn(async move {
         while let Some(a) = acked.recv().await {
             saved.fetch_add(a.reply_subjects.len() as u64, Ordering::Relaxed);
             dead_lettered.fetch_add(a.dead_lettered as u64, Ordering::Relaxed);
         }
     });
-
-    // The gateway as `tally serve` starts it: its own pool and NATS connection.
-    let (gateway, background) = gateway::start(&db, &nats_args, &consumer, &GatewayArgs::default(), shutdown.clone());
-    gateway.wait_connected().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding 127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let http = tokio::spawn(async move {
-        if let Err(e) = tally::http::serve(listener, gateway::router(gateway), shutdown).await {
-            tracing::error!(error = %e, "the worker API stopped on an error");
+    let daemon = tokio::spawn(async move {
+        if let Err(e) = running.wait().await {
+            tracing::error!(error = %e, "tally stopped on an error");
         }
     });
-    let background = tokio::spawn(async move {
-        if let Err(e) = background.await {
-            tracing::warn!(error = %e, "the gateway's background task failed");
-        }
-    });
-    Ok(Started { addr, tasks: vec![ingest_task, http, background, counter] })
+    Ok(Started { addr, health, tasks: vec![daemon, counter] })
 }
