@@ -6,6 +6,7 @@
 //! - [`cancel`]: Antenna's `Job.cancel`: guarded move to REVOKED, then the queue is deleted.
 //! - [`progress`]: the `process` and `results` stages, written by ingest.
 //! - [`queue`]: a job's JetStream stream and consumer, its tasks, their state and deletion.
+//! - [`state`]: Antenna's `JobState`, the statuses above as an enum.
 //! - [`row`]: the `jobs_job` row and its `progress` JSON as Antenna writes them.
 //! - [`logs`]: `jobs_joblog` lines, written in batches off the hot path.
 //! - [`monitor`]: the periodic pass of `tally serve` that runs [`lost`] (images whose tasks
@@ -21,6 +22,7 @@ pub mod monitor;
 pub mod progress;
 pub mod queue;
 pub mod row;
+pub mod state;
 pub mod status;
 
 use thiserror::Error;

@@ -1,6 +1,7 @@
 //! The job a request names: its row in `jobs_job` (read, never written, by the gateway), and a
 //! cache of the facts that never change (pipeline, project) for the result path.
 
+use crate::jobs::state::JobState;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -9,7 +10,7 @@ use deadpool_postgres::Object;
 use super::GatewayError;
 
 /// Statuses in which Antenna serves tasks (`JobState.active_states()`).
-pub const ACTIVE_STATES: [&str; 2] = ["STARTED", "RETRY"];
+pub const ACTIVE_STATES: [&str; 2] = [JobState::Started.as_str(), JobState::Retry.as_str()];
 
 /// Jobs whose facts are kept at most; the cache is emptied when full.
 const MAX_CACHED_JOBS: usize = 100_000;

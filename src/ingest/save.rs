@@ -15,6 +15,7 @@
 //! events, deployments, projects and taxa the batch refers to (Django may have created them
 //! since the bootstrap; a row already mirrored produces no update).
 
+use crate::jobs::state::JobState;
 use std::collections::{HashMap, HashSet};
 
 use tally_dataflows::{Detection, Id, InputBatch, Tables};
@@ -85,7 +86,8 @@ pub struct Saved {
 
 /// Job statuses after which a job is never moved again (Antenna's final states, and a cancel
 /// in progress).
-pub const CLOSED_STATUSES: &[&str] = &["SUCCESS", "FAILURE", "REVOKED", "CANCELING"];
+pub const CLOSED_STATUSES: &[&str] =
+    &[JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str(), JobState::Canceling.as_str()];
 
 #[derive(Debug, Clone, Copy)]
 struct Algorithm {

@@ -5,6 +5,7 @@
 //! task to revoke. A finished job's status is never touched, and ingest leaves the progress of
 //! a REVOKED or CANCELING job alone (`progress::FINALIZABLE` excludes them).
 
+use crate::jobs::state::JobState;
 use async_nats::jetstream;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -77,7 +78,7 @@ pub async fn cancel(
             &[&id, &FINALIZABLE],
         )
         .await?;
-    let from: Vec<&str> = FINALIZABLE.iter().copied().chain(["CANCELING"]).collect();
+    let from: Vec<&str> = FINALIZABLE.iter().copied().chain([JobState::Canceling.as_str()]).collect();
     let revoked = client
         .execute(
             "UPDATE jobs_job SET status = 'REVOKED', finished_at = now(), updated_at = now(),

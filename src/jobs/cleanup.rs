@@ -12,6 +12,7 @@
 //! sharing the NATS server, from being deleted). Deleting what is already gone is not an error.
 //! `tally job status` reads Postgres and shows such a job's queue as deleted.
 
+use crate::jobs::state::JobState;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +28,7 @@ use crate::metrics::names;
 use crate::store::Store;
 
 /// Antenna's `final_states`: a job in one of these never runs again.
-pub const FINAL: &[&str] = &["SUCCESS", "FAILURE", "REVOKED"];
+pub const FINAL: &[&str] = &[JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str()];
 
 /// What one sweep deleted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

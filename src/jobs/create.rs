@@ -12,6 +12,7 @@
 //! without `public_base_url` gets a URL under [`MISSING_URL_BASE`] instead of failing the job.
 //! Antenna also skips images a pipeline already processed; tally queues every image chosen.
 
+use crate::jobs::state::JobState;
 use std::time::Instant;
 
 use async_nats::jetstream;
@@ -160,7 +161,7 @@ pub async fn create(
     let mut created = CreatedJob {
         id,
         name,
-        status: "STARTED".into(),
+        status: JobState::Started.as_str().into(),
         project: chosen.project,
         pipeline: spec.pipeline.clone(),
         deployment: chosen.deployment,
@@ -179,7 +180,7 @@ pub async fn create(
     }
     if n == 0 {
         logs.info(id, format!("No images to process: job {id} finished"));
-        created.status = "SUCCESS".into();
+        created.status = JobState::Success.as_str().into();
         return Ok(created);
     }
     logs.info(id, format!("Queuing {n} images to NATS stream for job '{id}'"));

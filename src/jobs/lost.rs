@@ -24,6 +24,7 @@
 //! says how many. Results that arrive after an image was marked lost are still saved (ingest's
 //! upsert keeps `failed`), but a finished job's progress no longer moves.
 
+use crate::jobs::state::JobState;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ use super::{consumer_name, nats_error, stream_name, tasks_subject, JobError};
 use crate::store::Store;
 
 /// Statuses in which a job's tasks are served (Antenna's `active_states`): only these can stall.
-pub const ACTIVE: &[&str] = &["STARTED", "RETRY"];
+pub const ACTIVE: &[&str] = &[JobState::Started.as_str(), JobState::Retry.as_str()];
 
 /// Ids named in a job log message; the JSON context holds them all.
 const IDS_IN_MESSAGE: usize = 50;

@@ -15,6 +15,7 @@
 //! `UPDATE … WHERE status IN (CREATED, PENDING, STARTED, RETRY)`: finished and cancelled jobs
 //! are never resurrected. Replays insert no `job_image` row and no rows, so no counter drifts.
 
+use crate::jobs::state::JobState;
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
@@ -23,7 +24,8 @@ use tokio_postgres::Transaction;
 use crate::store::StoreError;
 
 /// Statuses from which a job may still finish (Antenna's `finalizable_states`).
-pub const FINALIZABLE: &[&str] = &["CREATED", "PENDING", "STARTED", "RETRY"];
+pub const FINALIZABLE: &[&str] =
+    &[JobState::Created.as_str(), JobState::Pending.as_str(), JobState::Started.as_str(), JobState::Retry.as_str()];
 
 /// Share of failed images above which a finished job is a FAILURE (Antenna's
 /// `FAILURE_THRESHOLD`).
@@ -61,8 +63,8 @@ impl Figures {
     /// The status the job ends in once complete.
     pub fn final_status(&self) -> &'static str {
         match self.total {
-            Some(t) if t > 0 && self.failed as f64 / t as f64 > FAILURE_THRESHOLD => "FAILURE",
-            _ => "SUCCESS",
+            Some(t) if t > 0 && self.failed as f64 / t as f64 > FAILURE_THRESHOLD => JobState::Failure.as_str(),
+            _ => JobState::Success.as_str(),
         }
     }
 }
@@ -176,13 +178,13 @@ pub fn apply(progress: &mut Value, figures: &Figures, finished: Option<&'static 
     let stage_status = |old: Option<&Value>| -> Value {
         match (finished, old.and_then(|s| s["status"].as_str())) {
             (Some(status), _) => json!(status),
-            (None, Some("FAILURE")) => json!("FAILURE"),
+            (None, Some(old)) if old == JobState::Failure.as_str() => json!(JobState::Failure.as_str()),
             (None, _)
                 if figures.total.is_some_and(|t| t > 0 && figures.failed as f64 / t as f64 > FAILURE_THRESHOLD) =>
             {
-                json!("FAILURE")
+                json!(JobState::Failure.as_str())
             }
-            (None, _) => json!("STARTED"),
+            (None, _) => json!(JobState::Started.as_str()),
         }
     };
     let remaining = figures.total.map(|t| (t - figures.processed).max(0)).unwrap_or(0);
@@ -222,7 +224,7 @@ pub fn apply(progress: &mut Value, figures: &Figures, finished: Option<&'static 
     let mean = stages.iter().map(|s| s["progress"].as_f64().unwrap_or(0.0)).sum::<f64>() / n;
     let summary_status = progress["summary"]["status"].as_str().map(str::to_string);
     progress["summary"] = json!({
-        "status": summary_status.unwrap_or_else(|| "STARTED".into()),
+        "status": summary_status.unwrap_or_else(|| JobState::Started.as_str().into()),
         "progress": mean,
     });
 }

@@ -3,6 +3,7 @@
 //! `process`, `results` with their parameters), and the FAILURE Antenna records when a job's
 //! tasks cannot be queued.
 
+use crate::jobs::state::JobState;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
@@ -32,7 +33,7 @@ pub struct NewJob {
 /// `finished_at` when it has no image), every NOT NULL column supplied as Django would, and
 /// [`initial_progress`]. Returns its id.
 pub async fn insert_job(client: &Client, job: &NewJob) -> Result<i64, JobError> {
-    let status = if job.total == Some(0) { "SUCCESS" } else { "STARTED" };
+    let status = if job.total == Some(0) { JobState::Success.as_str() } else { JobState::Started.as_str() };
     let limit = job.limit.map(|l| i32::try_from(l).unwrap_or(i32::MAX));
     let progress = initial_progress(job.total, job.limit);
     let row = client
@@ -77,9 +78,17 @@ pub fn initial_progress(total: Option<i64>, limit: Option<i64>) -> Value {
         collect_params.push(param("Limit", json!(limit)));
     }
     let (collect, rest, summary) = match total {
-        None => (("CREATED", 0.0), ("CREATED", 0.0), ("STARTED", 0.0)),
-        Some(0) => (("SUCCESS", 1.0), ("SUCCESS", 1.0), ("SUCCESS", 1.0)),
-        Some(_) => (("SUCCESS", 1.0), ("CREATED", 0.0), ("STARTED", 1.0 / 3.0)),
+        None => {
+            ((JobState::Created.as_str(), 0.0), (JobState::Created.as_str(), 0.0), (JobState::Started.as_str(), 0.0))
+        }
+        Some(0) => {
+            ((JobState::Success.as_str(), 1.0), (JobState::Success.as_str(), 1.0), (JobState::Success.as_str(), 1.0))
+        }
+        Some(_) => (
+            (JobState::Success.as_str(), 1.0),
+            (JobState::Created.as_str(), 0.0),
+            (JobState::Started.as_str(), 1.0 / 3.0),
+        ),
     };
     let empty = |names: [&str; 3]| names.iter().map(|n| param(n, json!(""))).collect::<Vec<_>>();
     json!({

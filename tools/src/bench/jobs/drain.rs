@@ -5,6 +5,7 @@
 //! deliveries.
 
 use std::time::{Duration, Instant};
+use tally::jobs::state::JobState;
 
 use anyhow::Context;
 use async_nats::jetstream;
@@ -19,7 +20,7 @@ use tally::jobs::status::{parse_progress, Stage};
 use tally::store::Store;
 
 /// Statuses a job never leaves.
-const FINAL: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
+const FINAL: [&str; 3] = [JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str()];
 
 /// Every job's progress at one instant.
 #[derive(Clone, Debug)]
@@ -186,7 +187,9 @@ pub struct JobCheck {
 impl JobCheck {
     /// Whether the job succeeded with exact progress, every task delivered once and acked.
     pub fn clean(&self, tasks: usize) -> bool {
-        self.status == "SUCCESS" && self.problems.is_empty() && self.consumer.as_ref().is_some_and(|c| once(c, tasks))
+        self.status == JobState::Success.as_str()
+            && self.problems.is_empty()
+            && self.consumer.as_ref().is_some_and(|c| once(c, tasks))
     }
 }
 
@@ -236,7 +239,7 @@ pub async fn check(store: &Store, js: &jetstream::Context, job: &BenchJob) -> an
     expect("detections", results.and_then(|s| param(s, "detections")), detections);
     expect("classifications", results.and_then(|s| param(s, "classifications")), classifications);
     for s in [process, results].into_iter().flatten() {
-        if (s.progress - 1.0).abs() > 1e-9 || s.status != "SUCCESS" {
+        if (s.progress - 1.0).abs() > 1e-9 || s.status != JobState::Success.as_str() {
             problems.push(format!("{} stage {} at {:.4}", s.key, s.status, s.progress));
         }
     }

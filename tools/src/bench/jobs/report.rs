@@ -4,6 +4,7 @@
 
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use tally::jobs::state::JobState;
 
 use super::drain::{once, Drained, JobCheck};
 use super::hammer::{Claims, Posts};
@@ -323,7 +324,7 @@ fn targets(args: &JobsBenchArgs, r: &Report) -> String {
         latency_verdict(post_h),
     ));
     let p1 = &r.phase1;
-    let success = p1.checks.iter().filter(|c| c.status == "SUCCESS").count();
+    let success = p1.checks.iter().filter(|c| c.status == JobState::Success.as_str()).count();
     let exact = p1.checks.iter().filter(|c| c.problems.is_empty()).count();
     let (delivered, redelivered, ack_pending, pending, missing) = deliveries(&p1.checks);
     let tasks = (args.jobs * args.images) as u64;
