@@ -213,17 +213,11 @@ impl Workload {
     }
 }
 
-/// A Poisson(`mean`) sample (Knuth's method; fine for the small means of detections per image).
-fn poisson(rng: &mut SmallRng, mean: f64) -> usize {
-    let limit = (-mean).exp();
-    let mut k = 0;
-    let mut p = 1.0;
-    loop {
-        p *= rng.random::<f64>();
-        if p <= limit {
-            return k;
-        }
-        k += 1;
+/// A Poisson(`mean`) draw from `rand_distr`; a mean of zero (or below) draws 0.
+pub(crate) fn poisson(rng: &mut SmallRng, mean: f64) -> usize {
+    match rand_distr::Poisson::new(mean) {
+        Ok(dist) => rng.sample(dist) as usize,
+        Err(_) => 0,
     }
 }
 

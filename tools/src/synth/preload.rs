@@ -13,6 +13,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tally_dataflows::{Detection, Id, Image, InputBatch, Occurrence, Score};
 
+use crate::synth::poisson;
 use crate::synth::results::World;
 
 /// Seconds between two preloaded captures of a night.
@@ -95,20 +96,6 @@ pub fn preload(world: &World, species: &[Id], per_deployment: u64, seed: u64) ->
         }
     }
     batch
-}
-
-/// A Poisson(`mean`) draw (Knuth's method; fine for small means).
-fn poisson(rng: &mut SmallRng, mean: f64) -> usize {
-    let limit = (-mean).exp();
-    let mut k = 0;
-    let mut p = 1.0;
-    loop {
-        p *= rng.random::<f64>();
-        if p <= limit {
-            return k;
-        }
-        k += 1;
-    }
 }
 
 #[cfg(test)]

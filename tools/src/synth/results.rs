@@ -16,6 +16,8 @@ use serde_json::json;
 use tally_dataflows::taxonomy::{Rank, Taxonomy};
 use tally_dataflows::{Deployment, Event, FilterTaxon, Id, Image, InputBatch, Micros, Project, Score, Tables};
 
+use crate::synth::poisson;
+
 /// 2024-06-01 21:00 UTC, the first night's first capture.
 const FIRST_CAPTURE: Micros = 1_717_275_600_000_000;
 
@@ -191,19 +193,5 @@ impl ResultFactory {
         let scores: Vec<f64> = (0..len).map(|i| if i == at { top } else { rest }).collect();
         let logits = scores.iter().map(|s| (s.max(1e-9)).ln()).collect();
         (scores, logits)
-    }
-}
-
-/// A Poisson(`mean`) draw (Knuth's method; fine for small means).
-fn poisson(rng: &mut SmallRng, mean: f64) -> usize {
-    let limit = (-mean).exp();
-    let mut k = 0;
-    let mut p = 1.0;
-    loop {
-        p *= rng.random::<f64>();
-        if p <= limit {
-            return k;
-        }
-        k += 1;
     }
 }
