@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::NatsArgs;
 use crate::http::Health;
-use crate::ingest::ack::{self, Deferral, Settlement};
+use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
 use crate::ingest::batch::{Incoming, Ingestor, Outcome};
 use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::message::{reason_code, Rejection, REASON_OBJECT_MISSING, REASON_OVERSIZED, REASON_WRONG_SHAPE};
@@ -271,17 +271,6 @@ struct Context {
     hooks: Hooks,
 }
 
-/// What to do with a result message once its batch is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Saved (and its task settled or its ack stored for retry): ack.
-    Ack,
-    /// Dead-lettered: terminate (no redelivery).
-    Term,
-    /// Try again later.
-    Nak,
-}
-
 /// Turns a message into what ingest decodes: a claim check is resolved to its object's bytes,
 /// a gateway refusal to its rejection. `Err` means the object could not be read now (NAK).
 async fn incoming(
@@ -436,18 +425,7 @@ async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstre
     if !deferrals.is_empty() && deferred_stored {
         warn!(tasks = deferrals.len(), "task acks not confirmed; retrying them in the background");
     }
-    let mut settled_iter = settlements.iter();
-    let verdicts: Vec<Verdict> = report
-        .outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Saved { .. } => match settled_iter.next() {
-                Some(Settlement::Deferred(_)) if !deferred_stored => Verdict::Nak,
-                _ => Verdict::Ack,
-            },
-            Outcome::DeadLettered { .. } => Verdict::Term,
-        })
-        .collect();
+    let verdicts = ack::verdicts(&report.outcomes, &settlements, deferred_stored);
     let acks = messages.iter().zip(&verdicts).map(|(m, verdict)| async move {
         let object = results_stream::object_of(m.headers.as_ref());
         let answer = match (verdict, &object) {
