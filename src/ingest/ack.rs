@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::config::NatsArgs;
 use crate::dead_letters::{self, NewDeadLetter};
+use crate::ingest::batch::Outcome;
 use crate::ingest::message::{job_of_reply_subject, job_of_subject, REASON_TASK_ACK_FAILED};
 use crate::ingest::nats::{self as transport, ConsumerArgs, TaskAck};
 use crate::ingest::save::{self, JobLogLine};
@@ -57,6 +58,36 @@ impl Settlement {
             Settlement::Deferred(_) => "deferred",
         }
     }
+}
+
+/// What to do with a result message once its batch is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Saved (and its task settled or its ack stored for retry): ack.
+    Ack,
+    /// Dead-lettered: terminate (no redelivery).
+    Term,
+    /// Try again later.
+    Nak,
+}
+
+/// The ack policy, pure so that it is tested without NATS or Postgres: one [`Verdict`] per
+/// outcome of a committed batch. `settlements` are the task settlements of the saved outcomes,
+/// in order; `deferred_stored` says whether the deferred task acks were stored for retry.
+/// A saved result is acked even when its task ack is deferred (no result waits on its task),
+/// unless the deferral could not be stored: then it goes back, and its replay acks the task.
+pub fn verdicts(outcomes: &[Outcome], settlements: &[Settlement], deferred_stored: bool) -> Vec<Verdict> {
+    let mut settled = settlements.iter();
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Saved { .. } => match settled.next() {
+                Some(Settlement::Deferred(_)) if !deferred_stored => Verdict::Nak,
+                _ => Verdict::Ack,
+            },
+            Outcome::DeadLettered { .. } => Verdict::Term,
+        })
+        .collect()
 }
 
 /// Acks the tasks of `subjects` and settles each ([`Settlement`]).
@@ -398,5 +429,33 @@ mod tests {
             .map(Settlement::label)
             .collect();
         assert_eq!(labels, ["acked", "consumer_gone", "deferred"]);
+    }
+    fn saved(n: u64) -> Outcome {
+        Outcome::Saved { reply_subject: format!("$JS.ACK.t.{n}"), inserted: n }
+    }
+
+    fn dead() -> Outcome {
+        Outcome::DeadLettered { code: "wrong_shape" }
+    }
+
+    #[test]
+    fn saved_results_are_acked_and_dead_letters_terminated() {
+        let outcomes = [saved(1), dead(), saved(0)];
+        let settlements = [Settlement::Acked, Settlement::Gone];
+        assert_eq!(verdicts(&outcomes, &settlements, true), [Verdict::Ack, Verdict::Term, Verdict::Ack]);
+    }
+
+    #[test]
+    fn a_deferred_task_ack_holds_its_result_only_if_it_could_not_be_stored() {
+        let outcomes = [saved(1), saved(2), dead()];
+        let settlements = [Settlement::Deferred("timeout".into()), Settlement::Acked];
+        assert_eq!(verdicts(&outcomes, &settlements, true), [Verdict::Ack, Verdict::Ack, Verdict::Term]);
+        assert_eq!(verdicts(&outcomes, &settlements, false), [Verdict::Nak, Verdict::Ack, Verdict::Term]);
+    }
+
+    #[test]
+    fn a_batch_of_dead_letters_needs_no_settlement() {
+        assert_eq!(verdicts(&[dead(), dead()], &[], false), [Verdict::Term, Verdict::Term]);
+        assert!(verdicts(&[], &[], true).is_empty());
     }
 }

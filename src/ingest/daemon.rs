@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::NatsArgs;
 use crate::http::Health;
-use crate::ingest::ack::{self, Deferral, Settlement};
-use crate::ingest::batch::{Incoming, Ingestor, Outcome};
+use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
+use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome};
 use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::message::{reason_code, Rejection, REASON_OBJECT_MISSING, REASON_OVERSIZED, REASON_WRONG_SHAPE};
 use crate::ingest::monitor;
@@ -28,6 +28,7 @@ use crate::ingest::nats::{self, ConsumerArgs};
 use crate::ingest::IngestError;
 use crate::metrics::names;
 use crate::results_stream::{self, FetchError};
+use crate::store::Store;
 
 /// Batching and limits of the ingest loop.
 #[derive(Clone, Debug, Args)]
@@ -271,15 +272,148 @@ struct Context {
     hooks: Hooks,
 }
 
-/// What to do with a result message once its batch is over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Saved (and its task settled or its ack stored for retry): ack.
-    Ack,
-    /// Dead-lettered: terminate (no redelivery).
-    Term,
-    /// Try again later.
-    Nak,
+/// Acks the tasks of the saved results (`saved`: their indices in `outcomes`) and stores
+/// the unconfirmed ones for retry: returns the task subjects, their settlements, and whether
+/// the deferrals were stored (which [`ack::verdicts`] needs).
+async fn settle_tasks(
+    store: &Store,
+    ctx: &Context,
+    outcomes: &[Outcome],
+    saved: &[usize],
+    work: &[Incoming],
+) -> (Vec<String>, Vec<Settlement>, bool) {
+    let (client, args) = (&ctx.client, &ctx.args);
+    let tasks: Vec<String> = saved
+        .iter()
+        .filter_map(|&i| match &outcomes[i] {
+            Outcome::Saved { reply_subject, .. } => Some(reply_subject.clone()),
+            Outcome::DeadLettered { .. } => None,
+        })
+        .collect();
+    let settlements = ack::settle(client, &tasks, &args.consumer).await;
+    for s in &settlements {
+        if !matches!(s, Settlement::Deferred(_)) {
+            counter!(names::TASK_ACKS, "outcome" => s.label()).increment(1);
+        }
+    }
+    let deferrals: Vec<Deferral> = saved
+        .iter()
+        .zip(&tasks)
+        .zip(&settlements)
+        .filter_map(|((&i, task), s)| match s {
+            Settlement::Deferred(why) => Some(Deferral {
+                reply_subject: task.clone(),
+                results_subject: work[i].subject.clone(),
+                results_sequence: work[i].stream_sequence,
+                error: why.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    // A task ack that could not be confirmed is retried in the background; the result is
+    // acked now so that it never holds the results consumer. Only if the retry cannot be
+    // stored does the result go back (its replay saves nothing and acks the task again).
+    let deferred_stored = match ack::defer(store, &deferrals, &args.consumer).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, tasks = deferrals.len(), "cannot store task acks for retry; their results go back to the stream");
+            counter!(names::INGEST_MESSAGES, "outcome" => "task_ack_retry").increment(deferrals.len() as u64);
+            false
+        }
+    };
+    if !deferrals.is_empty() && deferred_stored {
+        warn!(tasks = deferrals.len(), "task acks not confirmed; retrying them in the background");
+    }
+    (tasks, settlements, deferred_stored)
+}
+
+/// Applies the verdicts to the result messages; a claim check's object is deleted once the
+/// server confirmed the ack or term (a lost ack would bring the message back without it).
+async fn ack_results(
+    messages: &[&jetstream::Message],
+    verdicts: &[Verdict],
+    objects: &results_stream::Objects,
+    delay: Duration,
+) -> Vec<Result<(), async_nats::Error>> {
+    let acks = messages.iter().zip(verdicts).map(|(m, verdict)| async move {
+        let object = results_stream::object_of(m.headers.as_ref());
+        let answer = match (verdict, &object) {
+            (Verdict::Ack, None) => m.ack().await,
+            (Verdict::Term, None) => m.ack_with(AckKind::Term).await,
+            // The object goes once the server has confirmed the ack: a lost ack would bring
+            // the message back without its object.
+            (Verdict::Ack, Some(_)) => m.double_ack().await,
+            (Verdict::Term, Some(_)) => m.double_ack_with(AckKind::Term).await,
+            (Verdict::Nak, _) => m.ack_with(AckKind::Nak(Some(delay))).await,
+        };
+        if let (Ok(()), Some(name), Verdict::Ack | Verdict::Term) = (&answer, &object, verdict) {
+            results_stream::delete_object(objects, name).await;
+            counter!(names::RESULT_OBJECTS, "side" => "deleted").increment(1);
+        }
+        answer
+    });
+    futures_util::future::join_all(acks).await
+}
+
+/// Counts a committed batch's outcomes (saved, replays, dead letters) in metrics and the log;
+/// returns the dead letters (the `acked` hook reports them).
+fn record_outcomes(report: &BatchReport, messages: usize, started: Instant) -> usize {
+    let mut saved_n = 0u64;
+    let mut noop = 0u64;
+    let mut dead = 0usize;
+    for o in &report.outcomes {
+        match o {
+            Outcome::Saved { inserted: 0, .. } => noop += 1,
+            Outcome::Saved { .. } => saved_n += 1,
+            Outcome::DeadLettered { .. } => dead += 1,
+        }
+    }
+    counter!(names::INGEST_MESSAGES, "outcome" => "saved").increment(saved_n);
+    counter!(names::INGEST_MESSAGES, "outcome" => "replay_noop").increment(noop);
+    counter!(names::INGEST_MESSAGES, "outcome" => "dead_lettered").increment(dead as u64);
+    debug!(
+        messages,
+        saved = saved_n,
+        replays = noop,
+        dead_lettered = dead,
+        detections = report.rows.detections,
+        classifications = report.rows.classifications,
+        changed_owners = report.changed_owners,
+        ms = started.elapsed().as_millis() as u64,
+        "committed batch"
+    );
+    dead
+}
+
+/// Claim checks and refusals first: returns the messages ingest can decode now, beside what
+/// it decodes; a message whose object cannot be read now is NAKed to wait.
+async fn resolve<'m>(
+    batch: &'m [jetstream::Message],
+    objects: &results_stream::Objects,
+    max_bytes: usize,
+    delay: Duration,
+) -> (Vec<&'m jetstream::Message>, Vec<Incoming>) {
+    let mut resolved = Vec::with_capacity(batch.len());
+    for m in batch {
+        // Only a claim check waits here (for its object); the others resolve at once.
+        resolved.push(incoming(m, objects, max_bytes).await);
+    }
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut work = Vec::with_capacity(batch.len());
+    for (m, r) in batch.iter().zip(resolved) {
+        match r {
+            Ok(i) => {
+                messages.push(m);
+                work.push(i);
+            }
+            Err(e) => {
+                warn!(subject = %m.subject, error = %e, "cannot read a result's object now; NAKing it");
+                counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(1);
+                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+    (messages, work)
 }
 
 /// Turns a message into what ingest decodes: a claim check is resolved to its object's bytes,
@@ -337,34 +471,13 @@ async fn incoming(
 
 /// Processes one batch and acks it, whatever happens: no error escapes, a failure NAKs.
 async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstream::Message>) {
-    let Context { client, objects, args, health, hooks } = ctx;
+    let Context { objects, args, health, hooks, .. } = ctx;
     let started = Instant::now();
     let delay = Duration::from_secs(args.nak_delay);
     histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
     let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
 
-    // Claim checks and refusals first; a message whose object cannot be read now waits.
-    let max_bytes = ingestor.max_bytes();
-    let mut resolved = Vec::with_capacity(batch.len());
-    for m in &batch {
-        // Only a claim check waits here (for its object); the others resolve at once.
-        resolved.push(incoming(m, objects, max_bytes).await);
-    }
-    let mut messages = Vec::with_capacity(batch.len());
-    let mut work = Vec::with_capacity(batch.len());
-    for (m, r) in batch.iter().zip(resolved) {
-        match r {
-            Ok(i) => {
-                messages.push(m);
-                work.push(i);
-            }
-            Err(e) => {
-                warn!(subject = %m.subject, error = %e, "cannot read a result's object now; NAKing it");
-                counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(1);
-                let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
-            }
-        }
-    }
+    let (messages, work) = resolve(&batch, objects, ingestor.max_bytes(), delay).await;
     if work.is_empty() {
         return;
     }
@@ -395,77 +508,10 @@ async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstre
         .filter(|(_, o)| matches!(o, Outcome::Saved { .. }))
         .map(|(i, _)| i)
         .collect();
-    let tasks: Vec<String> = saved
-        .iter()
-        .filter_map(|&i| match &report.outcomes[i] {
-            Outcome::Saved { reply_subject, .. } => Some(reply_subject.clone()),
-            Outcome::DeadLettered { .. } => None,
-        })
-        .collect();
-    let settlements = ack::settle(client, &tasks, &args.consumer).await;
-    for s in &settlements {
-        if !matches!(s, Settlement::Deferred(_)) {
-            counter!(names::TASK_ACKS, "outcome" => s.label()).increment(1);
-        }
-    }
-    let deferrals: Vec<Deferral> = saved
-        .iter()
-        .zip(&tasks)
-        .zip(&settlements)
-        .filter_map(|((&i, task), s)| match s {
-            Settlement::Deferred(why) => Some(Deferral {
-                reply_subject: task.clone(),
-                results_subject: work[i].subject.clone(),
-                results_sequence: work[i].stream_sequence,
-                error: why.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
-    // A task ack that could not be confirmed is retried in the background; the result is
-    // acked now so that it never holds the results consumer. Only if the retry cannot be
-    // stored does the result go back (its replay saves nothing and acks the task again).
-    let deferred_stored = match ack::defer(ingestor.store(), &deferrals, &args.consumer).await {
-        Ok(()) => true,
-        Err(e) => {
-            warn!(error = %e, tasks = deferrals.len(), "cannot store task acks for retry; their results go back to the stream");
-            counter!(names::INGEST_MESSAGES, "outcome" => "task_ack_retry").increment(deferrals.len() as u64);
-            false
-        }
-    };
-    if !deferrals.is_empty() && deferred_stored {
-        warn!(tasks = deferrals.len(), "task acks not confirmed; retrying them in the background");
-    }
-    let mut settled_iter = settlements.iter();
-    let verdicts: Vec<Verdict> = report
-        .outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Saved { .. } => match settled_iter.next() {
-                Some(Settlement::Deferred(_)) if !deferred_stored => Verdict::Nak,
-                _ => Verdict::Ack,
-            },
-            Outcome::DeadLettered { .. } => Verdict::Term,
-        })
-        .collect();
-    let acks = messages.iter().zip(&verdicts).map(|(m, verdict)| async move {
-        let object = results_stream::object_of(m.headers.as_ref());
-        let answer = match (verdict, &object) {
-            (Verdict::Ack, None) => m.ack().await,
-            (Verdict::Term, None) => m.ack_with(AckKind::Term).await,
-            // The object goes once the server has confirmed the ack: a lost ack would bring
-            // the message back without its object.
-            (Verdict::Ack, Some(_)) => m.double_ack().await,
-            (Verdict::Term, Some(_)) => m.double_ack_with(AckKind::Term).await,
-            (Verdict::Nak, _) => m.ack_with(AckKind::Nak(Some(delay))).await,
-        };
-        if let (Ok(()), Some(name), Verdict::Ack | Verdict::Term) = (&answer, &object, verdict) {
-            results_stream::delete_object(objects, name).await;
-            counter!(names::RESULT_OBJECTS, "side" => "deleted").increment(1);
-        }
-        answer
-    });
-    let results = futures_util::future::join_all(acks).await;
+    let (tasks, settlements, deferred_stored) =
+        settle_tasks(ingestor.store(), ctx, &report.outcomes, &saved, &work).await;
+    let verdicts = ack::verdicts(&report.outcomes, &settlements, deferred_stored);
+    let results = ack_results(&messages, &verdicts, objects, delay).await;
     let unacked = results.iter().filter(|r| r.is_err()).count();
     if unacked > 0 {
         warn!(unacked, "result acks failed; those results will be redelivered and found already saved");
@@ -481,30 +527,7 @@ async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstre
     histogram!(names::INGEST_BATCH_SECONDS, "stage" => "ack").record(ack_started.elapsed().as_secs_f64());
     histogram!(names::INGEST_BATCH_SECONDS, "stage" => "total").record(started.elapsed().as_secs_f64());
 
-    let mut saved_n = 0u64;
-    let mut noop = 0u64;
-    let mut dead = 0usize;
-    for o in &report.outcomes {
-        match o {
-            Outcome::Saved { inserted: 0, .. } => noop += 1,
-            Outcome::Saved { .. } => saved_n += 1,
-            Outcome::DeadLettered { .. } => dead += 1,
-        }
-    }
-    counter!(names::INGEST_MESSAGES, "outcome" => "saved").increment(saved_n);
-    counter!(names::INGEST_MESSAGES, "outcome" => "replay_noop").increment(noop);
-    counter!(names::INGEST_MESSAGES, "outcome" => "dead_lettered").increment(dead as u64);
-    debug!(
-        messages = messages.len(),
-        saved = saved_n,
-        replays = noop,
-        dead_lettered = dead,
-        detections = report.rows.detections,
-        classifications = report.rows.classifications,
-        changed_owners = report.changed_owners,
-        ms = started.elapsed().as_millis() as u64,
-        "committed batch"
-    );
+    let dead = record_outcomes(&report, messages.len(), started);
     if let Some(tx) = &hooks.acked {
         let acked = tasks
             .into_iter()
