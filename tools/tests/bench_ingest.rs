@@ -20,7 +20,7 @@ fn bench_ingest_reports_every_strategy_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("tally-bench-ingest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let plot = dir.join("bench-ingest.svg");
-    let taxa = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/taxa-quebec-vermont-2022.json");
+    let taxa = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/taxa-quebec-vermont-2022.json");
     let child = Command::new(env!("CARGO_BIN_EXE_tally-tools"))
         .args(["bench", "ingest", "--taxa", taxa, "--messages", "30", "--recompute-messages", "3"])
         .args(["--rate", "40,10", "--paced-seconds", "1", "--preload-detections", "50", "--recompute-samples", "2"])

@@ -27,7 +27,7 @@ fn demo_counts_match_the_recompute() {
 
 #[test]
 fn demo_on_antennas_taxonomy_with_two_workers() {
-    let taxa = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/taxa-quebec-vermont-2022.json");
+    let taxa = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/taxa-quebec-vermont-2022.json");
     let out = demo(&["--taxa", taxa, "--nights", "2", "--images-per-night", "40", "-w", "2", "--batch", "8"]);
     assert!(out.contains("taxonomy: 4,120 taxa (69 families, 942 genera, 3108 species)"), "{out}");
     assert!(out.contains("✓ every maintained count equals the from-scratch recompute"), "{out}");
