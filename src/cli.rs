@@ -68,7 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The async runtime of the commands that talk to services.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The async runtime of the commands that talk to services (the tools use it too).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

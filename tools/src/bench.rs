@@ -92,18 +92,10 @@ pub(crate) async fn delete_streams(nats_url: &str, streams: &std::sync::Mutex<Ve
 pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
         BenchCommand::Dataflow(args) => dataflow(args),
-        BenchCommand::Store(args) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::bench::store::run(args))
-        }
-        BenchCommand::Ingest(args) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::bench::ingest::run(*args))
-        }
-        BenchCommand::Jobs(args) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::bench::jobs::run(*args))
-        }
-        BenchCommand::Feed(args) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(crate::bench::feed::run(*args))
-        }
+        BenchCommand::Store(args) => tally::cli::runtime()?.block_on(crate::bench::store::run(args)),
+        BenchCommand::Ingest(args) => tally::cli::runtime()?.block_on(crate::bench::ingest::run(*args)),
+        BenchCommand::Jobs(args) => tally::cli::runtime()?.block_on(crate::bench::jobs::run(*args)),
+        BenchCommand::Feed(args) => tally::cli::runtime()?.block_on(crate::bench::feed::run(*args)),
     }
 }
 

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tally::cli::runtime;
 use tally::telemetry::LogArgs;
 
 use crate::{bench, demo, worker_sim};
@@ -42,11 +43,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(command) => bench::run(command),
         Command::WorkerSim(args) => runtime()?.block_on(worker_sim::cli::run(args)),
     }
-}
-
-/// The async runtime of the tools that talk to services.
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// A score vector length for the simulated models: 1 to 30,000 classes (ADC's models have
