@@ -663,7 +663,7 @@ async fn interleave(steps: Vec<(usize, Edit)>) {
     let mut published = 0usize;
     let mut settled = 0usize;
     for (n, edit) in &steps {
-        let batch: Vec<(u64, String)> = tasks.iter().skip(published).take(*n).cloned().collect();
+        let batch: Vec<(i64, String)> = tasks.iter().skip(published).take(*n).cloned().collect();
         published += batch.len();
         let sql = django_sql(&dj, edit).await;
         let publish = async {

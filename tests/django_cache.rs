@@ -205,7 +205,7 @@ async fn a_redis_that_is_down_never_stops_ingest() {
 async fn job_commands_invalidate_the_job_tables() {
     let mut fx = Fixture::new("dj_job", Flavor::Empty, world(1, 3)).await;
     let url = fx.db.as_ref().expect("db").url.clone();
-    let images: Vec<u64> = fx.world.images.iter().take(3).copied().collect();
+    let images: Vec<i64> = fx.world.images.iter().take(3).copied().collect();
     let (job, _) = fx.job(&images).await;
     let prefix = format!("tally-test-{}", common::ingest::unique());
     let mut django = Probe::start(&url, &prefix);

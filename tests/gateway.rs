@@ -68,11 +68,11 @@ impl Bench {
 
     /// Creates an async job of `pipeline` as Antenna does (row, stream `job_{id}`, consumer
     /// `job-{id}-consumer`, one task per image) without pulling any task.
-    async fn job(&mut self, images: &[u64], status: &str, pipeline: &str) -> i64 {
+    async fn job(&mut self, images: &[i64], status: &str, pipeline: &str) -> i64 {
         self.job_in(images, status, pipeline, "async_api", 1).await
     }
 
-    async fn job_in(&mut self, images: &[u64], status: &str, pipeline: &str, mode: &str, project: i64) -> i64 {
+    async fn job_in(&mut self, images: &[i64], status: &str, pipeline: &str, mode: &str, project: i64) -> i64 {
         let c = self.fx.store.client().await.expect("client");
         let pipeline: i64 =
             c.query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&pipeline]).await.expect("pipeline").get(0);
@@ -115,7 +115,7 @@ fn claimed(r: &Response) -> Vec<i64> {
 }
 
 /// `(image, reply_subject)` of a tasks answer.
-fn tasks_of(r: &Response) -> Vec<(u64, String)> {
+fn tasks_of(r: &Response) -> Vec<(i64, String)> {
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()["tasks"]
         .as_array()
@@ -123,7 +123,7 @@ fn tasks_of(r: &Response) -> Vec<(u64, String)> {
         .iter()
         .map(|t| {
             assert_eq!(t["id"], t["image_id"]);
-            let image: u64 = t["image_id"].as_str().and_then(|s| s.parse().ok()).expect("image id");
+            let image: i64 = t["image_id"].as_str().and_then(|s| s.parse().ok()).expect("image id");
             assert_eq!(t["image_url"], format!("https://example.org/{image}.jpg"));
             (image, t["reply_subject"].as_str().expect("reply subject").to_string())
         })
@@ -229,7 +229,7 @@ async fn claim_answers_in_antenna_s_shape_with_claimable_jobs_only() {
 async fn eight_pollers_over_four_jobs_get_each_job_twice_per_round() {
     let mut b = Bench::new("gw_fair", args()).await;
     let mut jobs = Vec::new();
-    for i in 0..4u64 {
+    for i in 0..4i64 {
         jobs.push(b.job(&[1 + i * 2, 2 + i * 2], "STARTED", PIPELINE).await);
     }
     let w = b.worker();
@@ -289,7 +289,7 @@ async fn claims_prefer_jobs_with_deliverable_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tasks_carry_reply_subjects_that_ingest_accepts() {
     let mut b = Bench::new("gw_tasks", args()).await;
-    let images: Vec<u64> = b.fx.world.images[..5].to_vec();
+    let images: Vec<i64> = b.fx.world.images[..5].to_vec();
     let job = b.job(&images, "STARTED", PIPELINE).await;
     let w = b.worker();
     let mut tasks = tasks_of(&w.tasks(job, 3).await);
@@ -302,7 +302,7 @@ async fn tasks_carry_reply_subjects_that_ingest_accepts() {
     let started = Instant::now();
     assert!(tasks_of(&w.tasks(job, 24).await).is_empty());
     assert!(started.elapsed() >= Duration::from_millis(150), "an empty pull waits for the fetch wait");
-    let mut seen: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    let mut seen: Vec<i64> = tasks.iter().map(|(i, _)| *i).collect();
     seen.sort();
     assert_eq!(seen, images);
     for (_, reply) in &tasks {
@@ -384,7 +384,7 @@ async fn tasks_refuse_bad_requests_and_serve_nothing_for_inactive_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn results_are_published_as_sent_with_their_reply_subjects_as_msg_ids() {
     let mut b = Bench::new("gw_result", args()).await;
-    let images: Vec<u64> = b.fx.world.images[..3].to_vec();
+    let images: Vec<i64> = b.fx.world.images[..3].to_vec();
     let job = b.job(&images, "STARTED", PIPELINE).await;
     let w = b.worker();
     let tasks = tasks_of(&w.tasks(job, 3).await);
@@ -475,7 +475,7 @@ async fn refused_requests_publish_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_bad_item_never_sinks_the_batch() {
     let mut b = Bench::new("gw_result_mixed", args()).await;
-    let images: Vec<u64> = b.fx.world.images[..3].to_vec();
+    let images: Vec<i64> = b.fx.world.images[..3].to_vec();
     let job = b.job(&images, "STARTED", PIPELINE).await;
     let other = b.job(&[b.fx.world.images[3]], "STARTED", PIPELINE).await;
     let w = b.worker();

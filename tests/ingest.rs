@@ -19,7 +19,7 @@ async fn end_to_end(flavor: Flavor) {
     for chunk in [&images[0..15], &images[15..30], &images[30..40]] {
         jobs.push(f.job(chunk).await);
     }
-    let all: Vec<(i64, u64, String)> =
+    let all: Vec<(i64, i64, String)> =
         jobs.iter().flat_map(|(job, tasks)| tasks.iter().map(move |(i, r)| (*job, *i, r.clone()))).collect();
 
     // Half before ingest starts, half while it runs; duplicates (same Nats-Msg-Id: dropped by
@@ -61,7 +61,7 @@ async fn end_to_end(flavor: Flavor) {
 
     // Every job finished with exact progress: Django reads these figures.
     for (job, tasks) in &jobs {
-        let images: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+        let images: Vec<i64> = tasks.iter().map(|(i, _)| *i).collect();
         let e = expected(&f, &images);
         assert_eq!(
             job_progress(&f.store, *job).await,

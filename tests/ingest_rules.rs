@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tally::ingest::daemon::IngestArgs;
 use tally::store::verify::{self, Scope};
 
-fn detection(image: u64, bbox: Option<[f64; 4]>, classifications: Vec<Value>) -> Value {
+fn detection(image: i64, bbox: Option<[f64; 4]>, classifications: Vec<Value>) -> Value {
     json!({
         "source_image_id": image.to_string(),
         "bbox": bbox.map(|b| json!({"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]})),
@@ -31,7 +31,7 @@ fn species(label: &str, score: f64) -> Value {
            "timestamp": "2024-06-02T01:00:03.260000"})
 }
 
-fn result(reply: &str, images: &[u64], detections: Vec<Value>) -> Vec<u8> {
+fn result(reply: &str, images: &[i64], detections: Vec<Value>) -> Vec<u8> {
     let images: Vec<Value> =
         images.iter().map(|i| json!({"id": i.to_string(), "url": "https://example.org/x.jpg"})).collect();
     serde_json::to_vec(&json!({"reply_subject": reply, "result": {
@@ -110,7 +110,7 @@ async fn antenna_s_bugs_stay_fixed() {
                     "SELECT t.name FROM main_detection d JOIN main_classification c ON c.detection_id = d.id
                      JOIN main_taxon t ON t.id = c.taxon_id WHERE d.source_image_id = $1 AND d.bbox = $2::text::jsonb
                      ORDER BY t.name",
-                    &[&(x as i64), &bbox],
+                    &[&{ x }, &bbox],
                 )
                 .await
                 .expect("labels");
@@ -210,7 +210,7 @@ async fn taxa_identifications_and_error_results() {
     assert_eq!(by_search, 1, "a label found among search_names");
     assert_eq!(query_i64(&f, &format!("SELECT count(*) FROM main_detection WHERE source_image_id = {x}")).await, 0);
     let failed: bool = c
-        .query_one("SELECT failed FROM tally.job_image WHERE job_id = $1 AND image_id = $2", &[&job, &(x as i64)])
+        .query_one("SELECT failed FROM tally.job_image WHERE job_id = $1 AND image_id = $2", &[&job, &{ x }])
         .await
         .expect("job image")
         .get(0);
@@ -221,7 +221,7 @@ async fn taxa_identifications_and_error_results() {
     let occ: i64 = c
         .query_one(
             "SELECT occurrence_id FROM main_detection WHERE source_image_id = $1 AND bbox = '[0.0, 0.0, 9.0, 9.0]'::jsonb",
-            &[&(w as i64)],
+            &[&{ w }],
         )
         .await
         .expect("occ")

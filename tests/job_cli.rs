@@ -106,7 +106,7 @@ async fn create_status_logs_and_cancel_through_the_binary() {
     let mut images: Vec<i64> = bodies.iter().map(image_of).collect();
     images.sort_unstable();
     let mut expected: Vec<i64> =
-        f.world.tables.images.iter().filter(|(_, i)| i.deployment == Some(1)).map(|(id, _)| *id as i64).collect();
+        f.world.tables.images.iter().filter(|(_, i)| i.deployment == Some(1)).map(|(id, _)| *id).collect();
     expected.sort_unstable();
     assert_eq!(images, expected);
     for b in &bodies {

@@ -123,7 +123,7 @@ async fn stream_exists(js: &jetstream::Context, job: i64) -> bool {
 /// A job row as Antenna leaves it (STARTED, `async_api`, `total` images collected, no
 /// `tally.job_task` rows), its stream and a consumer with `max_deliver` and `ack_wait`, and one
 /// task per image.
-async fn antenna_job(f: &mut Fixture, images: &[u64], max_deliver: i64, ack_wait: Duration) -> i64 {
+async fn antenna_job(f: &mut Fixture, images: &[i64], max_deliver: i64, ack_wait: Duration) -> i64 {
     let c = f.store.client().await.expect("client");
     let pipeline: i64 =
         c.query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&PIPELINE]).await.expect("pipeline").get(0);
@@ -143,7 +143,7 @@ async fn antenna_job(f: &mut Fixture, images: &[u64], max_deliver: i64, ack_wait
 }
 
 /// Pulls every task of `job` as a worker would: `(image, reply subject)`.
-async fn pull_all(f: &Fixture, job: i64, n: usize) -> Vec<(u64, String)> {
+async fn pull_all(f: &Fixture, job: i64, n: usize) -> Vec<(i64, String)> {
     let c: consumer::PullConsumer =
         f.js.get_consumer_from_stream(consumer_name(job), stream_name(job)).await.expect("job consumer");
     let tasks = tally_tools::synth::jobs::pull(&c, job, n).await.expect("every task pulled");
@@ -212,7 +212,7 @@ async fn serve(f: &Fixture, extra: &[&str]) -> Serve {
 }
 
 /// `POST /api/v2/jobs/{job}/tasks/`: `(status, tasks as (image, reply), seconds taken)`.
-async fn fetch_tasks(base: &str, job: i64, n: usize) -> (u16, Vec<(u64, String)>, f64) {
+async fn fetch_tasks(base: &str, job: i64, n: usize) -> (u16, Vec<(i64, String)>, f64) {
     let started = Instant::now();
     let r = reqwest::Client::new()
         .post(format!("{base}/api/v2/jobs/{job}/tasks/"))
@@ -243,9 +243,9 @@ async fn fetch_tasks(base: &str, job: i64, n: usize) -> (u16, Vec<(u64, String)>
 async fn a_task_that_exhausts_max_deliver_is_marked_lost_then_the_finished_job_is_cleaned_up() {
     let f = Fixture::new("monitor_serve", Flavor::Empty, world(1, 3)).await;
     common::insert_worker_token(&f.store, TOKEN).await;
-    let images: Vec<u64> = f.world.images[..5].to_vec();
+    let images: Vec<i64> = f.world.images[..5].to_vec();
     let job = unique() as i64;
-    let mut spec = JobSpec::new(Images::List(images.iter().map(|i| *i as i64).collect()), PIPELINE);
+    let mut spec = JobSpec::new(Images::List(images.to_vec()), PIPELINE);
     spec.id = Some(job);
     spec.project = Some(1);
     spec.queue = QueueSettings { ack_wait: Duration::from_secs(1), max_deliver: 2, ..QueueSettings::default() };
@@ -294,10 +294,7 @@ async fn a_task_that_exhausts_max_deliver_is_marked_lost_then_the_finished_job_i
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let progress = assert_finished(&f.store, job, "SUCCESS", 5, 1).await;
-    assert_eq!(
-        failed_images(&f.store, job).await,
-        vec![(lost as i64, Some("lost: tasks exhausted max_deliver".into()))]
-    );
+    assert_eq!(failed_images(&f.store, job).await, vec![(lost, Some("lost: tasks exhausted max_deliver".into()))]);
     let lines = log_lines(&f.store, job).await;
     let (level, message, context) = lines
         .iter()
@@ -369,7 +366,7 @@ async fn a_task_that_exhausts_max_deliver_is_marked_lost_then_the_finished_job_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_whose_stream_was_deleted_finishes_with_exactly_its_missing_images_failed() {
     let mut f = Fixture::new("monitor_gone", Flavor::Empty, world(1, 3)).await;
-    let images: Vec<u64> = f.world.images[..5].to_vec();
+    let images: Vec<i64> = f.world.images[..5].to_vec();
     let (job, tasks) = f.job(&images).await;
     let mut running = f.start(ingest_args()).await;
     for (image, reply) in &tasks[..3] {
@@ -387,7 +384,7 @@ async fn a_job_whose_stream_was_deleted_finishes_with_exactly_its_missing_images
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let pass = monitor::pass(&f.store, &f.js, &args, None).await;
     let marked = pass.marked.iter().find(|m| m.job_id == job).unwrap_or_else(|| panic!("{pass:?}"));
-    let mut missing: Vec<i64> = tasks[3..].iter().map(|(i, _)| *i as i64).collect();
+    let mut missing: Vec<i64> = tasks[3..].iter().map(|(i, _)| *i).collect();
     missing.sort_unstable();
     assert_eq!(
         (marked.reason, &marked.images, marked.unknown, marked.finished),
@@ -448,7 +445,7 @@ async fn jobs_created_by_antenna_take_their_lost_images_from_the_stream_or_count
 
     // Read from the stream: the two unanswered images, by id. 2 of 4 is not more than half.
     let m = of(exhausted).unwrap_or_else(|| panic!("{pass:?}"));
-    let mut want: Vec<i64> = exhausted_tasks[2..].iter().map(|(i, _)| *i as i64).collect();
+    let mut want: Vec<i64> = exhausted_tasks[2..].iter().map(|(i, _)| *i).collect();
     want.sort_unstable();
     assert_eq!((m.reason, &m.images, m.unknown, m.finished), (Reason::MaxDeliver, &want, 0, Some("SUCCESS")));
     assert_finished(&f.store, exhausted, "SUCCESS", 4, 2).await;

@@ -217,7 +217,7 @@ fn stage<'a>(progress: &'a Value, key: &str) -> &'a Value {
 }
 
 /// The image ids of the tasks in job `id`'s stream.
-async fn task_images(f: &Fixture, id: i64) -> Vec<u64> {
+async fn task_images(f: &Fixture, id: i64) -> Vec<i64> {
     let mut stream = f.js.get_stream(tally::jobs::stream_name(id)).await.expect("job stream");
     let n = stream.info().await.expect("stream info").state.messages;
     let mut images = Vec::new();
@@ -231,8 +231,8 @@ async fn task_images(f: &Fixture, id: i64) -> Vec<u64> {
 }
 
 /// The rows in the database for `images`: what ingest actually inserted for them.
-async fn rows_of(f: &Fixture, images: &[u64]) -> Expected {
-    let ids: Vec<i64> = images.iter().map(|i| *i as i64).collect();
+async fn rows_of(f: &Fixture, images: &[i64]) -> Expected {
+    let ids: Vec<i64> = images.to_vec();
     let c = f.store.client().await.expect("client");
     let one = |sql: &'static str| {
         let (c, ids) = (&c, &ids);
@@ -290,7 +290,7 @@ async fn jobs_are_drained_by_worker_processes_and_finish_with_exact_progress() {
     eprintln!("tally serve ready at {base} after {:.1} s (log: {})", started.elapsed().as_secs_f64(), log.display());
 
     // 2. Four jobs through `tally job create`.
-    let mut jobs: Vec<(i64, i64, Vec<u64>)> = Vec::new();
+    let mut jobs: Vec<(i64, i64, Vec<i64>)> = Vec::new();
     for (deployment, limit) in JOBS {
         let d = deployment.to_string();
         let mut args = vec!["job", "create", "--deployment", &d, "--pipeline", PIPELINE];
@@ -305,12 +305,12 @@ async fn jobs_are_drained_by_worker_processes_and_finish_with_exact_progress() {
             .unwrap_or_else(|| panic!("no job id in:\n{out}"));
         streams.names.push(tally::jobs::stream_name(id));
         let images = task_images(&fx, id).await;
-        let mut of_deployment: Vec<u64> = fx
+        let mut of_deployment: Vec<i64> = fx
             .world
             .tables
             .images
             .iter()
-            .filter(|(_, i)| i.deployment == Some(deployment as u64))
+            .filter(|(_, i)| i.deployment == Some(deployment))
             .map(|(id, _)| *id)
             .collect();
         of_deployment.sort_unstable();
@@ -333,7 +333,7 @@ async fn jobs_are_drained_by_worker_processes_and_finish_with_exact_progress() {
     }
     let total: usize = jobs.iter().map(|(_, _, i)| i.len()).sum();
     assert_eq!(total, 3 * 2 * IMAGES_PER_EVENT + 5);
-    let all_images: Vec<u64> = jobs.iter().flat_map(|(_, _, i)| i.iter().copied()).collect();
+    let all_images: Vec<i64> = jobs.iter().flat_map(|(_, _, i)| i.iter().copied()).collect();
 
     // 3. Three worker processes at once, until there is no more work.
     let loop_started = Instant::now();

@@ -52,7 +52,7 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 /// An error result (`PipelineResultsError`) for `image`.
-fn error_result(reply: &str, image: u64) -> Vec<u8> {
+fn error_result(reply: &str, image: i64) -> Vec<u8> {
     serde_json::to_vec(
         &json!({"reply_subject": reply, "result": {"error": "download failed", "image_id": image.to_string()}}),
     )
@@ -192,7 +192,7 @@ async fn duplicates_and_out_of_order_results_count_each_image_once() {
     // half of the images, shuffled, each followed or preceded by a redelivery under a new
     // Nats-Msg-Id.
     let mut published = 0;
-    let mut early: Vec<(u64, String, String)> = Vec::new();
+    let mut early: Vec<(i64, String, String)> = Vec::new();
     for (k, (image, reply)) in tasks[total / 2..].iter().enumerate() {
         early.push((*image, reply.clone(), reply.clone()));
         if k % 2 == 0 {
@@ -220,7 +220,7 @@ async fn duplicates_and_out_of_order_results_count_each_image_once() {
     }
     running.wait_for(published, 0, WAIT).await;
 
-    let job_images: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    let job_images: Vec<i64> = tasks.iter().map(|(i, _)| *i).collect();
     let want = expected(&f, &job_images);
     assert_eq!(rows(&f.store).await, want, "each image's rows exactly once");
     assert_finished(&f, job, "SUCCESS", total, 0, &want).await;
@@ -303,7 +303,7 @@ async fn progress_never_goes_backwards_or_past_the_total() {
     let total = tasks.len() as i64;
     shuffle(&mut tasks, 23);
     // Two images fail: `failed` moves too, and the job still succeeds.
-    let failing: BTreeSet<u64> = [tasks[5].0, tasks[17].0].into();
+    let failing: BTreeSet<i64> = [tasks[5].0, tasks[17].0].into();
 
     // A poller reads the job row as fast as it can for the whole run.
     let stop = Arc::new(AtomicBool::new(false));
@@ -323,7 +323,7 @@ async fn progress_never_goes_backwards_or_past_the_total() {
 
     let mut running = f.start(small_batches(3)).await;
     let mut published = 0;
-    let mut done: Vec<u64> = Vec::new();
+    let mut done: Vec<i64> = Vec::new();
     let mut boundaries = Vec::new();
     for (wave, chunk) in tasks.chunks(8).enumerate() {
         for (k, (image, reply)) in chunk.iter().enumerate() {
@@ -350,7 +350,7 @@ async fn progress_never_goes_backwards_or_past_the_total() {
         done.extend(chunk.iter().map(|(i, _)| *i));
         // At a wave's end the figures are exactly those of the images so far.
         let s = snapshot(&f.store, job).await;
-        let ok: Vec<u64> = done.iter().copied().filter(|i| !failing.contains(i)).collect();
+        let ok: Vec<i64> = done.iter().copied().filter(|i| !failing.contains(i)).collect();
         let want = expected(&f, &ok);
         let failed = done.iter().filter(|i| failing.contains(i)).count() as i64;
         assert_eq!(
@@ -366,7 +366,7 @@ async fn progress_never_goes_backwards_or_past_the_total() {
     running.stop().await;
     let mut seen = poller.await.expect("poller");
 
-    let ok: Vec<u64> = tasks.iter().map(|(i, _)| *i).filter(|i| !failing.contains(i)).collect();
+    let ok: Vec<i64> = tasks.iter().map(|(i, _)| *i).filter(|i| !failing.contains(i)).collect();
     assert_finished(&f, job, "SUCCESS", tasks.len(), failing.len(), &expected(&f, &ok)).await;
     // Every read is within bounds; the poller's reads, in the order taken, never go backwards,
     // nor do the wave-end reads (the two series interleave in time without a common order).
@@ -399,7 +399,7 @@ async fn two_concurrent_ingest_loops_lose_no_progress_update() {
     // advisory lock; the progress write must still be exact without it).
     let mut a = f.start_unlocked(small_batches(3)).await;
     let mut b = f.start_unlocked(small_batches(3)).await;
-    let mut all: Vec<(i64, u64, String)> = big_tasks.iter().map(|(i, r)| (big, *i, r.clone())).collect();
+    let mut all: Vec<(i64, i64, String)> = big_tasks.iter().map(|(i, r)| (big, *i, r.clone())).collect();
     all.extend(small_tasks.iter().map(|(i, r)| (small, *i, r.clone())));
     shuffle(&mut all, 5);
     for (job, image, reply) in &all {
@@ -413,7 +413,7 @@ async fn two_concurrent_ingest_loops_lose_no_progress_update() {
     println!("loop a saved {by_a}, loop b saved {by_b}");
 
     for (job, tasks) in [(big, &big_tasks), (small, &small_tasks)] {
-        let job_images: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+        let job_images: Vec<i64> = tasks.iter().map(|(i, _)| *i).collect();
         assert_finished(&f, job, "SUCCESS", tasks.len(), 0, &expected(&f, &job_images)).await;
         let finished = query_i64(
             &f.store,
@@ -449,7 +449,7 @@ async fn a_job_cancelled_mid_run_keeps_its_progress_and_status() {
     running.wait_for(first.len(), 0, WAIT).await;
     let (status, progress) = job_row(&f.store, job).await;
     assert_eq!(status, "STARTED");
-    let first_images: Vec<u64> = first.iter().map(|(i, _)| *i).collect();
+    let first_images: Vec<i64> = first.iter().map(|(i, _)| *i).collect();
     let want = expected(&f, &first_images);
     let (process, results) = (stage(&progress, "process"), stage(&progress, "results"));
     assert_eq!(
@@ -481,7 +481,7 @@ async fn a_job_cancelled_mid_run_keeps_its_progress_and_status() {
 
     assert_eq!(job_row(&f.store, job).await, at_cancel, "status and progress are what they were at cancel");
     assert_eq!(query_i64(&f.store, &format!("SELECT count(*) FROM tally.job_image WHERE job_id = {job}")).await, 8);
-    let all: Vec<u64> = tasks.iter().map(|(i, _)| *i).collect();
+    let all: Vec<i64> = tasks.iter().map(|(i, _)| *i).collect();
     assert_eq!(rows(&f.store).await, expected(&f, &all), "late results are saved, exactly once");
     for (image, _) in rest {
         let n =
@@ -504,7 +504,7 @@ async fn more_than_half_failed_is_failure_and_exactly_half_is_success() {
     let (half, half_tasks) = f.job(&images[10..20]).await;
     let mut running = f.start(small_batches(4)).await;
 
-    let mut all: Vec<(i64, u64, String, bool)> = Vec::new();
+    let mut all: Vec<(i64, i64, String, bool)> = Vec::new();
     for (job, tasks, failing) in [(over, &over_tasks, 6), (half, &half_tasks, 5)] {
         for (k, (image, reply)) in tasks.iter().enumerate() {
             all.push((job, *image, reply.clone(), k < failing));
@@ -519,8 +519,8 @@ async fn more_than_half_failed_is_failure_and_exactly_half_is_success() {
     running.stop().await;
 
     for (job, status, failing) in [(over, "FAILURE", 6), (half, "SUCCESS", 5)] {
-        let ok: Vec<u64> = all.iter().filter(|(j, _, _, fails)| *j == job && !fails).map(|(_, i, _, _)| *i).collect();
-        let failed: Vec<u64> =
+        let ok: Vec<i64> = all.iter().filter(|(j, _, _, fails)| *j == job && !fails).map(|(_, i, _, _)| *i).collect();
+        let failed: Vec<i64> =
             all.iter().filter(|(j, _, _, fails)| *j == job && *fails).map(|(_, i, _, _)| *i).collect();
         assert_eq!(failed.len(), failing);
         assert_finished(&f, job, status, 10, failing, &expected(&f, &ok)).await;
@@ -541,7 +541,7 @@ async fn more_than_half_failed_is_failure_and_exactly_half_is_success() {
             format!("SELECT count(*) FROM jobs_joblog WHERE job_id = {job} AND message LIKE 'job finished: {status}%'");
         assert_eq!(query_i64(&f.store, &sql).await, 1, "job {job} logged its end");
     }
-    let ok: Vec<u64> = all.iter().filter(|(_, _, _, fails)| !fails).map(|(_, i, _, _)| *i).collect();
+    let ok: Vec<i64> = all.iter().filter(|(_, _, _, fails)| !fails).map(|(_, i, _, _)| *i).collect();
     assert_eq!(rows(&f.store).await, expected(&f, &ok), "rows for the successful images only");
     assert_eq!(query_i64(&f.store, "SELECT count(*) FROM tally.dead_letter").await, 0);
     assert_counts_exact(&f.store).await;

@@ -29,7 +29,7 @@ fn taxonomy() -> Taxonomy {
 /// and no filters; a deployment without project; events and images with and without their own
 /// project; images whose event belongs to another deployment; occurrences with NULL event,
 /// determination or score; detections without occurrence; null markers.
-fn random_tables(seed: u64, taxonomy: &Taxonomy, scale: u64) -> Tables {
+fn random_tables(seed: u64, taxonomy: &Taxonomy, scale: i64) -> Tables {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut t = Tables::default();
     for (id, taxon) in &taxonomy.taxa {
@@ -57,9 +57,9 @@ fn random_tables(seed: u64, taxonomy: &Taxonomy, scale: u64) -> Tables {
     t.exclude_taxa.insert(id, row);
     let deployment_projects = [Some(1), Some(2), None, Some(3)];
     for (i, p) in deployment_projects.iter().enumerate() {
-        t.deployments.insert(i as u64 + 1, Deployment { project: *p });
+        t.deployments.insert(i as i64 + 1, Deployment { project: *p });
     }
-    let pick = |rng: &mut SmallRng, n: u64, null: f64| (!rng.random_bool(null)).then(|| rng.random_range(1..=n));
+    let pick = |rng: &mut SmallRng, n: i64, null: f64| (!rng.random_bool(null)).then(|| rng.random_range(1..=n));
     let events = 2 * scale;
     for e in 1..=events {
         let deployment = pick(&mut rng, 4, 0.05);
@@ -190,7 +190,7 @@ async fn rebuild_verify_corrupt_fix(flavor: Flavor) {
         .await
         .expect("corrupt");
     let found = store::verify::verify(&store, Scope::default()).await.expect("verify");
-    let mut where_: Vec<(&str, u64, &str)> = found.differences.iter().map(|d| (d.table, d.id, d.column)).collect();
+    let mut where_: Vec<(&str, i64, &str)> = found.differences.iter().map(|d| (d.table, d.id, d.column)).collect();
     where_.sort();
     assert_eq!(
         where_,
@@ -261,9 +261,9 @@ async fn sink_touches_only_rows_whose_counts_changed() {
     let reported: Vec<(String, i64)> = changes
         .images
         .iter()
-        .map(|(id, _)| ("main_sourceimage".to_string(), *id as i64))
-        .chain(changes.events.iter().map(|(id, _)| ("main_event".to_string(), *id as i64)))
-        .chain(changes.deployments.iter().map(|(id, _)| ("main_deployment".to_string(), *id as i64)))
+        .map(|(id, _)| ("main_sourceimage".to_string(), (*id)))
+        .chain(changes.events.iter().map(|(id, _)| ("main_event".to_string(), (*id))))
+        .chain(changes.deployments.iter().map(|(id, _)| ("main_deployment".to_string(), (*id))))
         .collect();
     let mut reported = reported;
     reported.sort();

@@ -12,7 +12,7 @@ use serde_json::json;
 use tally::ingest::daemon::IngestArgs;
 use tally::ingest::nats::ConsumerArgs;
 
-fn error_result(reply_subject: &str, image: u64) -> Vec<u8> {
+fn error_result(reply_subject: &str, image: i64) -> Vec<u8> {
     serde_json::to_vec(
         &json!({"reply_subject": reply_subject, "result": {"error": "download failed", "image_id": image.to_string()}}),
     )

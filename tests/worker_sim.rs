@@ -41,7 +41,7 @@ fn gateway_args() -> GatewayArgs {
 
 /// An async job over `images` as Antenna creates it (row, stream `job_{id}`, consumer
 /// `job-{id}-consumer`, one task per image), with no task pulled: the workers pull them.
-async fn job(fx: &mut Fixture, images: &[u64]) -> i64 {
+async fn job(fx: &mut Fixture, images: &[i64]) -> i64 {
     let c = fx.store.client().await.expect("client");
     let pipeline: i64 =
         c.query_one("SELECT id FROM ml_pipeline WHERE slug = $1", &[&ingest::PIPELINE]).await.expect("pipeline").get(0);

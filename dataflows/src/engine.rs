@@ -23,7 +23,7 @@ use timely::WorkerConfig;
 use crate::counts::{AllCounts, CountChanges, DeploymentCounts, EventCounts, ImageCounts};
 use crate::graph::{self, Field, Inputs, Output, Owner, Time};
 use crate::hashing::IdMap;
-use crate::model::InputBatch;
+use crate::model::{Id, InputBatch};
 use crate::tables::{Tables, Updates};
 
 /// Why the engine could not apply a batch.
@@ -271,7 +271,7 @@ enum OwnerCounts {
     Deployment(Option<DeploymentCounts>),
 }
 
-fn owner_id(owner: Owner) -> u64 {
+fn owner_id(owner: Owner) -> Id {
     match owner {
         Owner::Image(id) | Owner::Event(id) | Owner::Deployment(id) => id,
     }
@@ -281,10 +281,10 @@ fn owner_id(owner: Owner) -> u64 {
 fn feed(inputs: &mut Inputs, updates: &Updates, index: usize, peers: usize) {
     fn share<R: Clone, D>(
         session: &mut InputSession<Time, D, isize>,
-        updates: &[((u64, R), isize)],
+        updates: &[((Id, R), isize)],
         index: usize,
         peers: usize,
-        project: impl Fn(u64, &R) -> D,
+        project: impl Fn(Id, &R) -> D,
     ) where
         D: differential_dataflow::Data,
     {

@@ -407,7 +407,8 @@ fn capture_extremes<'s>(images: Coll<'s, (Id, Image)>) -> Coll<'s, Output> {
         .map(|(owner, (field, value))| ((owner, field), value))
 }
 
-/// A 12-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly).
+/// A 12-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly). The id's
+/// bits are read as unsigned so that the shift is logical and every bucket is in `0..4096`.
 fn bucket_of(image: Id) -> u64 {
-    image.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52
+    (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52
 }

@@ -9,8 +9,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A primary key (`bigint` in Antenna).
-pub type Id = u64;
+/// A primary key: `bigint` in Antenna, so `i64` here, and rows go between Postgres and the
+/// engine without a cast (every id Postgres can hold, even a negative one written by hand, is
+/// an `Id`).
+pub type Id = i64;
 
 /// A `timestamp with time zone` as an instant: microseconds since 1970-01-01 00:00 UTC.
 ///

@@ -186,26 +186,26 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    /// Uniform-ish in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    /// Uniform-ish in `0..n` (`n` > 0).
+    fn below(&mut self, n: i64) -> i64 {
+        (self.next() % n.unsigned_abs()) as i64
     }
 
     /// True with probability `percent` / 100.
-    fn chance(&mut self, percent: u64) -> bool {
+    fn chance(&mut self, percent: i64) -> bool {
         self.below(100) < percent
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
+        items[self.below(items.len() as i64) as usize]
     }
 }
 
-const DEPLOYMENTS: u64 = 4;
-const EVENTS: u64 = 16;
-const IMAGES: u64 = 400;
-const OCCURRENCES: u64 = 1_200;
-const DETECTIONS: u64 = 3_000;
+const DEPLOYMENTS: Id = 4;
+const EVENTS: Id = 16;
+const IMAGES: Id = 400;
+const OCCURRENCES: Id = 1_200;
+const DETECTIONS: Id = 3_000;
 
 /// A random deployment database over a real taxonomy, with filters naming real taxa.
 fn random_database(t: &Taxonomy, rng: &mut Rng) -> InputBatch {
@@ -238,7 +238,7 @@ fn random_database(t: &Taxonomy, rng: &mut Rng) -> InputBatch {
         };
         b.deployments.push((d, Some(Deployment { project })));
     }
-    let event_deployment = |e: u64| (e - 1) % DEPLOYMENTS + 1;
+    let event_deployment = |e: Id| (e - 1) % DEPLOYMENTS + 1;
     for e in 1..=EVENTS {
         // Every third event has its own project, different from its deployment's.
         let project = (e % 3 == 0).then_some(event_deployment(e) % 3 + 1);
@@ -251,8 +251,8 @@ fn random_database(t: &Taxonomy, rng: &mut Rng) -> InputBatch {
             _ => Some(rng.below(DEPLOYMENTS) + 1),
         };
         let project = rng.chance(20).then(|| rng.below(3) + 1);
-        let timestamp = rng.chance(90).then(|| rng.below(1_000_000) as i64);
-        let size = rng.chance(80).then(|| rng.below(5_000_000) as i64);
+        let timestamp = rng.chance(90).then(|| rng.below(1_000_000));
+        let size = rng.chance(80).then(|| rng.below(5_000_000));
         b.images.push((i, Some(Image { event, deployment, project, timestamp, size })));
     }
     for o in 1..=OCCURRENCES {

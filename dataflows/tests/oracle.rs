@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use tally_dataflows::oracle::recompute;
 use tally_dataflows::{
-    AllCounts, CountChanges, Deployment, Detection, Engine, Event, FilterTaxon, Image, InputBatch, Occurrence, Project,
-    Score, Taxon,
+    AllCounts, CountChanges, Deployment, Detection, Engine, Event, FilterTaxon, Id, Image, InputBatch, Occurrence,
+    Project, Score, Taxon,
 };
 
 /// Scores and thresholds where Postgres and naive `f64` comparison disagree, plus ordinary ones.
@@ -18,35 +18,35 @@ fn score() -> impl Strategy<Value = Score> {
         .prop_map(Score::new)
 }
 
-fn id(max: u64) -> impl Strategy<Value = u64> {
+fn id(max: Id) -> impl Strategy<Value = Id> {
     1..=max
 }
 
-fn opt(max: u64) -> impl Strategy<Value = Option<u64>> {
+fn opt(max: Id) -> impl Strategy<Value = Option<Id>> {
     proptest::option::weighted(0.8, id(max))
 }
 
 /// One change to one table: `None` deletes the row.
 #[derive(Clone, Debug)]
 enum Change {
-    Image(u64, Option<Image>),
-    Detection(u64, Option<Detection>),
-    Occurrence(u64, Option<Occurrence>),
-    Taxon(u64, Option<Taxon>),
-    Project(u64, Option<Project>),
-    Include(u64, Option<FilterTaxon>),
-    Exclude(u64, Option<FilterTaxon>),
-    Event(u64, Option<Event>),
-    Deployment(u64, Option<Deployment>),
+    Image(Id, Option<Image>),
+    Detection(Id, Option<Detection>),
+    Occurrence(Id, Option<Occurrence>),
+    Taxon(Id, Option<Taxon>),
+    Project(Id, Option<Project>),
+    Include(Id, Option<FilterTaxon>),
+    Exclude(Id, Option<FilterTaxon>),
+    Event(Id, Option<Event>),
+    Deployment(Id, Option<Deployment>),
 }
 
-const PROJECTS: u64 = 3;
-const DEPLOYMENTS: u64 = 3;
-const EVENTS: u64 = 4;
-const IMAGES: u64 = 8;
-const OCCURRENCES: u64 = 10;
-const DETECTIONS: u64 = 16;
-const TAXA: u64 = 8;
+const PROJECTS: Id = 3;
+const DEPLOYMENTS: Id = 3;
+const EVENTS: Id = 4;
+const IMAGES: Id = 8;
+const OCCURRENCES: Id = 10;
+const DETECTIONS: Id = 16;
+const TAXA: Id = 8;
 
 fn row<T: std::fmt::Debug + Clone>(s: impl Strategy<Value = T>) -> impl Strategy<Value = Option<T>> {
     proptest::option::weighted(0.85, s)

@@ -26,10 +26,10 @@ pub struct VerifyArgs {
     pub db: DbArgs,
     /// Only owners filtered by this project (their own, or their deployment's).
     #[arg(long)]
-    pub project: Option<u64>,
+    pub project: Option<i64>,
     /// Only this deployment, its events and its images.
     #[arg(long)]
-    pub deployment: Option<u64>,
+    pub deployment: Option<i64>,
     /// Write the correct values of the rows that differ.
     #[arg(long)]
     pub fix: bool,

@@ -448,7 +448,7 @@ impl Ingestor {
         self.django.invalidate(tables.iter().copied()).await;
         self.analyzer.committed(&saved.rows);
         if self.strategy == CountStrategy::Recompute {
-            let mut deployments: Vec<u64> =
+            let mut deployments: Vec<tally_dataflows::Id> =
                 saved.input.images.iter().filter_map(|(_, i)| i.as_ref().and_then(|i| i.deployment)).collect();
             deployments.sort_unstable();
             deployments.dedup();

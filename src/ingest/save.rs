@@ -18,7 +18,7 @@
 use crate::jobs::state::JobState;
 use std::collections::{HashMap, HashSet};
 
-use tally_dataflows::{Detection, Id, InputBatch, Tables};
+use tally_dataflows::{Detection, InputBatch, Tables};
 use tokio_postgres::Transaction;
 
 mod read;
@@ -182,7 +182,7 @@ pub async fn save(tx: &Transaction<'_>, tables: &Tables, messages: &[&ResultMess
     let image_ids: Vec<i64> = distinct(messages.iter().flat_map(|m| m.image_ids()));
     read_rows(tx, "main_sourceimage", "id", &image_ids, &mut saved.input).await?;
     let images: HashMap<i64, tally_dataflows::Image> =
-        saved.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| (*id as i64, r))).collect();
+        saved.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| ((*id), r))).collect();
 
     // ---- rules 1 and 2: reject against the database ------------------------------------------
     let mut accepted: Vec<usize> = Vec::new();
@@ -401,10 +401,10 @@ pub async fn save(tx: &Transaction<'_>, tables: &Tables, messages: &[&ResultMess
         )
         .await?;
         for (id, occ) in ids.iter().zip(&occs) {
-            saved.input.detections.push((
-                *id as Id,
-                Some(Detection { image: old[id].image as Id, occurrence: Some(*occ as Id), valid: true }),
-            ));
+            saved
+                .input
+                .detections
+                .push((*id, Some(Detection { image: old[id].image, occurrence: Some(*occ), valid: true })));
         }
     }
     if !fill_path.is_empty() {

@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use tally_dataflows::{
-    Deployment, Detection, Engine, Event, FilterTaxon, Image, InputBatch, Occurrence, Project, Score, Taxon,
+    Deployment, Detection, Engine, Event, FilterTaxon, Id, Image, InputBatch, Occurrence, Project, Score, Taxon,
 };
 use tokio_postgres::binary_copy::{BinaryCopyOutRow, BinaryCopyOutStream};
 use tokio_postgres::types::Type;
@@ -40,15 +40,15 @@ struct Source {
     types: &'static [Type],
     push: fn(&BinaryCopyOutRow, &mut InputBatch) -> Result<(), tokio_postgres::Error>,
     /// Records that the row with this id is gone.
-    remove: fn(&mut InputBatch, u64),
+    remove: fn(&mut InputBatch, Id),
 }
 
-fn id(row: &BinaryCopyOutRow, i: usize) -> Result<u64, tokio_postgres::Error> {
-    Ok(row.try_get::<i64>(i)? as u64)
+fn id(row: &BinaryCopyOutRow, i: usize) -> Result<Id, tokio_postgres::Error> {
+    row.try_get::<Id>(i)
 }
 
-fn opt_id(row: &BinaryCopyOutRow, i: usize) -> Result<Option<u64>, tokio_postgres::Error> {
-    Ok(row.try_get::<Option<i64>>(i)?.map(|v| v as u64))
+fn opt_id(row: &BinaryCopyOutRow, i: usize) -> Result<Option<Id>, tokio_postgres::Error> {
+    row.try_get::<Option<Id>>(i)
 }
 
 const SOURCES: &[Source] = &[
@@ -60,7 +60,7 @@ const SOURCES: &[Source] = &[
               FROM main_taxon t",
         types: &[Type::INT8, Type::INT8_ARRAY],
         push: |r, b| {
-            let ancestors = r.try_get::<Vec<i64>>(1)?.into_iter().map(|a| a as u64).collect();
+            let ancestors = r.try_get::<Vec<Id>>(1)?;
             b.taxa.push((id(r, 0)?, Some(Taxon { ancestors })));
             Ok(())
         },
@@ -246,7 +246,7 @@ pub async fn read_by_id(
     let found: std::collections::HashSet<i64> = found.into_iter().collect();
     for &id in ids {
         if !found.contains(&id) {
-            (source.remove)(batch, id as u64);
+            (source.remove)(batch, id);
         }
     }
     Ok(())

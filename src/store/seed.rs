@@ -20,19 +20,18 @@ pub async fn seed(store: &Store, tables: &Tables) -> Result<(), StoreError> {
 pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, String>) -> Result<(), StoreError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await?;
-    let sorted = |ids: Vec<u64>| {
-        let mut v: Vec<i64> = ids.into_iter().map(|i| i as i64).collect();
+    let sorted = |ids: Vec<Id>| {
+        let mut v = ids;
         v.sort();
         v
     };
-    let opt = |v: Option<u64>| v.map(|v| v as i64);
 
     let ids = sorted(tables.taxa.keys().copied().collect());
     let parents: Vec<serde_json::Value> = ids
         .iter()
         .map(|id| {
             serde_json::Value::Array(
-                tables.taxa[&(*id as u64)]
+                tables.taxa[id]
                     .ancestors
                     .iter()
                     .map(|a| serde_json::json!({"id": a, "name": format!("taxon {a}"), "rank": "GENUS"}))
@@ -41,7 +40,7 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
         })
         .collect();
     let taxon_names: Vec<String> =
-        ids.iter().map(|id| names.get(&(*id as Id)).cloned().unwrap_or_else(|| format!("taxon {id}"))).collect();
+        ids.iter().map(|id| names.get(id).cloned().unwrap_or_else(|| format!("taxon {id}"))).collect();
     tx.execute(
         "INSERT INTO main_taxon (id, created_at, updated_at, name, rank, active, author, notes, parents_json)
          SELECT id, now(), now(), n, 'SPECIES', true, '', '', p
@@ -51,7 +50,7 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     .await?;
 
     let ids = sorted(tables.projects.keys().copied().collect());
-    let thresholds: Vec<f64> = ids.iter().map(|id| tables.projects[&(*id as u64)].threshold.get()).collect();
+    let thresholds: Vec<f64> = ids.iter().map(|id| tables.projects[id].threshold.get()).collect();
     tx.execute(
         "INSERT INTO main_project (id, created_at, updated_at, name, description, active, priority, feature_flags,
                                    default_filters_score_threshold, session_time_gap_seconds, draft)
@@ -66,8 +65,8 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
         ("main_project_default_filters_exclude_taxa", &tables.exclude_taxa),
     ] {
         let ids = sorted(rows.keys().copied().collect());
-        let projects: Vec<i64> = ids.iter().map(|id| rows[&(*id as u64)].project as i64).collect();
-        let taxa: Vec<i64> = ids.iter().map(|id| rows[&(*id as u64)].taxon as i64).collect();
+        let projects: Vec<i64> = ids.iter().map(|id| rows[id].project).collect();
+        let taxa: Vec<i64> = ids.iter().map(|id| rows[id].taxon).collect();
         tx.execute(
             &format!("INSERT INTO {table} (id, project_id, taxon_id) SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[])"),
             &[&ids, &projects, &taxa],
@@ -76,7 +75,7 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     }
 
     let ids = sorted(tables.deployments.keys().copied().collect());
-    let projects: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.deployments[&(*id as u64)].project)).collect();
+    let projects: Vec<Option<i64>> = ids.iter().map(|id| tables.deployments[id].project).collect();
     tx.execute(
         "INSERT INTO main_deployment (id, created_at, updated_at, name, description, project_id)
          SELECT id, now(), now(), 'deployment ' || id, '', p FROM UNNEST($1::int8[], $2::int8[]) AS u(id, p)",
@@ -85,8 +84,8 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     .await?;
 
     let ids = sorted(tables.events.keys().copied().collect());
-    let deployments: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.events[&(*id as u64)].deployment)).collect();
-    let projects: Vec<Option<i64>> = ids.iter().map(|id| opt(tables.events[&(*id as u64)].project)).collect();
+    let deployments: Vec<Option<i64>> = ids.iter().map(|id| tables.events[id].deployment).collect();
+    let projects: Vec<Option<i64>> = ids.iter().map(|id| tables.events[id].project).collect();
     tx.execute(
         "INSERT INTO main_event (id, created_at, updated_at, group_by, start, deployment_id, project_id)
          SELECT id, now(), now(), 'group ' || id, timestamptz '2000-01-01', d, p
@@ -96,10 +95,10 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     .await?;
 
     let ids = sorted(tables.images.keys().copied().collect());
-    let rows: Vec<_> = ids.iter().map(|id| &tables.images[&(*id as u64)]).collect();
-    let events: Vec<Option<i64>> = rows.iter().map(|r| opt(r.event)).collect();
-    let deployments: Vec<Option<i64>> = rows.iter().map(|r| opt(r.deployment)).collect();
-    let projects: Vec<Option<i64>> = rows.iter().map(|r| opt(r.project)).collect();
+    let rows: Vec<_> = ids.iter().map(|id| &tables.images[id]).collect();
+    let events: Vec<Option<i64>> = rows.iter().map(|r| r.event).collect();
+    let deployments: Vec<Option<i64>> = rows.iter().map(|r| r.deployment).collect();
+    let projects: Vec<Option<i64>> = rows.iter().map(|r| r.project).collect();
     let timestamps: Vec<Option<i64>> = rows.iter().map(|r| r.timestamp).collect();
     let sizes: Vec<Option<i64>> = rows.iter().map(|r| r.size).collect();
     tx.execute(
@@ -113,10 +112,10 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     .await?;
 
     let ids = sorted(tables.occurrences.keys().copied().collect());
-    let rows: Vec<_> = ids.iter().map(|id| &tables.occurrences[&(*id as u64)]).collect();
-    let events: Vec<Option<i64>> = rows.iter().map(|r| opt(r.event)).collect();
-    let deployments: Vec<Option<i64>> = rows.iter().map(|r| opt(r.deployment)).collect();
-    let determinations: Vec<Option<i64>> = rows.iter().map(|r| opt(r.determination)).collect();
+    let rows: Vec<_> = ids.iter().map(|id| &tables.occurrences[id]).collect();
+    let events: Vec<Option<i64>> = rows.iter().map(|r| r.event).collect();
+    let deployments: Vec<Option<i64>> = rows.iter().map(|r| r.deployment).collect();
+    let determinations: Vec<Option<i64>> = rows.iter().map(|r| r.determination).collect();
     let scores: Vec<Option<f64>> = rows.iter().map(|r| r.score.map(|s| s.get())).collect();
     tx.execute(
         "INSERT INTO main_occurrence (id, created_at, updated_at, event_id, deployment_id, determination_id, determination_score)
@@ -126,9 +125,9 @@ pub async fn seed_named(store: &Store, tables: &Tables, names: &BTreeMap<Id, Str
     .await?;
 
     let ids = sorted(tables.detections.keys().copied().collect());
-    let rows: Vec<_> = ids.iter().map(|id| &tables.detections[&(*id as u64)]).collect();
-    let images: Vec<i64> = rows.iter().map(|r| r.image as i64).collect();
-    let occurrences: Vec<Option<i64>> = rows.iter().map(|r| opt(r.occurrence)).collect();
+    let rows: Vec<_> = ids.iter().map(|id| &tables.detections[id]).collect();
+    let images: Vec<i64> = rows.iter().map(|r| r.image).collect();
+    let occurrences: Vec<Option<i64>> = rows.iter().map(|r| r.occurrence).collect();
     let valid: Vec<bool> = rows.iter().map(|r| r.valid).collect();
     tx.execute(
         "INSERT INTO main_detection (id, created_at, updated_at, source_image_id, occurrence_id, bbox)

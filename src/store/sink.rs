@@ -113,14 +113,13 @@ pub async fn write_changes(store: &Store, changes: &CountChanges) -> Result<Sink
 pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -> Result<SinkReport, StoreError> {
     let mut report = SinkReport::default();
 
-    let images: Vec<_> =
-        changes.images.iter().filter_map(|(id, c)| c.map(|c| (*id as i64, int4(c.detections)))).collect();
+    let images: Vec<_> = changes.images.iter().filter_map(|(id, c)| c.map(|c| ((*id), int4(c.detections)))).collect();
     if !images.is_empty() {
         let (ids, detections): (Vec<i64>, Vec<i32>) = images.into_iter().unzip();
         report.images = tx.execute(UPDATE_IMAGES, &[&ids, &detections]).await?;
     }
 
-    let events: Vec<_> = changes.events.iter().filter_map(|(id, c)| c.map(|c| (*id as i64, c))).collect();
+    let events: Vec<_> = changes.events.iter().filter_map(|(id, c)| c.map(|c| ((*id), c))).collect();
     if !events.is_empty() {
         let ids: Vec<i64> = events.iter().map(|(id, _)| *id).collect();
         let captures: Vec<i32> = events.iter().map(|(_, c)| int4(c.captures)).collect();
@@ -131,7 +130,7 @@ pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -
         report.events = tx.execute(UPDATE_EVENTS, &[&ids, &captures, &detections, &occurrences, &first, &last]).await?;
     }
 
-    let deployments: Vec<_> = changes.deployments.iter().filter_map(|(id, c)| c.map(|c| (*id as i64, c))).collect();
+    let deployments: Vec<_> = changes.deployments.iter().filter_map(|(id, c)| c.map(|c| ((*id), c))).collect();
     if !deployments.is_empty() {
         let ids: Vec<i64> = deployments.iter().map(|(id, _)| *id).collect();
         let events: Vec<i32> = deployments.iter().map(|(_, c)| int4(c.events)).collect();

@@ -114,10 +114,6 @@ pub struct Verification {
     pub differences: Vec<Difference>,
 }
 
-fn opt_id(v: Option<Id>) -> Option<i64> {
-    v.map(|v| v as i64)
-}
-
 /// Recomputes every count in `scope` and diffs it against the stored columns.
 pub async fn verify(store: &Store, scope: Scope) -> Result<Verification, StoreError> {
     let mut client = store.client().await?;
@@ -125,11 +121,11 @@ pub async fn verify(store: &Store, scope: Scope) -> Result<Verification, StoreEr
     let client =
         client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
     client.batch_execute(VERDICTS).await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&opt_id(scope.project), &opt_id(scope.deployment)];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&scope.project, &scope.deployment];
     let mut v = Verification::default();
     let mut diff = |table, id: i64, column, stored: Option<i64>, expected: Option<i64>| {
         if stored != expected {
-            v.differences.push(Difference { table, id: id as Id, column, stored, expected });
+            v.differences.push(Difference { table, id, column, stored, expected });
         }
     };
 
@@ -138,7 +134,7 @@ pub async fn verify(store: &Store, scope: Scope) -> Result<Verification, StoreEr
         let id: i64 = r.get(0);
         let expected: i64 = r.get(1);
         diff("main_sourceimage", id, "detections_count", r.get(2), Some(expected));
-        images.insert(id as Id, ImageCounts { detections: expected });
+        images.insert(id, ImageCounts { detections: expected });
     }
 
     let mut events = BTreeMap::new();
@@ -158,7 +154,7 @@ pub async fn verify(store: &Store, scope: Scope) -> Result<Verification, StoreEr
             diff("main_event", id, "start", r.get(9), c.start);
             diff("main_event", id, "end", r.get(10), c.end);
         }
-        events.insert(id as Id, c);
+        events.insert(id, c);
     }
 
     let mut deployments = BTreeMap::new();
@@ -183,7 +179,7 @@ pub async fn verify(store: &Store, scope: Scope) -> Result<Verification, StoreEr
         diff("main_deployment", id, "taxa_count", r.get(15), Some(c.taxa));
         diff("main_deployment", id, "first_capture_timestamp", r.get(16), c.first_capture);
         diff("main_deployment", id, "last_capture_timestamp", r.get(17), c.last_capture);
-        deployments.insert(id as Id, c);
+        deployments.insert(id, c);
     }
     v.expected = AllCounts { images, events, deployments };
     client.commit().await?;

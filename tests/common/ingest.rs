@@ -15,6 +15,7 @@ use tally::server::Config;
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::Store;
 use tally_dataflows::taxonomy::Taxonomy;
+use tally_dataflows::Id;
 use tally_tools::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -102,11 +103,11 @@ impl Fixture {
     /// `tally::jobs::create` (a `jobs_job` row, stream `job_{id}`, consumer
     /// `job-{id}-consumer`, one task per image), then pulls every task as a worker would and
     /// returns `(image, reply_subject)` pairs.
-    pub async fn job(&mut self, images: &[u64]) -> (i64, Vec<(u64, String)>) {
+    pub async fn job(&mut self, images: &[Id]) -> (i64, Vec<(Id, String)>) {
         use tally::jobs::create::{create, Images, JobSpec};
         use tally::jobs::logs::{JobLogs, JobLogsConfig};
         let job = unique() as i64;
-        let mut spec = JobSpec::new(Images::List(images.iter().map(|i| *i as i64).collect()), PIPELINE);
+        let mut spec = JobSpec::new(Images::List(images.to_vec()), PIPELINE);
         spec.id = Some(job);
         spec.project = Some(1);
         spec.name = Some("test job".into());
@@ -264,7 +265,7 @@ pub struct Expected {
 /// The rows the factory's results for `images` must produce, computed from the payloads alone:
 /// one detection and occurrence per distinct box, one classification per distinct
 /// (label, algorithm, score) of a box, a null marker for an image with no detection.
-pub fn expected(f: &Fixture, images: &[u64]) -> Expected {
+pub fn expected(f: &Fixture, images: &[Id]) -> Expected {
     use std::collections::{BTreeMap, BTreeSet};
     let mut e = Expected::default();
     for image in images {
@@ -359,7 +360,7 @@ pub async fn job_progress(store: &Store, job: i64) -> (String, i64, i64, i64, i6
 /// A job's task queue as Antenna leaves it: stream `job_{id}` (replacing one of that name),
 /// durable consumer `job-{id}-consumer` with `max_deliver` and `ack_wait`, and one task per
 /// image in Antenna's body. No task is pulled.
-pub async fn antenna_queue(js: &jetstream::Context, job: i64, images: &[u64], max_deliver: i64, ack_wait: Duration) {
+pub async fn antenna_queue(js: &jetstream::Context, job: i64, images: &[Id], max_deliver: i64, ack_wait: Duration) {
     let name = tally::jobs::stream_name(job);
     let _ = js.delete_stream(&name).await;
     js.create_stream(stream::Config {

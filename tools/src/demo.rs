@@ -9,7 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use tally_dataflows::oracle::{recompute, Oracle};
 use tally_dataflows::taxonomy::{Rank, Taxonomy};
-use tally_dataflows::{AllCounts, Engine};
+use tally_dataflows::{AllCounts, Engine, Id};
 
 use crate::stats::{human_us, Samples};
 use crate::synth::{Workload, WorkloadConfig};
@@ -122,7 +122,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let full = start.elapsed();
     let oracle = Oracle::new(engine.tables());
     let mut affected = Samples::new();
-    let images: Vec<u64> = engine.tables().images.keys().copied().take(200).collect();
+    let images: Vec<Id> = engine.tables().images.keys().copied().take(200).collect();
     for image in images {
         let start = Instant::now();
         std::hint::black_box(oracle.recompute_for_image(image));
@@ -180,9 +180,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn describe_filters(w: &Workload) {
-    let names = |ids: &[u64]| ids.iter().map(|i| w.taxonomy.names[i].clone()).collect::<Vec<_>>().join(", ");
+    let names = |ids: &[Id]| ids.iter().map(|i| w.taxonomy.names[i].clone()).collect::<Vec<_>>().join(", ");
     println!("project {}: score ≥ 0.5, include {} families ({})", w.project, w.included_families.len(), {
-        let shown: Vec<u64> = w.included_families.iter().take(4).copied().collect();
+        let shown: Vec<Id> = w.included_families.iter().take(4).copied().collect();
         let more = w.included_families.len().saturating_sub(4);
         if more > 0 {
             format!("{}, … {more} more", names(&shown))

@@ -209,7 +209,7 @@ impl Workload {
 
     /// The number of valid detections produced so far (an approximation is never used).
     pub fn detections_so_far(&self) -> u64 {
-        self.next_detection - 1_000_000_000
+        (self.next_detection - 1_000_000_000) as u64
     }
 }
 

@@ -52,7 +52,7 @@ pub(super) async fn read_owners(
     input: &mut InputBatch,
 ) -> Result<(), StoreError> {
     let missing = |ids: Vec<Option<Id>>, known: &dyn Fn(Id) -> bool| -> Vec<i64> {
-        distinct(ids.into_iter().flatten().filter(|id| !known(*id)).map(|id| id as i64))
+        distinct(ids.into_iter().flatten().filter(|id| !known(*id)))
     };
     let images: Vec<_> = input.images.iter().filter_map(|(_, r)| r.clone()).collect();
     let events = missing(images.iter().map(|i| i.event).collect(), &|id| tables.events.contains_key(&id));
@@ -127,7 +127,7 @@ pub(super) async fn resolve_taxa(
             }
         }
     }
-    let missing: Vec<i64> = distinct(found.values().copied().filter(|id| !tables.taxa.contains_key(&(*id as Id))));
+    let missing: Vec<i64> = distinct(found.values().copied().filter(|id| !tables.taxa.contains_key(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut saved.input).await?;
     Ok(found)
 }
@@ -179,9 +179,9 @@ pub(super) async fn determine_existing(
         .await?
     {
         let occ = Occurrence {
-            event: r.try_get::<_, Option<i64>>(1)?.map(|v| v as Id),
-            deployment: r.try_get::<_, Option<i64>>(2)?.map(|v| v as Id),
-            determination: r.try_get::<_, Option<i64>>(3)?.map(|v| v as Id),
+            event: r.try_get::<_, Option<i64>>(1)?,
+            deployment: r.try_get::<_, Option<i64>>(2)?,
+            determination: r.try_get::<_, Option<i64>>(3)?,
             score: r.try_get::<_, Option<f64>>(4)?.map(Score::new),
         };
         rows.insert(r.try_get(0)?, (occ, Vec::new(), None));
@@ -233,14 +233,14 @@ pub(super) async fn determine_existing(
     }
     let mut updates = Vec::new();
     for (id, (mut occ, candidates, human)) in rows {
-        let current = occ.determination.map(|t| t as i64);
+        let current = occ.determination;
         if let Some(d) = determine(current, human, &candidates) {
-            occ.determination = d.taxon.map(|t| t as Id);
+            occ.determination = d.taxon;
             if let Some(s) = d.score {
                 occ.score = Some(Score::new(s));
             }
             updates.push(OccurrenceUpdate { id, taxon: d.taxon, score: d.score });
-            input.occurrences.push((id as Id, Some(occ)));
+            input.occurrences.push((id, Some(occ)));
         }
     }
     Ok(updates)

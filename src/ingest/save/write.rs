@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use tally_dataflows::{Detection, Id, InputBatch, Occurrence, Score};
+use tally_dataflows::{Detection, InputBatch, Occurrence, Score};
 use tokio_postgres::Transaction;
 
 use super::read::OccurrenceUpdate;
@@ -64,10 +64,9 @@ pub(super) async fn insert_occurrences(
         return Ok(());
     }
     let image = |o: &NewOccurrence| images.get(&o.image).cloned();
-    let opt = |v: Option<Id>| v.map(|v| v as i64);
-    let events: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.event))).collect();
-    let deployments: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.deployment))).collect();
-    let projects: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| opt(i.project))).collect();
+    let events: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.event)).collect();
+    let deployments: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.deployment)).collect();
+    let projects: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.project)).collect();
     let taxa: Vec<Option<i64>> = new.iter().map(|o| o.determination.and_then(|d| d.0)).collect();
     let scores: Vec<Option<f64>> = new.iter().map(|o| o.determination.and_then(|d| d.1)).collect();
     tx.execute(
@@ -81,11 +80,11 @@ pub(super) async fn insert_occurrences(
     .await?;
     for (n, id) in ids.iter().enumerate() {
         input.occurrences.push((
-            *id as Id,
+            *id,
             Some(Occurrence {
-                event: events[n].map(|v| v as Id),
-                deployment: deployments[n].map(|v| v as Id),
-                determination: taxa[n].map(|v| v as Id),
+                event: events[n],
+                deployment: deployments[n],
+                determination: taxa[n],
                 score: scores[n].map(Score::new),
             }),
         ));
@@ -122,12 +121,8 @@ pub(super) async fn insert_detections(
     .await?;
     for (n, id) in ids.iter().enumerate() {
         input.detections.push((
-            *id as Id,
-            Some(Detection {
-                image: images[n] as Id,
-                occurrence: occurrences[n].map(|v| v as Id),
-                valid: new[n].bbox.is_some(),
-            }),
+            *id,
+            Some(Detection { image: images[n], occurrence: occurrences[n], valid: new[n].bbox.is_some() }),
         ));
     }
     Ok(())

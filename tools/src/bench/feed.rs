@@ -593,17 +593,17 @@ impl Bench<'_> {
         };
         let (detector, classifier) =
             (algorithm("random-detector").await?, algorithm("random-species-classifier").await?);
-        let species: Vec<i64> = self.taxonomy.of_rank(Rank::Species).into_iter().map(|s| s as i64).collect();
+        let species: Vec<i64> = self.taxonomy.of_rank(Rank::Species).into_iter().collect();
         let captures: Vec<Capture> = world
             .tables
             .images
             .iter()
             .filter(|(_, i)| i.deployment == Some(2))
             .map(|(id, i)| Capture {
-                id: *id as i64,
-                event: i.event.unwrap_or(0) as i64,
+                id: *id,
+                event: i.event.unwrap_or(0),
                 deployment: 2,
-                project: i.project.unwrap_or(0) as i64,
+                project: i.project.unwrap_or(0),
             })
             .collect();
         anyhow::ensure!(!captures.is_empty(), "no capture to save results for");
@@ -652,7 +652,7 @@ impl Bench<'_> {
         per_night: usize,
     ) -> anyhow::Result<Modes> {
         let args = self.args;
-        let mut events: Vec<i64> = world.tables.events.keys().map(|e| *e as i64).collect();
+        let mut events: Vec<i64> = world.tables.events.keys().copied().collect();
         events.sort_unstable();
         events.truncate(args.count_events);
         let mut statement = Statement::new("UPDATE main_event SET ");
@@ -1124,7 +1124,7 @@ impl EditWorld {
                 }
                 self.occurrences[i].1 = taxon;
                 let mut s = Statement::new("");
-                let (t, o) = (s.bind(taxon as i64), s.bind(occurrence as i64));
+                let (t, o) = (s.bind(taxon), s.bind(occurrence));
                 s.push(&format!(
                     "UPDATE main_occurrence SET determination_id = {t}, determination_score = 1.0, updated_at = now() WHERE id = {o}"
                 ));
@@ -1145,7 +1145,7 @@ impl EditWorld {
                 }
                 self.captures[i].1 = to;
                 let mut s = Statement::new("");
-                let (e, c) = (s.bind(to as i64), s.bind(capture as i64));
+                let (e, c) = (s.bind(to), s.bind(capture));
                 s.push(&format!("UPDATE main_sourceimage SET event_id = {e}, updated_at = now() WHERE id = {c}"));
                 s
             }
@@ -1161,7 +1161,7 @@ fn threshold_edit(project: &mut (Id, f64)) -> Statement {
     let to = if project.1 < 0.55 { 0.6 } else { 0.5 };
     project.1 = to;
     let mut s = Statement::new("");
-    let (t, p) = (s.bind(to), s.bind(project.0 as i64));
+    let (t, p) = (s.bind(to), s.bind(project.0));
     s.push(&format!(
         "UPDATE main_project SET default_filters_score_threshold = {t}, updated_at = now() WHERE id = {p}"
     ));
@@ -1423,7 +1423,7 @@ impl Bench<'_> {
         for _ in 0..args.large_repeats {
             for kind in [EditKind::IncludeAdd, EditKind::IncludeRemove] {
                 let mut s = Statement::new("");
-                let (p, t) = (s.bind(1i64), s.bind(family as i64));
+                let (p, t) = (s.bind(1i64), s.bind(family));
                 s.push(&if kind == EditKind::IncludeAdd {
                     format!(
                         "INSERT INTO main_project_default_filters_include_taxa (project_id, taxon_id) VALUES ({p}, {t})

@@ -24,6 +24,7 @@ use anyhow::Context;
 use async_nats::jetstream;
 use clap::Args;
 use tally_dataflows::taxonomy::Taxonomy;
+use tally_dataflows::Id;
 use tokio_postgres::NoTls;
 
 use crate::bench::ingest::cpu::CpuSnapshot;
@@ -223,7 +224,7 @@ async fn bench(
     // Phase 1.
     let (phase1_images, claim_images) = seeded.images.split_at(args.jobs * args.images);
     let bar = counter_bar(args.jobs as u64, "jobs");
-    let sets = phase1_images.chunks(args.images).map(<[u64]>::to_vec).collect();
+    let sets = phase1_images.chunks(args.images).map(<[Id]>::to_vec).collect();
     let (jobs, create_seconds) = setup::create_jobs(&store, &js, sets, first, "bench", &bar).await?;
     bar.finish_and_clear();
     let sim = WorkerSim {
@@ -252,7 +253,7 @@ async fn bench(
 
     // Phase 2.
     let bar = counter_bar(args.jobs as u64, "jobs");
-    let sets = claim_images.chunks(per_claim_job).take(args.jobs).map(<[u64]>::to_vec).collect();
+    let sets = claim_images.chunks(per_claim_job).take(args.jobs).map(<[Id]>::to_vec).collect();
     let (claim_jobs, _) = setup::create_jobs(&store, &js, sets, first + args.jobs as i64, "claim", &bar).await?;
     bar.finish_and_clear();
     let api = Api::new(&base_url, &seeded.token, &[PIPELINE.to_string()], Retry::default())?;

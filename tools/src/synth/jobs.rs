@@ -131,7 +131,6 @@ impl AsyncJob {
         let (consumer, _) = queue::ensure(js, self.id, &settings).await?;
         let mut bodies = Vec::with_capacity(images.len());
         for &image in images {
-            let image = image as i64;
             // The path `store::seed` gives every synthetic image.
             let url = create::image_url(image, None, &format!("image/{image}.jpg"), MISSING_URL_BASE)?;
             bodies.push(TaskBody::new(image, url));

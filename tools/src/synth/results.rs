@@ -82,7 +82,7 @@ impl World {
                                 deployment: Some(deployment),
                                 project: Some(p),
                                 timestamp: Some(timestamp),
-                                size: Some(1_000_000 + image as i64),
+                                size: Some(1_000_000 + image),
                             }),
                         ));
                         images.push(image);
@@ -140,7 +140,7 @@ pub struct ResultFactory {
 impl ResultFactory {
     /// One `PipelineResultsResponse` for `image`.
     pub fn response(&self, image: Id) -> serde_json::Value {
-        let mut rng = SmallRng::seed_from_u64(self.seed ^ image.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = SmallRng::seed_from_u64(self.seed ^ (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let n = poisson(&mut rng, self.mean_detections);
         let mut detections = Vec::with_capacity(n);
         for _ in 0..n {

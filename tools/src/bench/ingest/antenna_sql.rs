@@ -31,15 +31,14 @@ pub struct Comparison {
 }
 
 /// Times both recomputes for each capture of `images` (already ingested).
-pub async fn compare(store: &Store, images: &[u64]) -> anyhow::Result<Comparison> {
+pub async fn compare(store: &Store, images: &[tally_dataflows::Id]) -> anyhow::Result<Comparison> {
     let client = store.client().await?;
     let mut c = Comparison { samples: 0, verify_fix: Samples::new(), antenna: Samples::new(), disagreements: 0 };
     for &image in images {
-        let image = image as i64;
         let deployment: Option<i64> =
             client.query_one("SELECT deployment_id FROM main_sourceimage WHERE id = $1", &[&image]).await?.get(0);
         let started = Instant::now();
-        let v = verify::verify(store, Scope { project: None, deployment: deployment.map(|d| d as u64) }).await?;
+        let v = verify::verify(store, Scope { project: None, deployment }).await?;
         verify::fix(store, &v).await?;
         c.verify_fix.push(started.elapsed());
 

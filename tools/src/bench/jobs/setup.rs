@@ -134,7 +134,7 @@ pub async fn create_jobs(
     let jobs: Vec<BenchJob> = sets
         .into_iter()
         .enumerate()
-        .map(|(n, images)| BenchJob { id: first_id + n as i64, images: images.iter().map(|i| *i as i64).collect() })
+        .map(|(n, images)| BenchJob { id: first_id + n as i64, images: images.to_vec() })
         .collect();
     let created = try_join_all(jobs.iter().map(|job| {
         let logs = &logs;
