@@ -24,9 +24,10 @@ use crate::dead_letters::{self, NewDeadLetter};
 use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
 use crate::ingest::feed;
-use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
+use crate::ingest::message::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
+use crate::jobs::logs::Level;
 use crate::metrics::names;
 use crate::store::{self, sink::SinkReport, Store};
 
@@ -62,7 +63,7 @@ pub enum Outcome {
     /// redeliver to a worker.
     DeadLettered {
         /// The reason code.
-        code: &'static str,
+        code: RejectReason,
     },
 }
 
@@ -331,7 +332,7 @@ impl Ingestor {
                         Err(e) if e.is_transient() => return Err(e),
                         Err(e) => {
                             let failed: Vec<Result<ResultMessage, Rejection>> = vec![Err(Rejection::new(
-                                message::REASON_SAVE_FAILED,
+                                RejectReason::SaveFailed,
                                 format!("saving failed and retrying cannot help: {e}"),
                             ))];
                             if self.dirty {
@@ -384,16 +385,16 @@ impl Ingestor {
             error!(
                 subject = %m.subject,
                 job_id,
-                reason = r.code,
+                reason = r.code.as_str(),
                 detail = %r.detail,
                 bytes = m.payload.len(),
                 "result dead-lettered"
             );
-            counter!(names::INGEST_DEAD_LETTERS, "reason" => r.code).increment(1);
+            counter!(names::INGEST_DEAD_LETTERS, "reason" => r.code.as_str()).increment(1);
             if let Some(job_id) = job_id {
                 logs.push(JobLogLine {
                     job_id,
-                    level: "ERROR",
+                    level: Level::Error,
                     message: format!("result rejected ({}): {}", r.code, r.detail),
                     context: serde_json::json!({"source": "tally", "reply_subject": reply_subject, "stream_sequence": m.stream_sequence}),
                 });
@@ -404,7 +405,7 @@ impl Ingestor {
                 reply_subject,
                 stream_sequence: m.stream_sequence,
                 delivered: m.delivered,
-                reason_code: r.code.to_string(),
+                reason_code: r.code.as_str().to_string(),
                 reason: r.detail.clone(),
                 headers: m.headers.clone(),
                 payload: m.payload.to_vec(),
@@ -422,7 +423,7 @@ impl Ingestor {
                 );
                 logs.push(JobLogLine {
                     job_id: p.job_id,
-                    level: "INFO",
+                    level: Level::Info,
                     message: format!(
                         "job finished: {status} ({} images processed, {} failed, {} detections, {} classifications)",
                         p.figures.processed, p.figures.failed, p.figures.detections, p.figures.classifications

@@ -15,6 +15,7 @@
 //! events, deployments, projects and taxa the batch refers to (Django may have created them
 //! since the bootstrap; a row already mirrored produces no update).
 
+use crate::jobs::logs::Level;
 use crate::jobs::state::JobState;
 use std::collections::{HashMap, HashSet};
 
@@ -58,8 +59,8 @@ pub struct RowCounts {
 pub struct JobLogLine {
     /// The job.
     pub job_id: i64,
-    /// `INFO`, `WARNING` or `ERROR`.
-    pub level: &'static str,
+    /// Its level (`INFO`, `WARNING` or `ERROR`).
+    pub level: Level,
     /// The message.
     pub message: String,
     /// Structured context.
@@ -435,7 +436,7 @@ pub async fn save(tx: &Transaction<'_>, tables: &Tables, messages: &[&ResultMess
             Some(status) if CLOSED_STATUSES.contains(&status.as_str()) => {
                 saved.job_logs.push(JobLogLine {
                     job_id: m.job_id,
-                    level: "WARNING",
+                    level: Level::Warning,
                     message: format!(
                         "result for images {:?} arrived after the job was {status}: saved, progress untouched",
                         m.image_ids()
@@ -492,7 +493,7 @@ fn check(
     for id in m.image_ids() {
         if !images.contains_key(&id) {
             return Err(Rejection::new(
-                message::REASON_UNKNOWN_IMAGE,
+                message::RejectReason::UnknownImage,
                 format!("image {id} is not in main_sourceimage"),
             ));
         }
@@ -500,13 +501,13 @@ fn check(
     let ResultBody::Response(r) = &m.body else { return Ok(()) };
     let Some(p) = pipelines.get(&r.pipeline) else {
         return Err(Rejection::new(
-            message::REASON_UNKNOWN_PIPELINE,
+            message::RejectReason::UnknownPipeline,
             format!("pipeline {:?} is not in ml_pipeline", r.pipeline),
         ));
     };
     if p.detectors.len() != 1 {
         return Err(Rejection::new(
-            message::REASON_PIPELINE_NOT_CONFIGURED,
+            message::RejectReason::PipelineNotConfigured,
             format!(
                 "pipeline {:?} has {} detection algorithms; exactly one is required",
                 r.pipeline,
@@ -521,7 +522,7 @@ fn check(
     for key in keys {
         if !p.algorithms.contains_key(key) {
             return Err(Rejection::new(
-                message::REASON_PIPELINE_NOT_CONFIGURED,
+                message::RejectReason::PipelineNotConfigured,
                 format!("algorithm {key:?} is not linked to pipeline {:?}", r.pipeline),
             ));
         }
