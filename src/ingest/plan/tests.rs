@@ -3,6 +3,7 @@
 //! images and log lines, and the dataflow input once ids are known.
 
 use super::*;
+use crate::ingest::determination::Identification;
 use crate::ingest::message::{ClassificationResult, DetectionResult, PipelineResults};
 
 const PIPELINE: &str = "moths_2024";
