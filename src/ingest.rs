@@ -2,7 +2,9 @@
 //! maintained counts → acks (SPEC §3, §4, §6).
 //!
 //! - [`message`]: decode and validate one message (no I/O).
-//! - [`save`]: save a batch of valid messages with bulk statements inside a transaction.
+//! - [`save`]: save a batch of valid messages inside a transaction: read what exists, plan,
+//!   then write with bulk statements.
+//! - [`plan`]: the pure middle of a save: what to insert and update, decided without I/O.
 //! - [`determination`]: Antenna's determination rule, pure.
 //! - [`analyze`]: planner statistics kept fresh as ingest grows the tables.
 //! - [`batch`]: one batch end to end: decode, save, dead letters, dataflow, counts, commit,
@@ -21,6 +23,7 @@ pub mod feed;
 pub mod message;
 pub mod monitor;
 pub mod nats;
+pub mod plan;
 pub mod save;
 
 use thiserror::Error;

@@ -16,7 +16,7 @@ use tally::gateway::body::{self, MAX_DEPTH};
 use tally::gateway::claim::{ClaimQuery, Pipelines};
 use tally::gateway::tasks::job_id;
 use tally::gateway::GatewayError;
-use tally::ingest::message::{self, Envelope};
+use tally::ingest::message::{self, Envelope, RejectReason};
 
 /// The tasks body.
 #[derive(Debug, Deserialize)]
@@ -224,8 +224,8 @@ proptest! {
 }
 
 /// Rejections of a result message that are the database's verdict, not the message's.
-fn decoder_must_not_say(code: &str) -> bool {
-    code == message::REASON_SAVE_FAILED
+fn decoder_must_not_say(code: RejectReason) -> bool {
+    code == RejectReason::SaveFailed
 }
 
 fn envelope() -> Envelope<'static> {

@@ -380,7 +380,7 @@ async fn logs_follow_prints_lines_written_after_it_started() {
     wait_for("Successfully queued 2/2 images");
     let (context, message) = (json!({}), format!("written later by test {}", unique()));
     let mut rows = Rows::default();
-    rows.push(job, "ERROR", &message, &context, None);
+    rows.push(job, Level::Error, &message, &context, None);
     let client = f.store.client().await.expect("client");
     let client: &tokio_postgres::Client = &client;
     assert_eq!(logs::insert(client, &rows).await.expect("insert"), 1);

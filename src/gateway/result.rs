@@ -32,7 +32,7 @@ use super::body::{self, Body};
 use super::heartbeat::Beat;
 use super::tasks::JobId;
 use super::{job, Gateway, GatewayError};
-use crate::ingest::message::{parse_ack_subject, REASON_FOREIGN_REPLY_SUBJECT, REASON_WRONG_SHAPE};
+use crate::ingest::message::{parse_ack_subject, RejectReason};
 use crate::metrics::names;
 use crate::results_stream::{self, Outgoing};
 
@@ -69,8 +69,8 @@ enum Checked {
     Refused {
         /// Its reply subject, when it had a string one.
         reply_subject: Option<String>,
-        /// The reason code (ingest's codes).
-        code: &'static str,
+        /// The reason (ingest's codes).
+        code: RejectReason,
         /// What is wrong.
         detail: String,
         /// The item's bytes.
@@ -115,7 +115,7 @@ pub async fn post(
             Checked::Refused { code, detail, payload, .. } => Outgoing {
                 subject: subject.clone(),
                 headers: vec![
-                    (results_stream::REFUSED_HEADER, (*code).to_string()),
+                    (results_stream::REFUSED_HEADER, code.as_str().to_string()),
                     (results_stream::REFUSED_REASON_HEADER, header_text(detail)),
                 ],
                 payload: payload.clone(),
@@ -145,15 +145,15 @@ pub async fn post(
                 let dead_lettered = match answer {
                     Ok(_) => true,
                     Err(e) => {
-                        error!(job_id = id, index = i, reason = code, error = %e, "cannot publish a refused result for its dead letter");
+                        error!(job_id = id, index = i, reason = code.as_str(), error = %e, "cannot publish a refused result for its dead letter");
                         false
                     }
                 };
-                warn!(job_id = id, index = i, reason = code, %detail, "result refused");
+                warn!(job_id = id, index = i, reason = code.as_str(), %detail, "result refused");
                 refused.push(json!({
                     "index": i,
                     "reply_subject": reply_subject,
-                    "reason_code": code,
+                    "reason_code": code.as_str(),
                     "detail": detail,
                     "dead_lettered": dead_lettered,
                 }));
@@ -229,14 +229,14 @@ fn check(job: i64, bytes: &Bytes) -> Result<Vec<Checked>, GatewayError> {
 /// Checks one item: an object with an ack subject of job `job` and an object `result`.
 fn check_item(job: i64, i: usize, bytes: &Bytes, text: &str) -> Checked {
     let payload = share(bytes, text.as_bytes());
-    let refuse = |reply_subject: Option<String>, code: &'static str, detail: String| Checked::Refused {
+    let refuse = |reply_subject: Option<String>, code: RejectReason, detail: String| Checked::Refused {
         reply_subject,
         code,
         detail: format!("results[{i}]{detail}"),
         payload: payload.clone(),
     };
     if !text.starts_with('{') {
-        return refuse(None, REASON_WRONG_SHAPE, " is not an object".into());
+        return refuse(None, RejectReason::WrongShape, " is not an object".into());
     }
     let item: Item<'_> = match serde_json::from_str(text) {
         Ok(item) => item,
@@ -244,23 +244,23 @@ fn check_item(job: i64, i: usize, bytes: &Bytes, text: &str) -> Checked {
             let reply = serde_json::from_str::<Value>(text)
                 .ok()
                 .and_then(|v| v.get("reply_subject").and_then(Value::as_str).map(quote_subject));
-            return refuse(reply, REASON_WRONG_SHAPE, format!(": {}", strip_position(&e)));
+            return refuse(reply, RejectReason::WrongShape, format!(": {}", strip_position(&e)));
         }
     };
     let quoted = quote_subject(&item.reply_subject);
     if !item.result.get().starts_with('{') {
-        return refuse(Some(quoted), REASON_WRONG_SHAPE, ".result is not an object".into());
+        return refuse(Some(quoted), RejectReason::WrongShape, ".result is not an object".into());
     }
     match parse_ack_subject(&item.reply_subject) {
         Ok(ack) if ack.job == job => Checked::Valid { reply_subject: item.reply_subject.into_owned(), payload },
         Ok(ack) => refuse(
             Some(quoted),
-            REASON_FOREIGN_REPLY_SUBJECT,
+            RejectReason::ForeignReplySubject,
             format!(".reply_subject is a task of job {}, not of job {job}", ack.job),
         ),
         Err(why) => refuse(
             Some(quoted.clone()),
-            REASON_FOREIGN_REPLY_SUBJECT,
+            RejectReason::ForeignReplySubject,
             format!(".reply_subject {quoted:?} {why} (expected $JS.ACK.job_{job}.job-{job}-consumer.…)"),
         ),
     }
@@ -311,7 +311,7 @@ mod tests {
         }
     }
 
-    fn refusal(body: &str) -> (&'static str, String) {
+    fn refusal(body: &str) -> (RejectReason, String) {
         match checked(body).map(|mut c| c.remove(0)) {
             Ok(Checked::Refused { code, detail, .. }) => (code, detail),
             other => panic!("not refused: {other:?}"),
@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_items_one_by_one() {
-        assert_eq!(refusal("{\"results\": [1]}"), (REASON_WRONG_SHAPE, "results[0] is not an object".into()));
+        assert_eq!(refusal("{\"results\": [1]}"), (RejectReason::WrongShape, "results[0] is not an object".into()));
         assert!(refusal("{\"results\": [{\"result\": {}}]}").1.contains("missing field `reply_subject`"));
         assert!(refusal(&format!("{{\"results\": [{{\"reply_subject\": \"{SUBJECT}\"}}]}}"))
             .1
@@ -353,11 +353,11 @@ mod tests {
         let other_job = SUBJECT.replace("job_7.job-7", "job_8.job-8");
         let (code, detail) =
             refusal(&format!("{{\"results\": [{{\"reply_subject\": \"{other_job}\", \"result\": {{}}}}]}}"));
-        assert_eq!(code, REASON_FOREIGN_REPLY_SUBJECT);
+        assert_eq!(code, RejectReason::ForeignReplySubject);
         assert!(detail.contains("a task of job 8, not of job 7"), "{detail}");
         for bad in [format!("{SUBJECT}.extra"), format!("{SUBJECT} "), format!("{SUBJECT}\\r\\nX-Evil: 1")] {
             let body = format!("{{\"results\": [{{\"reply_subject\": \"{bad}\", \"result\": {{}}}}]}}");
-            assert_eq!(refusal(&body).0, REASON_FOREIGN_REPLY_SUBJECT, "{bad}");
+            assert_eq!(refusal(&body).0, RejectReason::ForeignReplySubject, "{bad}");
         }
     }
 
@@ -368,7 +368,7 @@ mod tests {
         let body = format!("{{\"results\": [{good}, 7, {good}]}}");
         let items = checked(&body).unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(items[0], Checked::Valid { .. }));
-        assert!(matches!(items[1], Checked::Refused { code: REASON_WRONG_SHAPE, .. }));
+        assert!(matches!(items[1], Checked::Refused { code: RejectReason::WrongShape, .. }));
         assert!(matches!(items[2], Checked::Valid { .. }));
     }
 

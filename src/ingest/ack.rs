@@ -30,10 +30,11 @@ use tracing::{error, info, warn};
 use crate::config::NatsArgs;
 use crate::dead_letters::{self, NewDeadLetter};
 use crate::ingest::batch::Outcome;
-use crate::ingest::message::{job_of_reply_subject, job_of_subject, REASON_TASK_ACK_FAILED};
+use crate::ingest::message::{job_of_reply_subject, job_of_subject, RejectReason};
 use crate::ingest::nats::{self as transport, ConsumerArgs, TaskAck};
 use crate::ingest::save::{self, JobLogLine};
 use crate::ingest::IngestError;
+use crate::jobs::logs::Level;
 use crate::jobs::{consumer_name, stream_name};
 use crate::metrics::names;
 use crate::store::{Store, StoreError};
@@ -320,7 +321,7 @@ pub async fn retry_due(
             .iter()
             .map(|(s, why)| JobLogLine {
                 job_id: s.job_id,
-                level: "ERROR",
+                level: Level::Error,
                 message: format!(
                     "task ack given up after {} attempts since {} ({why}); the result is saved, the task may be redelivered to a worker",
                     s.attempts + 1,
@@ -334,7 +335,8 @@ pub async fn retry_due(
             error!(job_id = s.job_id, reply_subject = %s.reply_subject, attempts = s.attempts + 1, reason = %why, "task ack given up; dead-lettered");
         }
         counter!(names::TASK_ACKS, "outcome" => "given_up").increment(given_up.len() as u64);
-        counter!(names::INGEST_DEAD_LETTERS, "reason" => REASON_TASK_ACK_FAILED).increment(given_up.len() as u64);
+        counter!(names::INGEST_DEAD_LETTERS, "reason" => RejectReason::TaskAckFailed.as_str())
+            .increment(given_up.len() as u64);
         done.extend(given_up.iter().map(|(s, _)| s.reply_subject.as_str()));
     }
     tx.execute("DELETE FROM tally.task_ack_retry WHERE reply_subject = ANY($1)", &[&done])
@@ -392,7 +394,7 @@ async fn letters_for(
             reply_subject: Some(s.reply_subject.clone()),
             stream_sequence: s.results_sequence,
             delivered: None,
-            reason_code: REASON_TASK_ACK_FAILED.to_string(),
+            reason_code: RejectReason::TaskAckFailed.as_str().to_string(),
             reason: format!(
                 "the result was saved, but its task ack was not confirmed in {} attempts ({why}){note}",
                 args.task_ack_attempts
@@ -435,7 +437,7 @@ mod tests {
     }
 
     fn dead() -> Outcome {
-        Outcome::DeadLettered { code: "wrong_shape" }
+        Outcome::DeadLettered { code: RejectReason::WrongShape }
     }
 
     #[test]

@@ -13,20 +13,23 @@
 //! commit's outcome is unknown, the reverse), so it is marked dirty and rebuilt from Postgres
 //! before the next batch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use metrics::{counter, histogram};
-use tally_dataflows::Engine;
+use tally_dataflows::{CountChanges, Engine, Id, InputBatch};
+use tokio_postgres::Transaction;
 use tracing::{error, info, warn};
 
 use crate::dead_letters::{self, NewDeadLetter};
 use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
 use crate::ingest::feed;
-use crate::ingest::message::{self, Envelope, Rejection, ResultMessage};
+use crate::ingest::message::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
+use crate::jobs::logs::Level;
 use crate::metrics::names;
 use crate::store::{self, sink::SinkReport, Store};
 
@@ -62,7 +65,7 @@ pub enum Outcome {
     /// redeliver to a worker.
     DeadLettered {
         /// The reason code.
-        code: &'static str,
+        code: RejectReason,
     },
 }
 
@@ -96,20 +99,10 @@ pub struct FeedReport {
     pub rebuilt: bool,
 }
 
-/// How counts are kept while ingesting. Only [`CountStrategy::Incremental`] is tally; the
-/// others exist so that `tally-tools bench ingest` can measure the alternatives side by side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum CountStrategy {
-    /// The dataflow computes the changed counts, written in the batch's transaction.
-    #[default]
-    Incremental,
-    /// After each batch commits, recompute the counts of the affected deployments (with their
-    /// events and images) from scratch in SQL and write those that differ, as Antenna does
-    /// after every result.
-    Recompute,
-    /// Write no counts while ingesting (the caller recomputes once at the end).
-    Deferred,
-}
+/// Work run after each batch commits and before its messages are acked, given the store and
+/// the deployments of the batch's images (`tally-tools bench ingest` recomputes their counts
+/// there, as Antenna does after every result).
+pub type AfterCommit = Box<dyn Fn(Store, Vec<Id>) -> BoxFuture<'static, Result<(), IngestError>> + Send + Sync>;
 
 /// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
 pub struct Ingestor {
@@ -119,7 +112,8 @@ pub struct Ingestor {
     prefix: String,
     max_bytes: usize,
     dirty: bool,
-    strategy: CountStrategy,
+    counts: bool,
+    after_commit: Option<AfterCommit>,
     analyzer: Analyzer,
     django: DjangoCache,
 }
@@ -130,7 +124,6 @@ impl Ingestor {
     pub async fn start(store: Store, workers: usize, prefix: String, max_bytes: usize) -> Result<Self, IngestError> {
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
         let analyzer = Analyzer::new(store.clone()).await;
-        let strategy = CountStrategy::Incremental;
         let mut ingestor = Ingestor {
             store,
             engine,
@@ -138,7 +131,8 @@ impl Ingestor {
             prefix,
             max_bytes,
             dirty: true,
-            strategy,
+            counts: true,
+            after_commit: None,
             analyzer,
             django: DjangoCache::disabled(),
         };
@@ -146,18 +140,15 @@ impl Ingestor {
         Ok(ingestor)
     }
 
-    /// An ingestor that keeps counts with `strategy` instead of the dataflow (for benchmarks).
-    /// No bootstrap: the engine stays empty unless the strategy is incremental.
-    pub async fn with_strategy(
+    /// An ingestor that saves rows without keeping counts (for benchmarks, which keep them by
+    /// other means, see [`Ingestor::set_after_commit`]): no bootstrap, and batches neither
+    /// feed the dataflow nor write counts.
+    pub async fn without_counts(
         store: Store,
         workers: usize,
         prefix: String,
         max_bytes: usize,
-        strategy: CountStrategy,
     ) -> Result<Self, IngestError> {
-        if strategy == CountStrategy::Incremental {
-            return Ingestor::start(store, workers, prefix, max_bytes).await;
-        }
         let engine = Engine::new(workers).map_err(store::StoreError::from)?;
         let analyzer = Analyzer::new(store.clone()).await;
         Ok(Ingestor {
@@ -167,10 +158,16 @@ impl Ingestor {
             prefix,
             max_bytes,
             dirty: false,
-            strategy,
+            counts: false,
+            after_commit: None,
             analyzer,
             django: DjangoCache::disabled(),
         })
+    }
+
+    /// Runs `hook` after each batch commits, before its messages are acked.
+    pub fn set_after_commit(&mut self, hook: AfterCommit) {
+        self.after_commit = Some(hook);
     }
 
     /// Invalidates Django's query cache (django-cachalot) after each commit, and invalidates
@@ -331,7 +328,7 @@ impl Ingestor {
                         Err(e) if e.is_transient() => return Err(e),
                         Err(e) => {
                             let failed: Vec<Result<ResultMessage, Rejection>> = vec![Err(Rejection::new(
-                                message::REASON_SAVE_FAILED,
+                                RejectReason::SaveFailed,
                                 format!("saving failed and retrying cannot help: {e}"),
                             ))];
                             if self.dirty {
@@ -363,82 +360,17 @@ impl Ingestor {
         let valid: Vec<usize> = which.iter().copied().filter(|&i| decoded[i].is_ok()).collect();
         let messages: Vec<&ResultMessage> = valid.iter().filter_map(|&i| decoded[i].as_ref().ok()).collect();
         let saved = save::save(&tx, self.engine.tables(), &messages).await?;
-
-        let mut rejected: HashMap<usize, Rejection> =
-            saved.rejected.iter().map(|(k, r)| (valid[*k], r.clone())).collect();
-        for &i in which {
-            if let Err(r) = &decoded[i] {
-                rejected.insert(i, r.clone());
-            }
-        }
-        let mut order: Vec<usize> = rejected.keys().copied().collect();
-        order.sort_unstable();
-        let mut letters = Vec::with_capacity(order.len());
-        let mut logs: Vec<JobLogLine> = saved.job_logs.clone();
-        for &i in &order {
-            let m = &batch[i];
-            let r = &rejected[&i];
-            let job_id = message::job_of_subject(&m.subject, &self.prefix);
-            let reply_subject =
-                decoded[i].as_ref().ok().map(|d| d.reply_subject.clone()).or_else(|| reply_of(&m.payload));
-            error!(
-                subject = %m.subject,
-                job_id,
-                reason = r.code,
-                detail = %r.detail,
-                bytes = m.payload.len(),
-                "result dead-lettered"
-            );
-            counter!(names::INGEST_DEAD_LETTERS, "reason" => r.code).increment(1);
-            if let Some(job_id) = job_id {
-                logs.push(JobLogLine {
-                    job_id,
-                    level: "ERROR",
-                    message: format!("result rejected ({}): {}", r.code, r.detail),
-                    context: serde_json::json!({"source": "tally", "reply_subject": reply_subject, "stream_sequence": m.stream_sequence}),
-                });
-            }
-            letters.push(NewDeadLetter {
-                subject: m.subject.clone(),
-                job_id,
-                reply_subject,
-                stream_sequence: m.stream_sequence,
-                delivered: m.delivered,
-                reason_code: r.code.to_string(),
-                reason: r.detail.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.to_vec(),
-            });
-        }
+        let rejected = rejections(decoded, which, &valid, &saved.rejected);
+        log_dead_letters(batch, &rejected, &self.prefix);
+        let (letters, letter_logs) = dead_letters_of(batch, decoded, &rejected, &self.prefix);
         dead_letters::insert_in(&tx, &letters).await?;
-        for p in crate::jobs::progress::update(&tx, &saved.progress_jobs).await? {
-            if let Some(status) = p.finished {
-                info!(
-                    job_id = p.job_id,
-                    status,
-                    processed = p.figures.processed,
-                    failed = p.figures.failed,
-                    "job finished"
-                );
-                logs.push(JobLogLine {
-                    job_id: p.job_id,
-                    level: "INFO",
-                    message: format!(
-                        "job finished: {status} ({} images processed, {} failed, {} detections, {} classifications)",
-                        p.figures.processed, p.figures.failed, p.figures.detections, p.figures.classifications
-                    ),
-                    context: serde_json::json!({"source": "tally"}),
-                });
-            }
-        }
+        let mut logs: Vec<JobLogLine> = saved.job_logs.clone();
+        logs.extend(letter_logs);
+        logs.extend(update_progress(&tx, &saved.progress_jobs).await?);
         save::write_job_logs(&tx, &logs).await?;
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "save").record(save_started.elapsed().as_secs_f64());
 
-        let dataflow_started = Instant::now();
-        self.dirty = true;
-        let engine = &mut self.engine;
-        let changes = tokio::task::block_in_place(|| engine.apply(&saved.input)).map_err(store::StoreError::from)?;
-        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "dataflow").record(dataflow_started.elapsed().as_secs_f64());
+        let changes = self.apply_dataflow(&saved.input)?;
 
         let commit_started = Instant::now();
         let sink = store::sink::write_changes_in(&tx, &changes).await?;
@@ -447,49 +379,166 @@ impl Ingestor {
         let tables = written_tables(&saved.rows, &sink, !saved.progress_jobs.is_empty(), !logs.is_empty());
         self.django.invalidate(tables.iter().copied()).await;
         self.analyzer.committed(&saved.rows);
-        if self.strategy == CountStrategy::Recompute {
-            let mut deployments: Vec<tally_dataflows::Id> =
-                saved.input.images.iter().filter_map(|(_, i)| i.as_ref().and_then(|i| i.deployment)).collect();
-            deployments.sort_unstable();
-            deployments.dedup();
-            for deployment in deployments {
-                let scope = store::verify::Scope { project: None, deployment: Some(deployment) };
-                let verification = store::verify::verify(&self.store, scope).await?;
-                store::verify::fix(&self.store, &verification).await?;
-            }
+        if let Some(work) = self.after_commit_work(&saved.input) {
+            work.await?;
         }
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "commit").record(commit_started.elapsed().as_secs_f64());
 
-        let rows = saved.rows;
-        counter!(names::INGEST_ROWS, "table" => "detection").increment(rows.detections);
-        counter!(names::INGEST_ROWS, "table" => "null_marker").increment(rows.null_markers);
-        counter!(names::INGEST_ROWS, "table" => "classification").increment(rows.classifications);
-        counter!(names::INGEST_ROWS, "table" => "occurrence").increment(rows.occurrences);
-        counter!(names::INGEST_ROWS, "table" => "taxon").increment(rows.taxa);
-        counter!(names::COUNT_WRITES, "table" => "main_sourceimage").increment(sink.images);
-        counter!(names::COUNT_WRITES, "table" => "main_event").increment(sink.events);
-        counter!(names::COUNT_WRITES, "table" => "main_deployment").increment(sink.deployments);
-        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
-
-        let mut inserted = saved.inserted.iter();
-        let mut outcomes = Vec::with_capacity(which.len());
-        let mut valid_iter = valid.iter().peekable();
-        for &i in which {
-            if let Some(r) = rejected.get(&i) {
-                if valid_iter.peek() == Some(&&i) {
-                    valid_iter.next();
-                    inserted.next();
-                }
-                outcomes.push(Outcome::DeadLettered { code: r.code });
-                continue;
-            }
-            valid_iter.next();
-            let n = inserted.next().copied().unwrap_or(0);
-            let reply_subject = decoded[i].as_ref().map(|d| d.reply_subject.clone()).unwrap_or_default();
-            outcomes.push(Outcome::Saved { reply_subject, inserted: n });
-        }
-        Ok(BatchReport { outcomes, rows, sink, changed_owners: changes.len(), tables })
+        record_metrics(&saved.rows, &sink, self.engine.tables().len());
+        let outcomes = outcomes(decoded, which, &valid, &rejected, &saved.inserted);
+        Ok(BatchReport { outcomes, rows: saved.rows, sink, changed_owners: changes.len(), tables })
     }
+
+    /// Feeds the batch's rows to the engine (marking it dirty until the commit) and returns
+    /// the counts that changed; nothing without counts.
+    fn apply_dataflow(&mut self, input: &InputBatch) -> Result<CountChanges, IngestError> {
+        let started = Instant::now();
+        let changes = if self.counts {
+            self.dirty = true;
+            let engine = &mut self.engine;
+            tokio::task::block_in_place(|| engine.apply(input)).map_err(store::StoreError::from)?
+        } else {
+            CountChanges::default()
+        };
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "dataflow").record(started.elapsed().as_secs_f64());
+        Ok(changes)
+    }
+
+    /// The after-commit hook's work, if there is a hook, for the deployments of the batch's
+    /// images (a future that holds no borrow of the ingestor, which is not `Sync`).
+    fn after_commit_work(&self, input: &InputBatch) -> Option<BoxFuture<'static, Result<(), IngestError>>> {
+        let hook = self.after_commit.as_ref()?;
+        let mut deployments: Vec<Id> =
+            input.images.iter().filter_map(|(_, i)| i.as_ref().and_then(|i| i.deployment)).collect();
+        deployments.sort_unstable();
+        deployments.dedup();
+        Some(hook(self.store.clone(), deployments))
+    }
+}
+
+/// Every rejected message of `which`, by index in the batch: those that failed to decode, and
+/// those the save rejected (`saved[k]` is about the `k`th of `valid`).
+fn rejections(
+    decoded: &[Result<ResultMessage, Rejection>],
+    which: &[usize],
+    valid: &[usize],
+    saved: &[(usize, Rejection)],
+) -> BTreeMap<usize, Rejection> {
+    let mut rejected: BTreeMap<usize, Rejection> = saved.iter().map(|(k, r)| (valid[*k], r.clone())).collect();
+    for &i in which {
+        if let Err(r) = &decoded[i] {
+            rejected.insert(i, r.clone());
+        }
+    }
+    rejected
+}
+
+/// Logs and counts each rejected message.
+fn log_dead_letters(batch: &[Incoming], rejected: &BTreeMap<usize, Rejection>, prefix: &str) {
+    for (&i, r) in rejected {
+        let m = &batch[i];
+        error!(
+            subject = %m.subject,
+            job_id = message::job_of_subject(&m.subject, prefix),
+            reason = r.code.as_str(),
+            detail = %r.detail,
+            bytes = m.payload.len(),
+            "result dead-lettered"
+        );
+        counter!(names::INGEST_DEAD_LETTERS, "reason" => r.code.as_str()).increment(1);
+    }
+}
+
+/// The dead letters of the rejected messages, in batch order, and an `ERROR` line for the job
+/// of each that names one.
+fn dead_letters_of(
+    batch: &[Incoming],
+    decoded: &[Result<ResultMessage, Rejection>],
+    rejected: &BTreeMap<usize, Rejection>,
+    prefix: &str,
+) -> (Vec<NewDeadLetter>, Vec<JobLogLine>) {
+    let mut letters = Vec::with_capacity(rejected.len());
+    let mut logs = Vec::new();
+    for (&i, r) in rejected {
+        let m = &batch[i];
+        let job_id = message::job_of_subject(&m.subject, prefix);
+        let reply_subject = decoded[i].as_ref().ok().map(|d| d.reply_subject.clone()).or_else(|| reply_of(&m.payload));
+        if let Some(job_id) = job_id {
+            logs.push(JobLogLine {
+                job_id,
+                level: Level::Error,
+                message: format!("result rejected ({}): {}", r.code, r.detail),
+                context: serde_json::json!({"source": "tally", "reply_subject": reply_subject, "stream_sequence": m.stream_sequence}),
+            });
+        }
+        letters.push(NewDeadLetter {
+            subject: m.subject.clone(),
+            job_id,
+            reply_subject,
+            stream_sequence: m.stream_sequence,
+            delivered: m.delivered,
+            reason_code: r.code.as_str().to_string(),
+            reason: r.detail.clone(),
+            headers: m.headers.clone(),
+            payload: m.payload.to_vec(),
+        });
+    }
+    (letters, logs)
+}
+
+/// Updates the progress of `jobs` (SPEC §5); an `INFO` line for each job that it finished.
+async fn update_progress(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<JobLogLine>, IngestError> {
+    let mut logs = Vec::new();
+    for p in crate::jobs::progress::update(tx, jobs).await? {
+        let Some(status) = p.finished else { continue };
+        let f = &p.figures;
+        info!(job_id = p.job_id, status, processed = f.processed, failed = f.failed, "job finished");
+        logs.push(JobLogLine {
+            job_id: p.job_id,
+            level: Level::Info,
+            message: format!(
+                "job finished: {status} ({} images processed, {} failed, {} detections, {} classifications)",
+                f.processed, f.failed, f.detections, f.classifications
+            ),
+            context: serde_json::json!({"source": "tally"}),
+        });
+    }
+    Ok(logs)
+}
+
+/// The metrics of a committed batch: rows inserted, counts written, rows the engine holds.
+fn record_metrics(rows: &RowCounts, sink: &SinkReport, dataflow_rows: usize) {
+    counter!(names::INGEST_ROWS, "table" => "detection").increment(rows.detections);
+    counter!(names::INGEST_ROWS, "table" => "null_marker").increment(rows.null_markers);
+    counter!(names::INGEST_ROWS, "table" => "classification").increment(rows.classifications);
+    counter!(names::INGEST_ROWS, "table" => "occurrence").increment(rows.occurrences);
+    counter!(names::INGEST_ROWS, "table" => "taxon").increment(rows.taxa);
+    counter!(names::COUNT_WRITES, "table" => "main_sourceimage").increment(sink.images);
+    counter!(names::COUNT_WRITES, "table" => "main_event").increment(sink.events);
+    counter!(names::COUNT_WRITES, "table" => "main_deployment").increment(sink.deployments);
+    metrics::gauge!(names::DATAFLOW_ROWS).set(dataflow_rows as f64);
+}
+
+/// What became of each message of `which`, in order: dead-lettered with its reason, or saved
+/// with its reply subject and the rows it inserted (`inserted[k]` for the `k`th of `valid`).
+fn outcomes(
+    decoded: &[Result<ResultMessage, Rejection>],
+    which: &[usize],
+    valid: &[usize],
+    rejected: &BTreeMap<usize, Rejection>,
+    inserted: &[u64],
+) -> Vec<Outcome> {
+    let inserted: HashMap<usize, u64> = valid.iter().copied().zip(inserted.iter().copied()).collect();
+    which
+        .iter()
+        .map(|i| match (rejected.get(i), &decoded[*i]) {
+            (Some(r), _) => Outcome::DeadLettered { code: r.code },
+            (None, d) => Outcome::Saved {
+                reply_subject: d.as_ref().map(|d| d.reply_subject.clone()).unwrap_or_default(),
+                inserted: inserted.get(i).copied().unwrap_or(0),
+            },
+        })
+        .collect()
 }
 
 /// The Antenna tables a committed batch wrote: rows, counts, job progress, job log lines.
@@ -538,3 +587,6 @@ fn reply_of(payload: &[u8]) -> Option<String> {
     }
     serde_json::from_slice::<Reply>(payload).ok().map(|r| r.reply_subject)
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,7 +22,7 @@ use crate::http::Health;
 use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
 use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome};
 use crate::ingest::feed::{self, FeedArgs};
-use crate::ingest::message::{reason_code, Rejection, REASON_OBJECT_MISSING, REASON_OVERSIZED, REASON_WRONG_SHAPE};
+use crate::ingest::message::{RejectReason, Rejection};
 use crate::ingest::monitor;
 use crate::ingest::nats::{self, ConsumerArgs};
 use crate::ingest::IngestError;
@@ -435,14 +435,14 @@ async fn incoming(
             }
             Err(FetchError::Missing(name)) => {
                 preset = Some(Rejection::new(
-                    REASON_OBJECT_MISSING,
+                    RejectReason::ObjectMissing,
                     format!("the result's object {name} does not exist (deleted or expired before ingest read it)"),
                 ))
             }
             Err(FetchError::TooLarge { size, limit, .. }) => {
                 // The object stays until the message is terminated; its bytes are not kept.
                 preset = Some(Rejection::new(
-                    REASON_OVERSIZED,
+                    RejectReason::Oversized,
                     format!(
                         "body of {size} bytes is over the limit of {limit} bytes (carried by object {name}, not kept)"
                     ),
@@ -456,7 +456,7 @@ async fn incoming(
             .and_then(|h| h.get(results_stream::REFUSED_REASON_HEADER))
             .map(|v| v.as_str().to_string())
             .unwrap_or_default();
-        let code = reason_code(code.as_str()).unwrap_or(REASON_WRONG_SHAPE);
+        let code = RejectReason::from_code(code.as_str()).unwrap_or(RejectReason::WrongShape);
         preset = Some(Rejection::new(code, format!("refused by the gateway: {reason}")));
     }
     Ok(Incoming {

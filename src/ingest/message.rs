@@ -18,15 +18,15 @@ pub const MAX_TEXT: usize = 255;
 /// says what exactly was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// One of the `REASON_*` codes.
-    pub code: &'static str,
+    /// The reason.
+    pub code: RejectReason,
     /// Human-readable detail.
     pub detail: String,
 }
 
 impl Rejection {
     /// A rejection with `code` and `detail`.
-    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(code: RejectReason, detail: impl Into<String>) -> Self {
         Rejection { code, detail: detail.into() }
     }
 }
@@ -37,61 +37,98 @@ impl fmt::Display for Rejection {
     }
 }
 
-/// The body is larger than the configured limit.
-pub const REASON_OVERSIZED: &str = "oversized";
-/// The body is not JSON.
-pub const REASON_INVALID_JSON: &str = "invalid_json";
-/// JSON, but not a `PipelineTaskResult`.
-pub const REASON_WRONG_SHAPE: &str = "wrong_shape";
-/// The NATS subject does not name a job (`<prefix>.{job_id}`).
-pub const REASON_BAD_SUBJECT: &str = "bad_subject";
-/// The reply subject is not an ack subject of this job's task consumer.
-pub const REASON_FOREIGN_REPLY_SUBJECT: &str = "foreign_reply_subject";
-/// A bounding box with a non-finite coordinate or `x2 < x1` / `y2 < y1`.
-pub const REASON_BAD_BBOX: &str = "bad_bbox";
-/// A classification with no scores, or a non-finite score or logit.
-pub const REASON_BAD_SCORES: &str = "bad_scores";
-/// A label, key or URL longer than 255 characters.
-pub const REASON_TEXT_TOO_LONG: &str = "text_too_long";
-/// A timestamp that is not an ISO 8601 date-time.
-pub const REASON_BAD_TIMESTAMP: &str = "bad_timestamp";
-/// The pipeline slug is not in `ml_pipeline`.
-pub const REASON_UNKNOWN_PIPELINE: &str = "unknown_pipeline";
-/// An algorithm key that is not linked to the pipeline, or a pipeline without exactly one
-/// detector.
-pub const REASON_PIPELINE_NOT_CONFIGURED: &str = "pipeline_not_configured";
-/// An image id that is not in `main_sourceimage`.
-pub const REASON_UNKNOWN_IMAGE: &str = "unknown_image";
-/// Saving failed for a reason that retrying will not fix (found by saving alone).
-pub const REASON_SAVE_FAILED: &str = "save_failed";
+/// The reason a message is dead-lettered; [`RejectReason::as_str`] is the code stored in
+/// `tally.dead_letter.reason_code` and used as the `reason` metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// `oversized`: the body is larger than the configured limit.
+    Oversized,
+    /// `invalid_json`: the body is not JSON.
+    InvalidJson,
+    /// `wrong_shape`: JSON, but not a `PipelineTaskResult`.
+    WrongShape,
+    /// `bad_subject`: the NATS subject does not name a job (`<prefix>.{job_id}`).
+    BadSubject,
+    /// `foreign_reply_subject`: the reply subject is not an ack subject of this job's task
+    /// consumer.
+    ForeignReplySubject,
+    /// `bad_bbox`: a bounding box with a non-finite coordinate or `x2 < x1` / `y2 < y1`.
+    BadBbox,
+    /// `bad_scores`: a classification with no scores, or a non-finite score or logit.
+    BadScores,
+    /// `text_too_long`: a label, key or URL longer than 255 characters.
+    TextTooLong,
+    /// `bad_timestamp`: a timestamp that is not an ISO 8601 date-time.
+    BadTimestamp,
+    /// `unknown_pipeline`: the pipeline slug is not in `ml_pipeline`.
+    UnknownPipeline,
+    /// `pipeline_not_configured`: an algorithm key that is not linked to the pipeline, or a
+    /// pipeline without exactly one detector.
+    PipelineNotConfigured,
+    /// `unknown_image`: an image id that is not in `main_sourceimage`.
+    UnknownImage,
+    /// `save_failed`: saving failed for a reason that retrying will not fix (found by saving
+    /// alone).
+    SaveFailed,
+    /// `object_missing`: a claim-check message whose object does not exist (deleted or
+    /// expired).
+    ObjectMissing,
+    /// `task_ack_failed`: a saved result whose task ack JetStream never confirmed (after every
+    /// retry).
+    TaskAckFailed,
+}
 
-/// A claim-check message whose object does not exist (deleted or expired).
-pub const REASON_OBJECT_MISSING: &str = "object_missing";
-/// A saved result whose task ack JetStream never confirmed (after every retry).
-pub const REASON_TASK_ACK_FAILED: &str = "task_ack_failed";
+impl RejectReason {
+    /// Every reason, for documentation and metrics.
+    pub const ALL: [RejectReason; 15] = [
+        RejectReason::Oversized,
+        RejectReason::InvalidJson,
+        RejectReason::WrongShape,
+        RejectReason::BadSubject,
+        RejectReason::ForeignReplySubject,
+        RejectReason::BadBbox,
+        RejectReason::BadScores,
+        RejectReason::TextTooLong,
+        RejectReason::BadTimestamp,
+        RejectReason::UnknownPipeline,
+        RejectReason::PipelineNotConfigured,
+        RejectReason::UnknownImage,
+        RejectReason::SaveFailed,
+        RejectReason::ObjectMissing,
+        RejectReason::TaskAckFailed,
+    ];
 
-/// Every reason code, for documentation and metrics.
-pub const REASONS: &[&str] = &[
-    REASON_OVERSIZED,
-    REASON_INVALID_JSON,
-    REASON_WRONG_SHAPE,
-    REASON_BAD_SUBJECT,
-    REASON_FOREIGN_REPLY_SUBJECT,
-    REASON_BAD_BBOX,
-    REASON_BAD_SCORES,
-    REASON_TEXT_TOO_LONG,
-    REASON_BAD_TIMESTAMP,
-    REASON_UNKNOWN_PIPELINE,
-    REASON_PIPELINE_NOT_CONFIGURED,
-    REASON_UNKNOWN_IMAGE,
-    REASON_SAVE_FAILED,
-    REASON_OBJECT_MISSING,
-    REASON_TASK_ACK_FAILED,
-];
+    /// The stable code (dead letters, metrics labels, the gateway's refusals).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Oversized => "oversized",
+            RejectReason::InvalidJson => "invalid_json",
+            RejectReason::WrongShape => "wrong_shape",
+            RejectReason::BadSubject => "bad_subject",
+            RejectReason::ForeignReplySubject => "foreign_reply_subject",
+            RejectReason::BadBbox => "bad_bbox",
+            RejectReason::BadScores => "bad_scores",
+            RejectReason::TextTooLong => "text_too_long",
+            RejectReason::BadTimestamp => "bad_timestamp",
+            RejectReason::UnknownPipeline => "unknown_pipeline",
+            RejectReason::PipelineNotConfigured => "pipeline_not_configured",
+            RejectReason::UnknownImage => "unknown_image",
+            RejectReason::SaveFailed => "save_failed",
+            RejectReason::ObjectMissing => "object_missing",
+            RejectReason::TaskAckFailed => "task_ack_failed",
+        }
+    }
 
-/// The reason code spelled `code`, if it is one (a refusal's header names one).
-pub fn reason_code(code: &str) -> Option<&'static str> {
-    REASONS.iter().copied().find(|r| *r == code)
+    /// The reason whose code is `code`, if it is one (a refusal's header names one).
+    pub fn from_code(code: &str) -> Option<Self> {
+        RejectReason::ALL.into_iter().find(|r| r.as_str() == code)
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One validated result message.
@@ -388,34 +425,34 @@ pub fn job_of_reply_subject(reply_subject: &str) -> Option<i64> {
 pub fn decode(envelope: &Envelope<'_>, payload: &[u8]) -> Result<ResultMessage, Rejection> {
     if payload.len() > envelope.max_bytes {
         return Err(Rejection::new(
-            REASON_OVERSIZED,
+            RejectReason::Oversized,
             format!("body of {} bytes is over the limit of {} bytes", payload.len(), envelope.max_bytes),
         ));
     }
     let job_id = job_of_subject(envelope.subject, envelope.prefix).ok_or_else(|| {
         Rejection::new(
-            REASON_BAD_SUBJECT,
+            RejectReason::BadSubject,
             format!("subject {:?} is not {}.<job id>", envelope.subject, envelope.prefix),
         )
     })?;
     let wire: WireTask = serde_json::from_slice(payload).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            Rejection::new(REASON_INVALID_JSON, e.to_string())
+            Rejection::new(RejectReason::InvalidJson, e.to_string())
         } else {
-            Rejection::new(REASON_WRONG_SHAPE, format!("not a PipelineTaskResult: {e}"))
+            Rejection::new(RejectReason::WrongShape, format!("not a PipelineTaskResult: {e}"))
         }
     })?;
     match parse_ack_subject(&wire.reply_subject) {
         Ok(ack) if ack.job == job_id => {}
         Ok(ack) => {
             return Err(Rejection::new(
-                REASON_FOREIGN_REPLY_SUBJECT,
+                RejectReason::ForeignReplySubject,
                 format!("reply_subject {:?} is a task of job {}, not of job {job_id}", wire.reply_subject, ack.job),
             ))
         }
         Err(why) => {
             return Err(Rejection::new(
-                REASON_FOREIGN_REPLY_SUBJECT,
+                RejectReason::ForeignReplySubject,
                 format!("reply_subject {:?} {why}", wire.reply_subject),
             ))
         }
@@ -428,18 +465,18 @@ fn body(result: WireResult) -> Result<ResultBody, Rejection> {
     let Some(pipeline) = result.pipeline else {
         return match result.error {
             Some(error) => Ok(ResultBody::Error { error: error.unwrap_or_default(), image_id: result.image_id }),
-            None => Err(Rejection::new(REASON_WRONG_SHAPE, "result has neither `pipeline` nor `error`")),
+            None => Err(Rejection::new(RejectReason::WrongShape, "result has neither `pipeline` nor `error`")),
         };
     };
     let source_images = result
         .source_images
-        .ok_or_else(|| Rejection::new(REASON_WRONG_SHAPE, "result has no `source_images`"))?
+        .ok_or_else(|| Rejection::new(RejectReason::WrongShape, "result has no `source_images`"))?
         .into_iter()
         .map(|i| i.id)
         .collect();
     let detections = result
         .detections
-        .ok_or_else(|| Rejection::new(REASON_WRONG_SHAPE, "result has no `detections`"))?
+        .ok_or_else(|| Rejection::new(RejectReason::WrongShape, "result has no `detections`"))?
         .into_iter()
         .enumerate()
         .map(|(i, d)| detection(i, d))
@@ -451,7 +488,7 @@ fn body(result: WireResult) -> Result<ResultBody, Rejection> {
 fn check_text(what: &str, text: &str) -> Result<(), Rejection> {
     if text.chars().count() > MAX_TEXT {
         return Err(Rejection::new(
-            REASON_TEXT_TOO_LONG,
+            RejectReason::TextTooLong,
             format!("{what} of {} characters is over {MAX_TEXT}", text.chars().count()),
         ));
     }
@@ -465,13 +502,13 @@ fn detection(index: usize, d: WireDetection) -> Result<DetectionResult, Rejectio
             let coords = [b.x1, b.y1, b.x2, b.y2];
             if coords.iter().any(|c| !c.is_finite()) {
                 return Err(Rejection::new(
-                    REASON_BAD_BBOX,
+                    RejectReason::BadBbox,
                     format!("detection {index}: bbox {coords:?} is not finite"),
                 ));
             }
             if b.x2 < b.x1 || b.y2 < b.y1 {
                 return Err(Rejection::new(
-                    REASON_BAD_BBOX,
+                    RejectReason::BadBbox,
                     format!("detection {index}: bbox {coords:?} has x2 < x1 or y2 < y1"),
                 ));
             }
@@ -509,17 +546,17 @@ fn classification(d: usize, j: usize, c: WireClassification) -> Result<Classific
     check_text("label", &c.classification).map_err(|r| Rejection::new(r.code, format!("{}: {}", at(), r.detail)))?;
     check_text("classification algorithm key", &c.algorithm.key)?;
     if c.scores.is_empty() {
-        return Err(Rejection::new(REASON_BAD_SCORES, format!("{}: scores are empty", at())));
+        return Err(Rejection::new(RejectReason::BadScores, format!("{}: scores are empty", at())));
     }
-    let scores = finite(c.scores)
-        .ok_or_else(|| Rejection::new(REASON_BAD_SCORES, format!("{}: a score is NaN, infinite or null", at())))?;
-    let logits =
-        match c.logits {
-            None => None,
-            Some(l) => Some(finite(l).ok_or_else(|| {
-                Rejection::new(REASON_BAD_SCORES, format!("{}: a logit is NaN, infinite or null", at()))
-            })?),
-        };
+    let scores = finite(c.scores).ok_or_else(|| {
+        Rejection::new(RejectReason::BadScores, format!("{}: a score is NaN, infinite or null", at()))
+    })?;
+    let logits = match c.logits {
+        None => None,
+        Some(l) => Some(finite(l).ok_or_else(|| {
+            Rejection::new(RejectReason::BadScores, format!("{}: a logit is NaN, infinite or null", at()))
+        })?),
+    };
     check_timestamp(&c.timestamp, at)?;
     Ok(ClassificationResult {
         label: c.classification,
@@ -534,7 +571,7 @@ fn classification(d: usize, j: usize, c: WireClassification) -> Result<Classific
 fn check_timestamp(ts: &Option<String>, at: impl Fn() -> String) -> Result<(), Rejection> {
     match ts {
         Some(t) if !is_iso_datetime(t) => {
-            Err(Rejection::new(REASON_BAD_TIMESTAMP, format!("{}: timestamp {t:?} is not ISO 8601", at())))
+            Err(Rejection::new(RejectReason::BadTimestamp, format!("{}: timestamp {t:?} is not ISO 8601", at())))
         }
         _ => Ok(()),
     }

@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{debug, info, warn};
 
+use super::logs::Level;
 use super::queue::{self, Deleted};
 use super::{consumer_name, nats_error, stream_name, JobError};
 use crate::metrics::names;
@@ -119,7 +120,7 @@ pub async fn sweep(
         let context = json!({"source": "tally"});
         let mut rows = super::logs::Rows::default();
         for (id, line) in &lines {
-            rows.push(*id, "INFO", line, &context, None);
+            rows.push(*id, Level::Info, line, &context, None);
         }
         let client: &tokio_postgres::Client = &client;
         super::logs::insert(client, &rows).await?;

@@ -97,9 +97,9 @@ pub struct Rows<'a> {
 impl<'a> Rows<'a> {
     /// Adds a line; `at` is when it was logged (`None`: the statement's `now()`, i.e. the start
     /// of the caller's transaction).
-    pub fn push(&mut self, job: i64, level: &'a str, message: &'a str, context: &'a Value, at: Option<SystemTime>) {
+    pub fn push(&mut self, job: i64, level: Level, message: &'a str, context: &'a Value, at: Option<SystemTime>) {
         self.jobs.push(job);
-        self.levels.push(level);
+        self.levels.push(level.as_str());
         self.messages.push(message);
         self.contexts.push(context);
         self.at.push(at);
@@ -365,7 +365,7 @@ async fn flush(store: &Store, buf: &mut Vec<Pending>, config: &JobLogsConfig, st
     let lines = std::mem::take(buf);
     let mut rows = Rows::default();
     for l in &lines {
-        rows.push(l.job_id, l.level.as_str(), &l.message, &l.context, Some(l.at));
+        rows.push(l.job_id, l.level, &l.message, &l.context, Some(l.at));
     }
     let n = lines.len() as u64;
     let attempts = config.attempts.max(1);

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Transaction;
 use tracing::{info, warn};
 
+use super::logs::Level;
 use super::progress::{self, Figures};
 use super::queue::{self, ConsumerState};
 use super::{consumer_name, nats_error, stream_name, tasks_subject, JobError};
@@ -275,9 +276,9 @@ async fn mark(
     });
     let source = json!({"source": "tally"});
     let mut rows = super::logs::Rows::default();
-    rows.push(id, "WARNING", &message, &context, None);
+    rows.push(id, Level::Warning, &message, &context, None);
     if let Some(line) = &finished_line {
-        rows.push(id, "INFO", line, &source, None);
+        rows.push(id, Level::Info, line, &source, None);
     }
     super::logs::insert(tx, &rows).await?;
     // Antenna appends the diagnostic to progress.errors too; Django shows it.

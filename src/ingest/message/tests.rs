@@ -21,7 +21,7 @@ fn decode_value(v: &serde_json::Value) -> Result<ResultMessage, Rejection> {
     decode(&envelope(), &serde_json::to_vec(v).expect("serialize"))
 }
 
-fn code(v: &serde_json::Value) -> &'static str {
+fn code(v: &serde_json::Value) -> RejectReason {
     decode_value(v).expect_err("should be rejected").code
 }
 
@@ -70,17 +70,17 @@ fn unknown_fields_are_ignored_and_terminal_defaults_to_true() {
 
 #[test]
 fn invalid_json_and_wrong_shapes_are_told_apart() {
-    assert_eq!(decode(&envelope(), b"{not json").expect_err("rejected").code, REASON_INVALID_JSON);
-    assert_eq!(decode(&envelope(), b"").expect_err("rejected").code, REASON_INVALID_JSON);
-    assert_eq!(code(&serde_json::json!([1, 2])), REASON_WRONG_SHAPE);
-    assert_eq!(code(&serde_json::json!({"reply_subject": REPLY})), REASON_WRONG_SHAPE);
-    assert_eq!(code(&serde_json::json!({"reply_subject": REPLY, "result": {}})), REASON_WRONG_SHAPE);
+    assert_eq!(decode(&envelope(), b"{not json").expect_err("rejected").code, RejectReason::InvalidJson);
+    assert_eq!(decode(&envelope(), b"").expect_err("rejected").code, RejectReason::InvalidJson);
+    assert_eq!(code(&serde_json::json!([1, 2])), RejectReason::WrongShape);
+    assert_eq!(code(&serde_json::json!({"reply_subject": REPLY})), RejectReason::WrongShape);
+    assert_eq!(code(&serde_json::json!({"reply_subject": REPLY, "result": {}})), RejectReason::WrongShape);
     let mut v = example();
     v["result"]["source_images"][0]["id"] = serde_json::json!("five hundred");
-    assert_eq!(code(&v), REASON_WRONG_SHAPE);
+    assert_eq!(code(&v), RejectReason::WrongShape);
     let mut v = example();
     v["result"]["detections"][0]["bbox"] = serde_json::json!({"x1": 1});
-    assert_eq!(code(&v), REASON_WRONG_SHAPE);
+    assert_eq!(code(&v), RejectReason::WrongShape);
 }
 
 #[test]
@@ -91,11 +91,11 @@ fn bad_boxes_are_rejected() {
     ] {
         let mut v = example();
         v["result"]["detections"][0]["bbox"] = bbox;
-        assert_eq!(code(&v), REASON_BAD_BBOX);
+        assert_eq!(code(&v), RejectReason::BadBbox);
     }
     // JSON has no NaN literal; Python's json module writes one anyway.
     let text = serde_json::to_string(&example()).expect("ser").replace("1204.0", "NaN");
-    assert_eq!(decode(&envelope(), text.as_bytes()).expect_err("rejected").code, REASON_INVALID_JSON);
+    assert_eq!(decode(&envelope(), text.as_bytes()).expect_err("rejected").code, RejectReason::InvalidJson);
     let text = serde_json::to_string(&example()).expect("ser").replace("1204.0", "1e999");
     assert!(decode(&envelope(), text.as_bytes()).is_err(), "an overflowing coordinate is rejected");
     // A zero-size box is a box.
@@ -108,13 +108,13 @@ fn bad_boxes_are_rejected() {
 fn bad_scores_are_rejected() {
     let mut v = example();
     v["result"]["detections"][0]["classifications"][0]["scores"] = serde_json::json!([]);
-    assert_eq!(code(&v), REASON_BAD_SCORES);
+    assert_eq!(code(&v), RejectReason::BadScores);
     let mut v = example();
     v["result"]["detections"][0]["classifications"][0]["scores"] = serde_json::json!([0.5, null]);
-    assert_eq!(code(&v), REASON_BAD_SCORES);
+    assert_eq!(code(&v), RejectReason::BadScores);
     let mut v = example();
     v["result"]["detections"][0]["classifications"][0]["logits"] = serde_json::json!([null]);
-    assert_eq!(code(&v), REASON_BAD_SCORES);
+    assert_eq!(code(&v), RejectReason::BadScores);
 }
 
 #[test]
@@ -123,18 +123,18 @@ fn long_labels_are_rejected_and_255_characters_are_fine() {
     v["result"]["detections"][0]["classifications"][1]["classification"] = serde_json::json!("é".repeat(255));
     assert!(decode_value(&v).is_ok());
     v["result"]["detections"][0]["classifications"][1]["classification"] = serde_json::json!("x".repeat(256));
-    assert_eq!(code(&v), REASON_TEXT_TOO_LONG);
+    assert_eq!(code(&v), RejectReason::TextTooLong);
 }
 
 #[test]
 fn reply_subjects_must_belong_to_the_subject_s_job() {
     let mut v = example();
     v["reply_subject"] = serde_json::json!("$JS.ACK.job_99.job-99-consumer.1.17.17.1717290003120000000.483");
-    assert_eq!(code(&v), REASON_FOREIGN_REPLY_SUBJECT);
+    assert_eq!(code(&v), RejectReason::ForeignReplySubject);
     v["reply_subject"] = serde_json::json!("job.1234.reply.abc123");
-    assert_eq!(code(&v), REASON_FOREIGN_REPLY_SUBJECT);
+    assert_eq!(code(&v), RejectReason::ForeignReplySubject);
     v["reply_subject"] = serde_json::json!("$JS.ACK.job_1234.job-99-consumer.1.17.17.1717290003120000000.483");
-    assert_eq!(code(&v), REASON_FOREIGN_REPLY_SUBJECT);
+    assert_eq!(code(&v), RejectReason::ForeignReplySubject);
     // The v2 form with domain and account hash.
     v["reply_subject"] =
         serde_json::json!("$JS.ACK.hub.ACCHASH.job_1234.job-1234-consumer.1.17.17.1717290003120000000.483.xyz");
@@ -145,9 +145,9 @@ fn reply_subjects_must_belong_to_the_subject_s_job() {
 fn subjects_must_name_a_job_and_bodies_must_fit() {
     let body = serde_json::to_vec(&example()).expect("ser");
     let e = Envelope { subject: "tally.results.abc", ..envelope() };
-    assert_eq!(decode(&e, &body).expect_err("rejected").code, REASON_BAD_SUBJECT);
+    assert_eq!(decode(&e, &body).expect_err("rejected").code, RejectReason::BadSubject);
     let e = Envelope { max_bytes: 100, ..envelope() };
-    assert_eq!(decode(&e, &body).expect_err("rejected").code, REASON_OVERSIZED);
+    assert_eq!(decode(&e, &body).expect_err("rejected").code, RejectReason::Oversized);
 }
 
 #[test]
@@ -174,7 +174,7 @@ fn timestamps_are_checked() {
     }
     let mut v = example();
     v["result"]["detections"][0]["timestamp"] = serde_json::json!("soon");
-    assert_eq!(code(&v), REASON_BAD_TIMESTAMP);
+    assert_eq!(code(&v), RejectReason::BadTimestamp);
 }
 
 #[test]
@@ -227,4 +227,34 @@ fn ids_are_canonical_decimals() {
     }
     assert_eq!(job_of_subject("tally.results.+12", "tally.results"), None);
     assert_eq!(job_of_subject("tally.results.12", "tally.results"), Some(12));
+}
+
+#[test]
+fn reason_codes_are_the_stored_strings() {
+    let codes: Vec<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "oversized",
+            "invalid_json",
+            "wrong_shape",
+            "bad_subject",
+            "foreign_reply_subject",
+            "bad_bbox",
+            "bad_scores",
+            "text_too_long",
+            "bad_timestamp",
+            "unknown_pipeline",
+            "pipeline_not_configured",
+            "unknown_image",
+            "save_failed",
+            "object_missing",
+            "task_ack_failed",
+        ]
+    );
+    for r in RejectReason::ALL {
+        assert_eq!(RejectReason::from_code(r.as_str()), Some(r));
+        assert_eq!(r.to_string(), r.as_str());
+    }
+    assert_eq!(RejectReason::from_code("invalid_subject"), None);
 }

@@ -1,20 +1,96 @@
-//! Reads of a batch save: pipelines, jobs, the owners and taxa the batch refers to, and the
-//! state that Antenna's determination rule needs for existing occurrences.
+//! The read phase of a batch save: every SELECT, producing the [`Snapshot`] the plan is made
+//! from (pipelines, images and their owners, jobs, the detections and classifications stored
+//! on the batch's images, their occurrences' determination state, and taxa by label).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use tally_dataflows::{Id, InputBatch, Occurrence, Score, Tables};
 use tokio_postgres::Transaction;
 
-use super::{distinct, Algorithm, DetRef, NewClassification, Pipeline, Saved};
-use crate::ingest::determination::{determine, Candidate, Identification};
+use crate::ingest::determination::{Candidate, Identification};
+use crate::ingest::message::{ResultBody, ResultMessage};
+use crate::ingest::plan::{self, distinct, Algorithm, Pipeline, Snapshot, StoredDetection, StoredOccurrence};
 use crate::store::bootstrap::read_rows;
 use crate::store::StoreError;
 
-pub(super) async fn load_pipelines(
+/// Reads everything the plan of `messages` needs. The rows of the messages rejected by rules
+/// 1 and 2 (checked here as the plan will) are not read.
+pub(super) async fn snapshot(
     tx: &Transaction<'_>,
-    slugs: &[String],
-) -> Result<HashMap<String, Pipeline>, StoreError> {
+    tables: &Tables,
+    messages: &[&ResultMessage],
+) -> Result<Snapshot, StoreError> {
+    let mut s = Snapshot::default();
+    let slugs: Vec<String> = distinct(messages.iter().filter_map(|m| match &m.body {
+        ResultBody::Response(r) => Some(r.pipeline.clone()),
+        ResultBody::Error { .. } => None,
+    }));
+    s.pipelines = load_pipelines(tx, &slugs).await?;
+    let image_ids: Vec<i64> = distinct(messages.iter().flat_map(|m| m.image_ids()));
+    read_rows(tx, "main_sourceimage", "id", &image_ids, &mut s.input).await?;
+    s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| (*id as i64, r))).collect();
+    let accepted: Vec<&ResultMessage> =
+        messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
+    read_owners(tx, tables, &mut s.input).await?;
+    s.jobs = load_jobs(tx, &distinct(accepted.iter().map(|m| m.job_id))).await?;
+    let responses: Vec<&crate::ingest::message::PipelineResults> = accepted
+        .iter()
+        .filter_map(|m| match &m.body {
+            ResultBody::Response(r) => Some(r),
+            ResultBody::Error { .. } => None,
+        })
+        .collect();
+    let response_images: Vec<i64> =
+        distinct(accepted.iter().filter(|m| matches!(m.body, ResultBody::Response(_))).flat_map(|m| m.image_ids()));
+    read_detections(tx, &response_images, &mut s).await?;
+    read_occurrences(tx, &mut s).await?;
+    let labels: Vec<String> = distinct(
+        responses
+            .iter()
+            .flat_map(|r| r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone()))),
+    );
+    s.taxa = find_taxa(tx, &labels).await?;
+    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(&(*id as Id))));
+    read_rows(tx, "main_taxon", "id", &missing, &mut s.input).await?;
+    Ok(s)
+}
+
+/// The detections stored on `images` and their classifications.
+async fn read_detections(tx: &Transaction<'_>, images: &[i64], s: &mut Snapshot) -> Result<(), StoreError> {
+    for row in tx
+        .query(
+            "SELECT id, source_image_id, bbox, detection_algorithm_id, occurrence_id, coalesce(path, '') = ''
+             FROM main_detection WHERE source_image_id = ANY($1)",
+            &[&images],
+        )
+        .await?
+    {
+        let bbox: Option<serde_json::Value> = row.try_get(2)?;
+        s.detections.push(StoredDetection {
+            id: row.try_get(0)?,
+            image: row.try_get(1)?,
+            valid: bbox.is_some(),
+            bbox: bbox.as_ref().and_then(stored_box),
+            algorithm: row.try_get(3)?,
+            occurrence: row.try_get(4)?,
+            empty_path: row.try_get(5)?,
+        });
+    }
+    let ids: Vec<i64> = s.detections.iter().map(|d| d.id).collect();
+    for row in tx
+        .query(
+            "SELECT id, detection_id, taxon_id, algorithm_id, score, terminal FROM main_classification
+             WHERE detection_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+    {
+        s.classifications.entry(row.try_get(1)?).or_default().push(candidate(&row)?);
+    }
+    Ok(())
+}
+
+async fn load_pipelines(tx: &Transaction<'_>, slugs: &[String]) -> Result<HashMap<String, Pipeline>, StoreError> {
     let mut pipelines: HashMap<String, Pipeline> = HashMap::new();
     for row in tx
         .query(
@@ -39,20 +115,16 @@ pub(super) async fn load_pipelines(
     Ok(pipelines)
 }
 
-pub(super) async fn load_jobs(tx: &Transaction<'_>, ids: &[i64]) -> Result<HashMap<i64, String>, StoreError> {
+async fn load_jobs(tx: &Transaction<'_>, ids: &[i64]) -> Result<HashMap<i64, String>, StoreError> {
     let rows = tx.query("SELECT id, status FROM jobs_job WHERE id = ANY($1)", &[&ids]).await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// Reads the events, deployments and projects (with their filters) that the batch's images
 /// refer to and the engine has not seen.
-pub(super) async fn read_owners(
-    tx: &Transaction<'_>,
-    tables: &Tables,
-    input: &mut InputBatch,
-) -> Result<(), StoreError> {
+async fn read_owners(tx: &Transaction<'_>, tables: &Tables, input: &mut InputBatch) -> Result<(), StoreError> {
     let missing = |ids: Vec<Option<Id>>, known: &dyn Fn(Id) -> bool| -> Vec<i64> {
-        distinct(ids.into_iter().flatten().filter(|id| !known(*id)))
+        distinct(ids.into_iter().flatten().filter(|id| !known(*id)).map(|id| id as i64))
     };
     let images: Vec<_> = input.images.iter().filter_map(|(_, r)| r.clone()).collect();
     let events = missing(images.iter().map(|i| i.event).collect(), &|id| tables.events.contains_key(&id));
@@ -71,14 +143,9 @@ pub(super) async fn read_owners(
     Ok(())
 }
 
-/// The taxon of every label: an active taxon with that name, else one with it among its
-/// search names, else a new taxon (rank UNKNOWN, no parents).
-pub(super) async fn resolve_taxa(
-    tx: &Transaction<'_>,
-    tables: &Tables,
-    labels: &[String],
-    saved: &mut Saved,
-) -> Result<HashMap<String, i64>, StoreError> {
+/// The taxon of every label that has one: an active taxon with that name, else one with it
+/// among its search names.
+async fn find_taxa(tx: &Transaction<'_>, labels: &[String]) -> Result<HashMap<String, i64>, StoreError> {
     let mut by_name: HashMap<String, i64> = HashMap::new();
     let mut by_search: HashMap<String, i64> = HashMap::new();
     if labels.is_empty() {
@@ -98,41 +165,10 @@ pub(super) async fn resolve_taxa(
             by_search.entry(s).or_insert(id);
         }
     }
-    let mut found: HashMap<String, i64> = HashMap::new();
-    let mut unknown: Vec<String> = Vec::new();
-    for l in labels {
-        match by_name.get(l).or_else(|| by_search.get(l)) {
-            Some(id) => {
-                found.insert(l.clone(), *id);
-            }
-            None => unknown.push(l.clone()),
-        }
-    }
-    if !unknown.is_empty() {
-        // A concurrent insert of the same name, or an inactive taxon of that name, resolves to
-        // the existing row.
-        for row in tx
-            .query(
-                "INSERT INTO main_taxon (created_at, updated_at, name, rank, active, author, notes, parents_json)
-                 SELECT now(), now(), n, 'UNKNOWN', true, '', '', '[]'::jsonb FROM UNNEST($1::text[]) AS n
-                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-                 RETURNING id, name, (xmax = 0)",
-                &[&unknown],
-            )
-            .await?
-        {
-            found.insert(row.try_get(1)?, row.try_get(0)?);
-            if row.try_get::<_, bool>(2)? {
-                saved.rows.taxa += 1;
-            }
-        }
-    }
-    let missing: Vec<i64> = distinct(found.values().copied().filter(|id| !tables.taxa.contains_key(id)));
-    read_rows(tx, "main_taxon", "id", &missing, &mut saved.input).await?;
-    Ok(found)
+    Ok(labels.iter().filter_map(|l| by_name.get(l).or_else(|| by_search.get(l)).map(|id| (l.clone(), *id))).collect())
 }
 
-pub(super) fn candidate(row: &tokio_postgres::Row) -> Result<Candidate, StoreError> {
+fn candidate(row: &tokio_postgres::Row) -> Result<Candidate, StoreError> {
     Ok(Candidate {
         order: row.try_get(0)?,
         taxon: row.try_get(2)?,
@@ -143,7 +179,7 @@ pub(super) fn candidate(row: &tokio_postgres::Row) -> Result<Candidate, StoreErr
 }
 
 /// A stored bbox as `[x1, y1, x2, y2]` when it is an array of four numbers.
-pub(super) fn stored_box(v: &serde_json::Value) -> Option<[f64; 4]> {
+fn stored_box(v: &serde_json::Value) -> Option<[f64; 4]> {
     let a = v.as_array()?;
     if a.len() != 4 {
         return None;
@@ -151,25 +187,13 @@ pub(super) fn stored_box(v: &serde_json::Value) -> Option<[f64; 4]> {
     Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?, a[3].as_f64()?])
 }
 
-pub(super) struct OccurrenceUpdate {
-    pub(super) id: i64,
-    pub(super) taxon: Option<i64>,
-    pub(super) score: Option<f64>,
-}
-
-/// Rule 5 for the existing occurrences of reused detections: current determination, human
-/// identifications and every classification of their detections (stored and new).
-pub(super) async fn determine_existing(
-    tx: &Transaction<'_>,
-    touched: &HashSet<i64>,
-    new: &[NewClassification],
-    input: &mut InputBatch,
-) -> Result<Vec<OccurrenceUpdate>, StoreError> {
-    if touched.is_empty() {
-        return Ok(Vec::new());
+/// The stored occurrences of the snapshot's detections, with what rule 5 needs: the row,
+/// every classification of their detections, and the latest human identification.
+async fn read_occurrences(tx: &Transaction<'_>, s: &mut Snapshot) -> Result<(), StoreError> {
+    let ids: Vec<i64> = distinct(s.detections.iter().filter_map(|d| d.occurrence));
+    if ids.is_empty() {
+        return Ok(());
     }
-    let ids: Vec<i64> = touched.iter().copied().collect();
-    let mut rows: HashMap<i64, (Occurrence, Vec<Candidate>, Option<Identification>)> = HashMap::new();
     for r in tx
         .query(
             "SELECT id, event_id, deployment_id, determination_id, determination_score FROM main_occurrence
@@ -178,15 +202,14 @@ pub(super) async fn determine_existing(
         )
         .await?
     {
-        let occ = Occurrence {
-            event: r.try_get::<_, Option<i64>>(1)?,
-            deployment: r.try_get::<_, Option<i64>>(2)?,
-            determination: r.try_get::<_, Option<i64>>(3)?,
+        let row = Occurrence {
+            event: r.try_get::<_, Option<i64>>(1)?.map(|v| v as Id),
+            deployment: r.try_get::<_, Option<i64>>(2)?.map(|v| v as Id),
+            determination: r.try_get::<_, Option<i64>>(3)?.map(|v| v as Id),
             score: r.try_get::<_, Option<f64>>(4)?.map(Score::new),
         };
-        rows.insert(r.try_get(0)?, (occ, Vec::new(), None));
+        s.occurrences.insert(r.try_get(0)?, StoredOccurrence { row, candidates: Vec::new(), human: None });
     }
-    let mut detection_occurrence: HashMap<i64, i64> = HashMap::new();
     for r in tx
         .query(
             "SELECT c.id, d.id, c.taxon_id, c.algorithm_id, c.score, c.terminal, d.occurrence_id
@@ -196,26 +219,8 @@ pub(super) async fn determine_existing(
         )
         .await?
     {
-        let occ: i64 = r.try_get(6)?;
-        detection_occurrence.insert(r.try_get(1)?, occ);
-        if let Some(entry) = rows.get_mut(&occ) {
-            entry.1.push(candidate(&r)?);
-        }
-    }
-    for r in tx.query("SELECT id, occurrence_id FROM main_detection WHERE occurrence_id = ANY($1)", &[&ids]).await? {
-        detection_occurrence.insert(r.try_get(0)?, r.try_get(1)?);
-    }
-    for (n, c) in new.iter().enumerate() {
-        if let DetRef::Old(det) = c.detection {
-            if let Some(entry) = detection_occurrence.get(&det).and_then(|o| rows.get_mut(o)) {
-                entry.1.push(Candidate {
-                    order: i64::MAX / 2 + n as i64,
-                    taxon: Some(c.taxon),
-                    algorithm: Some(c.algorithm.id),
-                    score: Some(c.score),
-                    terminal: c.terminal,
-                });
-            }
+        if let Some(o) = s.occurrences.get_mut(&r.try_get::<_, i64>(6)?) {
+            o.candidates.push(candidate(&r)?);
         }
     }
     for r in tx
@@ -227,21 +232,9 @@ pub(super) async fn determine_existing(
         )
         .await?
     {
-        if let Some(entry) = rows.get_mut(&r.try_get::<_, i64>(0)?) {
-            entry.2 = Some(Identification { taxon: r.try_get(1)? });
+        if let Some(o) = s.occurrences.get_mut(&r.try_get::<_, i64>(0)?) {
+            o.human = Some(Identification { taxon: r.try_get(1)? });
         }
     }
-    let mut updates = Vec::new();
-    for (id, (mut occ, candidates, human)) in rows {
-        let current = occ.determination;
-        if let Some(d) = determine(current, human, &candidates) {
-            occ.determination = d.taxon;
-            if let Some(s) = d.score {
-                occ.score = Some(Score::new(s));
-            }
-            updates.push(OccurrenceUpdate { id, taxon: d.taxon, score: d.score });
-            input.occurrences.push((id, Some(occ)));
-        }
-    }
-    Ok(updates)
+    Ok(())
 }

@@ -1,14 +1,82 @@
-//! Writes of a batch save: one bulk statement per table (`INSERT … SELECT FROM UNNEST`), with
-//! ids allocated up front and every NOT NULL column supplied as Django would.
+//! The write phase of a batch save: executes a [`Plan`] with one bulk statement per table
+//! (`INSERT … SELECT FROM UNNEST`), after creating its taxa and allocating the ids of its new
+//! rows, with every NOT NULL column supplied as Django would.
 
 use std::collections::HashMap;
 
-use tally_dataflows::{Detection, InputBatch, Occurrence, Score};
+use tally_dataflows::{Id, InputBatch, Tables};
 use tokio_postgres::Transaction;
 
-use super::read::OccurrenceUpdate;
-use super::{JobImage, JobLogLine, NewClassification, NewDetection, NewOccurrence};
+use super::JobLogLine;
+use crate::ingest::plan::{
+    distinct, Ids, JobImage, NewClassification, NewDetection, NewOccurrence, OccurrenceUpdate, Plan, Snapshot,
+};
+use crate::store::bootstrap::read_rows;
 use crate::store::StoreError;
+
+/// What the write phase did beyond the plan.
+pub(super) struct Written {
+    /// The dataflow input of the batch.
+    pub(super) input: InputBatch,
+    /// Taxa created (a concurrent insert of the same name, or an inactive taxon of that name,
+    /// is reused, not created).
+    pub(super) taxa: u64,
+}
+
+/// Writes `plan` (made from `snapshot`) in `tx`.
+pub(super) async fn write(
+    tx: &Transaction<'_>,
+    tables: &Tables,
+    snapshot: &Snapshot,
+    plan: &Plan,
+) -> Result<Written, StoreError> {
+    let (taxa, created) = insert_taxa(tx, &plan.taxa).await?;
+    let ids = Ids {
+        detections: allocate(tx, "main_detection", plan.detections.len()).await?,
+        occurrences: allocate(tx, "main_occurrence", plan.occurrences.len()).await?,
+        taxa,
+    };
+    insert_occurrences(tx, &plan.occurrences, &ids).await?;
+    insert_detections(tx, &plan.detections, &ids).await?;
+    attach_occurrences(tx, &plan.attach, &ids).await?;
+    fill_paths(tx, &plan.fill_path).await?;
+    insert_classifications(tx, &plan.classifications, &ids).await?;
+    write_determinations(tx, &plan.determinations, &ids).await?;
+    write_job_images(tx, &plan.job_images).await?;
+    let mut input = plan.input(snapshot, &ids);
+    let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !tables.taxa.contains_key(&(*id as Id))));
+    read_rows(tx, "main_taxon", "id", &missing, &mut input).await?;
+    Ok(Written { input, taxa: created })
+}
+
+/// Creates a taxon (rank UNKNOWN, no parents) for each label; returns their ids in order and
+/// how many were created.
+async fn insert_taxa(tx: &Transaction<'_>, labels: &[String]) -> Result<(Vec<i64>, u64), StoreError> {
+    if labels.is_empty() {
+        return Ok((Vec::new(), 0));
+    }
+    let mut ids: HashMap<String, i64> = HashMap::new();
+    let mut created = 0;
+    // A concurrent insert of the same name, or an inactive taxon of that name, resolves to the
+    // existing row.
+    for row in tx
+        .query(
+            "INSERT INTO main_taxon (created_at, updated_at, name, rank, active, author, notes, parents_json)
+             SELECT now(), now(), n, 'UNKNOWN', true, '', '', '[]'::jsonb FROM UNNEST($1::text[]) AS n
+             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+             RETURNING id, name, (xmax = 0)",
+            &[&labels],
+        )
+        .await?
+    {
+        ids.insert(row.try_get(1)?, row.try_get(0)?);
+        if row.try_get::<_, bool>(2)? {
+            created += 1;
+        }
+    }
+    // ON CONFLICT … DO UPDATE returns a row for every label.
+    Ok((labels.iter().map(|l| ids[l]).collect(), created))
+}
 
 /// Many float vectors as one: the values end to end (sent as one binary `float8[]`, which
 /// Postgres reads without parsing text) and, per vector, its 1-based bounds in them, so that
@@ -40,7 +108,7 @@ pub(super) fn bbox_json(b: [f64; 4]) -> String {
     serde_json::Value::from(b.to_vec()).to_string()
 }
 
-pub(super) async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Result<Vec<i64>, StoreError> {
+async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Result<Vec<i64>, StoreError> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -53,21 +121,14 @@ pub(super) async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Res
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
-pub(super) async fn insert_occurrences(
-    tx: &Transaction<'_>,
-    new: &[NewOccurrence],
-    ids: &[i64],
-    images: &HashMap<i64, tally_dataflows::Image>,
-    input: &mut InputBatch,
-) -> Result<(), StoreError> {
+async fn insert_occurrences(tx: &Transaction<'_>, new: &[NewOccurrence], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
-    let image = |o: &NewOccurrence| images.get(&o.image).cloned();
-    let events: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.event)).collect();
-    let deployments: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.deployment)).collect();
-    let projects: Vec<Option<i64>> = new.iter().map(|o| image(o).and_then(|i| i.project)).collect();
-    let taxa: Vec<Option<i64>> = new.iter().map(|o| o.determination.and_then(|d| d.0)).collect();
+    let events: Vec<Option<i64>> = new.iter().map(|o| o.event).collect();
+    let deployments: Vec<Option<i64>> = new.iter().map(|o| o.deployment).collect();
+    let projects: Vec<Option<i64>> = new.iter().map(|o| o.project).collect();
+    let taxa: Vec<Option<i64>> = new.iter().map(|o| o.determination.and_then(|d| d.0).map(|t| ids.taxon(t))).collect();
     let scores: Vec<Option<f64>> = new.iter().map(|o| o.determination.and_then(|d| d.1)).collect();
     tx.execute(
         "INSERT INTO main_occurrence (id, created_at, updated_at, event_id, deployment_id, project_id,
@@ -75,37 +136,20 @@ pub(super) async fn insert_occurrences(
          SELECT u.id, now(), now(), u.event, u.deployment, u.project, u.taxon, u.score
          FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::float8[])
               AS u(id, event, deployment, project, taxon, score)",
-        &[&ids, &events, &deployments, &projects, &taxa, &scores],
+        &[&ids.occurrences, &events, &deployments, &projects, &taxa, &scores],
     )
     .await?;
-    for (n, id) in ids.iter().enumerate() {
-        input.occurrences.push((
-            *id,
-            Some(Occurrence {
-                event: events[n],
-                deployment: deployments[n],
-                determination: taxa[n],
-                score: scores[n].map(Score::new),
-            }),
-        ));
-    }
     Ok(())
 }
 
-pub(super) async fn insert_detections(
-    tx: &Transaction<'_>,
-    new: &[NewDetection],
-    ids: &[i64],
-    occurrence_ids: &[i64],
-    input: &mut InputBatch,
-) -> Result<(), StoreError> {
+async fn insert_detections(tx: &Transaction<'_>, new: &[NewDetection], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
     let bboxes: Vec<Option<String>> = new.iter().map(|d| d.bbox.map(bbox_json)).collect();
     let paths: Vec<Option<&str>> = new.iter().map(|d| d.path.as_deref()).collect();
     let times: Vec<Option<&str>> = new.iter().map(|d| d.time.as_deref()).collect();
-    let occurrences: Vec<Option<i64>> = new.iter().map(|d| d.occurrence.map(|n| occurrence_ids[n])).collect();
+    let occurrences: Vec<Option<i64>> = new.iter().map(|d| d.occurrence.map(|n| ids.occurrences[n])).collect();
     let images: Vec<i64> = new.iter().map(|d| d.image).collect();
     let algorithms: Vec<i64> = new.iter().map(|d| d.algorithm).collect();
     tx.execute(
@@ -116,30 +160,52 @@ pub(super) async fn insert_detections(
                 u.path, u.time::timestamptz, u.occ, u.image, u.alg
          FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
               AS u(id, bbox, path, time, occ, image, alg)",
-        &[&ids, &bboxes, &paths, &times, &occurrences, &images, &algorithms],
+        &[&ids.detections, &bboxes, &paths, &times, &occurrences, &images, &algorithms],
     )
     .await?;
-    for (n, id) in ids.iter().enumerate() {
-        input.detections.push((
-            *id,
-            Some(Detection { image: images[n], occurrence: occurrences[n], valid: new[n].bbox.is_some() }),
-        ));
-    }
     Ok(())
 }
 
-pub(super) async fn insert_classifications(
-    tx: &Transaction<'_>,
-    new: &[NewClassification],
-    detections: &[i64],
-) -> Result<(), StoreError> {
+/// Gives stored valid detections without an occurrence their new one.
+async fn attach_occurrences(tx: &Transaction<'_>, attach: &[(i64, usize)], ids: &Ids) -> Result<(), StoreError> {
+    if attach.is_empty() {
+        return Ok(());
+    }
+    let detections: Vec<i64> = attach.iter().map(|(d, _)| *d).collect();
+    let occurrences: Vec<i64> = attach.iter().map(|(_, n)| ids.occurrences[*n]).collect();
+    tx.execute(
+        "UPDATE main_detection d SET occurrence_id = u.occ, updated_at = now()
+         FROM UNNEST($1::int8[], $2::int8[]) AS u(id, occ) WHERE d.id = u.id",
+        &[&detections, &occurrences],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Fills in the crop path of stored detections that have none.
+async fn fill_paths(tx: &Transaction<'_>, fill: &[(i64, String)]) -> Result<(), StoreError> {
+    if fill.is_empty() {
+        return Ok(());
+    }
+    let (ids, paths): (Vec<i64>, Vec<&str>) = fill.iter().map(|(id, p)| (*id, p.as_str())).unzip();
+    tx.execute(
+        "UPDATE main_detection d SET path = u.path FROM UNNEST($1::int8[], $2::text[]) AS u(id, path)
+         WHERE d.id = u.id AND coalesce(d.path, '') = ''",
+        &[&ids, &paths],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_classifications(tx: &Transaction<'_>, new: &[NewClassification], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
+    let detections: Vec<i64> = new.iter().map(|c| ids.detection(c.detection)).collect();
     let scores: Vec<f64> = new.iter().map(|c| c.score).collect();
     let times: Vec<Option<&str>> = new.iter().map(|c| c.time.as_deref()).collect();
     let algorithms: Vec<i64> = new.iter().map(|c| c.algorithm.id).collect();
-    let taxa: Vec<i64> = new.iter().map(|c| c.taxon).collect();
+    let taxa: Vec<i64> = new.iter().map(|c| ids.taxon(c.taxon)).collect();
     let maps: Vec<Option<i64>> = new.iter().map(|c| c.algorithm.category_map).collect();
     let mut vectors = FlatVectors::default();
     let mut logits = FlatVectors::default();
@@ -178,12 +244,12 @@ pub(super) async fn insert_classifications(
     Ok(())
 }
 
-pub(super) async fn write_determinations(tx: &Transaction<'_>, updates: &[OccurrenceUpdate]) -> Result<(), StoreError> {
+async fn write_determinations(tx: &Transaction<'_>, updates: &[OccurrenceUpdate], new: &Ids) -> Result<(), StoreError> {
     if updates.is_empty() {
         return Ok(());
     }
     let ids: Vec<i64> = updates.iter().map(|u| u.id).collect();
-    let taxa: Vec<Option<i64>> = updates.iter().map(|u| u.taxon).collect();
+    let taxa: Vec<Option<i64>> = updates.iter().map(|u| u.taxon.map(|t| new.taxon(t))).collect();
     let scores: Vec<Option<f64>> = updates.iter().map(|u| u.score).collect();
     // Antenna's bulk_update of determination fields does not bump updated_at.
     tx.execute(
@@ -196,10 +262,7 @@ pub(super) async fn write_determinations(tx: &Transaction<'_>, updates: &[Occurr
     Ok(())
 }
 
-pub(super) async fn write_job_images(
-    tx: &Transaction<'_>,
-    rows: HashMap<(i64, i64), JobImage>,
-) -> Result<(), StoreError> {
+async fn write_job_images(tx: &Transaction<'_>, rows: &HashMap<(i64, i64), JobImage>) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -210,10 +273,10 @@ pub(super) async fn write_job_images(
     let mut detections = Vec::new();
     let mut classifications = Vec::new();
     for ((job, image), row) in rows {
-        jobs.push(job);
-        images.push(image);
+        jobs.push(*job);
+        images.push(*image);
         failed.push(row.failed);
-        errors.push(row.error);
+        errors.push(row.error.as_deref());
         detections.push(row.detections as i64);
         classifications.push(row.classifications as i64);
     }

@@ -11,6 +11,7 @@ mod ceiling;
 pub(crate) mod cpu;
 pub(crate) mod publish;
 mod report;
+mod strategy;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +37,7 @@ use crate::synth::preload::preload;
 use crate::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tally::config::{DbArgs, NatsArgs};
 use tally::http::Health;
-use tally::ingest::batch::{CountStrategy, Ingestor};
+use tally::ingest::batch::Ingestor;
 use tally::ingest::daemon::{self, Acked, Hooks, IngestArgs};
 use tally::ingest::nats::ConsumerArgs;
 use tally::store::seed::{self, PipelineSpec};
@@ -45,6 +46,7 @@ use tally::store::{self, Store};
 use tally::table::thousands;
 
 use report::{Latency, Paced, Stages, StrategyReport};
+pub use strategy::CountStrategy;
 
 /// Options of `tally-tools bench ingest`.
 #[derive(Debug, Args)]
@@ -197,11 +199,7 @@ pub async fn run(args: IngestBenchArgs) -> anyhow::Result<ExitCode> {
 
 /// `incremental`, `recompute` or `deferred`.
 fn strategy_name(s: CountStrategy) -> &'static str {
-    match s {
-        CountStrategy::Incremental => "incremental",
-        CountStrategy::Recompute => "recompute",
-        CountStrategy::Deferred => "deferred",
-    }
+    s.name()
 }
 
 static NEXT_JOB: AtomicI64 = AtomicI64::new(0);
@@ -404,14 +402,9 @@ impl Run<'_> {
         publish::all(&self.js, &self.nats_args, &self.bench.factory, &tasks).await?;
         let before = ceiling::Rows::read(&self.store).await?;
         let bootstrap_started = Instant::now();
-        let ingestor = Ingestor::with_strategy(
-            self.store.clone(),
-            args.workers,
-            self.nats_args.results_subject_prefix.clone(),
-            64 << 20,
-            strategy,
-        )
-        .await?;
+        let ingestor = strategy
+            .ingestor(self.store.clone(), args.workers, self.nats_args.results_subject_prefix.clone(), 64 << 20)
+            .await?;
         let bootstrap_seconds =
             (strategy == CountStrategy::Incremental).then(|| bootstrap_started.elapsed().as_secs_f64());
         let ingest_args = IngestArgs {

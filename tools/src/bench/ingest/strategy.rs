@@ -1,0 +1,67 @@
+//! The count strategies the ingest benchmark compares. Only [`CountStrategy::Incremental`]
+//! is tally; the others exist so that the benchmark can measure the alternatives side by side,
+//! and live here, outside the product: the product's [`Ingestor`] only offers to ingest
+//! without counts ([`Ingestor::without_counts`]) and to run work after each commit
+//! ([`Ingestor::set_after_commit`]).
+
+use tally::ingest::batch::{AfterCommit, Ingestor};
+use tally::store::verify::{self, Scope};
+use tally::store::Store;
+
+/// How counts are kept while ingesting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountStrategy {
+    /// The dataflow computes the changed counts, written in the batch's transaction.
+    Incremental,
+    /// After each batch commits, recompute the counts of the affected deployments (with their
+    /// events and images) from scratch in SQL and write those that differ, as Antenna does
+    /// after every result.
+    Recompute,
+    /// Write no counts while ingesting (the benchmark recomputes once at the end).
+    Deferred,
+}
+
+impl CountStrategy {
+    /// `incremental`, `recompute` or `deferred`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CountStrategy::Incremental => "incremental",
+            CountStrategy::Recompute => "recompute",
+            CountStrategy::Deferred => "deferred",
+        }
+    }
+
+    /// An ingestor over `store` that keeps counts this way (bootstrapped only when
+    /// incremental).
+    pub async fn ingestor(
+        self,
+        store: Store,
+        workers: usize,
+        prefix: String,
+        max_bytes: usize,
+    ) -> Result<Ingestor, tally::ingest::IngestError> {
+        match self {
+            CountStrategy::Incremental => Ingestor::start(store, workers, prefix, max_bytes).await,
+            CountStrategy::Recompute => {
+                let mut ingestor = Ingestor::without_counts(store, workers, prefix, max_bytes).await?;
+                ingestor.set_after_commit(recompute());
+                Ok(ingestor)
+            }
+            CountStrategy::Deferred => Ingestor::without_counts(store, workers, prefix, max_bytes).await,
+        }
+    }
+}
+
+/// After each commit, `verify` and `fix` the counts of each affected deployment.
+fn recompute() -> AfterCommit {
+    Box::new(|store: Store, deployments: Vec<tally_dataflows::Id>| {
+        Box::pin(async move {
+            for deployment in deployments {
+                let scope = Scope { project: None, deployment: Some(deployment) };
+                let verification = verify::verify(&store, scope).await?;
+                verify::fix(&store, &verification).await?;
+            }
+            Ok(())
+        })
+    })
+}
