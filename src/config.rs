@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::retry::BackoffBuilder;
+
 /// How to reach and use the database.
 #[derive(Clone, Debug, Args)]
 pub struct DbArgs {
@@ -40,12 +42,6 @@ impl DbArgs {
             connect_attempts: 8,
             connect_backoff_ms: 250,
         }
-    }
-
-    /// The delay before attempt `n` (1-based; the first attempt has none).
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let ms = self.connect_backoff_ms.saturating_mul(1u64 << attempt.saturating_sub(2).min(16));
-        Duration::from_millis(ms.min(30_000))
     }
 }
 
@@ -133,8 +129,9 @@ impl NatsArgs {
     /// (the one-shot commands; `tally serve` retries until its start-up deadline).
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
         let deadline = std::time::Instant::now() + Duration::from_secs(self.nats_connect_timeout);
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = crate::retry::nats_connect().build();
         loop {
+            let delay = crate::retry::pause(&mut backoff);
             let remaining = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
             let attempt = tokio::time::timeout(remaining, self.connect_once()).await;
             match attempt {
@@ -142,7 +139,6 @@ impl NatsArgs {
                 Ok(Err(e)) if std::time::Instant::now() + delay < deadline => {
                     tracing::warn!(url = %self.redacted_url(), error = %e, retry_in = ?delay, "cannot connect to NATS yet");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Ok(Err(e)) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: {e} (is nats-server running with -js?)",

@@ -46,6 +46,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{DbArgs, NatsArgs};
 use crate::ingest::nats::ConsumerArgs;
+use crate::retry::{self, BackoffBuilder};
 use crate::startup::{Failure, Wait, Waiting};
 use crate::store::{self, Store};
 
@@ -386,7 +387,7 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
     let Some(nats) = gateway.nats() else { return };
     // Results published before the stream exists would be refused; ingest creates it too,
     // but may be off or still bootstrapping.
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = retry::gateway_stream().build();
     loop {
         let ready = async {
             crate::ingest::nats::ensure_stream(&nats.js, &gateway.nats_args, results)
@@ -401,9 +402,9 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
                 return;
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "gateway cannot set up the results stream yet");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "gateway cannot set up the results stream yet");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => return }
             }
         }
     }

@@ -9,6 +9,7 @@
 //! - [`store`]: Postgres: migrations, schema checks, bootstrap, sink, verify.
 //! - [`dead_letters`]: result messages that could not be saved: store, list, replay.
 //! - [`gateway`]: the worker API (claim, tasks, result) and processing-service heartbeats.
+//! - [`retry`]: the retry policies (backon's exponential backoff), their numbers stated once.
 //! - [`startup`]: waiting for Postgres and NATS at start-up (backoff, deadline, `/readyz` reason).
 //! - [`server`]: `server::start`, the one place the daemon is put together.
 //! - [`http`]: the operations endpoints (`/healthz`, `/readyz`, `/metrics`).
@@ -31,6 +32,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod metrics;
 pub mod results_stream;
+pub mod retry;
 pub mod server;
 pub mod startup;
 pub mod store;

@@ -28,6 +28,7 @@ use crate::ingest::nats::{self, ConsumerArgs};
 use crate::ingest::IngestError;
 use crate::metrics::names;
 use crate::results_stream::{self, FetchError};
+use crate::retry::{self, BackoffBuilder};
 use crate::store::Store;
 
 /// Batching and limits of the ingest loop.
@@ -115,7 +116,7 @@ pub async fn run(
     crate::metrics::install();
     let js = jetstream::new(client.clone());
     // NATS may be restarting: keep trying (not ready meanwhile) rather than exit.
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = retry::reconnect().build();
     let (stream, consumer, objects) = loop {
         let attempt = async {
             let stream = nats::ensure_stream(&js, nats_args, &args.consumer).await?;
@@ -129,9 +130,9 @@ pub async fn run(
             Ok(ready) => break ready,
             Err(e) => {
                 health.set_not_ready(format!("nats: {e}"));
-                warn!(error = %e, retry_in = ?backoff, "cannot set up the results stream and consumer yet");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return Ok(()) }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "cannot set up the results stream and consumer yet");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => return Ok(()) }
             }
         }
     };
@@ -164,7 +165,7 @@ pub async fn run(
         helpers.clone(),
     );
     let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
-    backoff = Duration::from_millis(100);
+    backoff = retry::reconnect().build();
     'connect: while !shutdown.is_cancelled() {
         let mut messages = match consumer
             .stream()
@@ -178,9 +179,9 @@ pub async fn run(
             Err(e) => {
                 counter!(names::NATS_PULL_ERRORS).increment(1);
                 health.set_not_ready(format!("nats pull: {e}"));
-                warn!(error = %e, retry_in = ?backoff, "cannot open the pull stream");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => break }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "cannot open the pull stream");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
                 continue;
             }
         };
@@ -198,15 +199,15 @@ pub async fn run(
                 Some(Ok(m)) => vec![m],
                 Some(Err(e)) => {
                     counter!(names::NATS_PULL_ERRORS).increment(1);
-                    warn!(error = %e, retry_in = ?backoff, "pull stream failed; rebuilding it");
+                    let pause = retry::pause(&mut backoff);
+                    warn!(error = %e, retry_in = ?pause, "pull stream failed; rebuilding it");
                     health.set_not_ready(format!("nats pull: {e}"));
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => break 'connect }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break 'connect }
                     continue 'connect;
                 }
                 None => continue 'connect,
             };
-            backoff = Duration::from_millis(100);
+            backoff = retry::reconnect().build();
             let linger = tokio::time::sleep(Duration::from_millis(args.batch_linger_ms));
             tokio::pin!(linger);
             while batch.len() < args.batch_size {

@@ -25,6 +25,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::retry::{self, BackoffBuilder};
 use crate::store::{bootstrap, StoreError};
 
 /// The channel the triggers notify.
@@ -146,14 +147,14 @@ pub fn spawn_listener(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = retry::reconnect().build();
         while !stop.is_cancelled() {
             match listen(&database_url, &wake, poll, &stop).await {
                 Ok(()) => return,
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "change feed: LISTEN session lost; reconnecting");
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.cancelled() => return }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    let pause = retry::pause(&mut backoff);
+                    warn!(error = %e, retry_in = ?pause, "change feed: LISTEN session lost; reconnecting");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => return }
                 }
             }
         }

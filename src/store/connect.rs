@@ -8,6 +8,7 @@ use tokio_postgres::NoTls;
 use tracing::{info, warn};
 
 use crate::config::DbArgs;
+use crate::retry::{self, BackoffBuilder};
 use crate::store::StoreError;
 
 /// A pool of Postgres sessions, each with the configured time zone and statement timeout, and
@@ -33,6 +34,8 @@ impl Store {
 /// credentials) fail at once.
 pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     let config: tokio_postgres::Config = args.database_url.parse()?;
+    let mut backoff =
+        retry::db_connect(std::time::Duration::from_millis(args.connect_backoff_ms), args.connect_attempts).build();
     let mut attempt = 1;
     loop {
         match config.connect(NoTls).await {
@@ -41,15 +44,14 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
                 drop(connection);
                 break;
             }
-            Err(e) if attempt >= args.connect_attempts.max(1) || is_permanent(&e) => {
-                return Err(StoreError::Unreachable { attempts: attempt, source: e });
-            }
-            Err(e) => {
-                let delay = args.backoff(attempt + 1);
-                warn!(attempt, error = %e, delay_ms = delay.as_millis() as u64, "database unreachable, retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
+            Err(e) => match backoff.next().filter(|_| !is_permanent(&e)) {
+                Some(delay) => {
+                    warn!(attempt, error = %e, delay_ms = delay.as_millis() as u64, "database unreachable, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                None => return Err(StoreError::Unreachable { attempts: attempt, source: e }),
+            },
         }
     }
     let pool = pool(args, config)?;
