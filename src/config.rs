@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::duration::{parse_millis, parse_secs};
 use crate::retry::BackoffBuilder;
 
 /// How to reach and use the database.
@@ -16,9 +17,10 @@ pub struct DbArgs {
     /// Connections in the pool.
     #[arg(long, env = "TALLY_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
-    /// Statement timeout in seconds (0: none). Bounds every statement tally sends.
-    #[arg(long, env = "TALLY_STATEMENT_TIMEOUT", default_value_t = 300)]
-    pub statement_timeout: u64,
+    /// Statement timeout (0: none; a bare number is seconds). Bounds every statement tally
+    /// sends.
+    #[arg(long, env = "TALLY_STATEMENT_TIMEOUT", value_parser = parse_secs, default_value = "300")]
+    pub statement_timeout: Duration,
     /// Time zone of the session. Django (USE_TZ=False) writes naive wall-clock times in its
     /// TIME_ZONE; tally sets the same zone so that `now()` and timestamps agree with Django's.
     #[arg(long, env = "TALLY_TIME_ZONE", default_value = "America/New_York")]
@@ -26,9 +28,10 @@ pub struct DbArgs {
     /// Connection attempts before giving up (the first attempt included).
     #[arg(long, env = "TALLY_CONNECT_ATTEMPTS", default_value_t = 8)]
     pub connect_attempts: u32,
-    /// Delay before the second attempt in milliseconds; doubles each attempt, capped at 30 s.
-    #[arg(long, env = "TALLY_CONNECT_BACKOFF_MS", default_value_t = 250)]
-    pub connect_backoff_ms: u64,
+    /// Delay before the second attempt (a bare number is milliseconds); doubles each attempt,
+    /// capped at 30 s.
+    #[arg(long, alias = "connect-backoff-ms", env = "TALLY_CONNECT_BACKOFF_MS", value_parser = parse_millis, default_value = "250ms")]
+    pub connect_backoff: Duration,
 }
 
 impl DbArgs {
@@ -37,10 +40,10 @@ impl DbArgs {
         DbArgs {
             database_url: url.to_string(),
             pool_size: 4,
-            statement_timeout: 300,
+            statement_timeout: Duration::from_secs(300),
             time_zone: "America/New_York".into(),
             connect_attempts: 8,
-            connect_backoff_ms: 250,
+            connect_backoff: Duration::from_millis(250),
         }
     }
 }
@@ -62,14 +65,15 @@ pub struct NatsArgs {
     /// check; its max age is the results stream's).
     #[arg(long, env = "TALLY_RESULTS_OBJECT_BUCKET", default_value = "TALLY_RESULT_OBJECTS")]
     pub results_object_bucket: String,
-    /// Seconds one attempt to connect may take. `tally serve` retries attempts until
-    /// --startup-deadline; the other commands retry for up to this many seconds in all. A
-    /// connection once made that is lost is retried forever.
-    #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", default_value_t = 10)]
-    pub nats_connect_timeout: u64,
-    /// Seconds to wait for a JetStream API or acknowledgement reply.
-    #[arg(long, env = "TALLY_NATS_REQUEST_TIMEOUT", default_value_t = 10)]
-    pub nats_request_timeout: u64,
+    /// How long one attempt to connect may take (a bare number is seconds). `tally serve`
+    /// retries attempts until --startup-deadline; the other commands retry for up to this
+    /// long in all. A connection once made that is lost is retried forever.
+    #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub nats_connect_timeout: Duration,
+    /// How long to wait for a JetStream API or acknowledgement reply (a bare number is
+    /// seconds).
+    #[arg(long, env = "TALLY_NATS_REQUEST_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub nats_request_timeout: Duration,
 }
 
 impl NatsArgs {
@@ -80,8 +84,8 @@ impl NatsArgs {
             results_stream: "TALLY_RESULTS".into(),
             results_subject_prefix: "tally.results".into(),
             results_object_bucket: crate::results_stream::DEFAULT_BUCKET.into(),
-            nats_connect_timeout: 10,
-            nats_request_timeout: 10,
+            nats_connect_timeout: Duration::from_secs(10),
+            nats_request_timeout: Duration::from_secs(10),
         }
     }
 
@@ -113,8 +117,8 @@ impl NatsArgs {
     pub async fn connect_once(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
         let options = async_nats::ConnectOptions::new()
             .name("tally")
-            .connection_timeout(Duration::from_secs(self.nats_connect_timeout.max(1)))
-            .request_timeout(Some(Duration::from_secs(self.nats_request_timeout)))
+            .connection_timeout(self.nats_connect_timeout.max(Duration::from_secs(1)))
+            .request_timeout(Some(self.nats_request_timeout))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
@@ -125,10 +129,10 @@ impl NatsArgs {
         async_nats::connect_with_options(self.nats_url.as_str(), options).await
     }
 
-    /// Connects, retrying the first connection for up to `nats_connect_timeout` seconds in all
+    /// Connects, retrying the first connection for up to `nats_connect_timeout` in all
     /// (the one-shot commands; `tally serve` retries until its start-up deadline).
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(self.nats_connect_timeout);
+        let deadline = std::time::Instant::now() + self.nats_connect_timeout;
         let mut backoff = crate::retry::nats_connect().build();
         loop {
             let delay = crate::retry::pause(&mut backoff);
@@ -143,12 +147,12 @@ impl NatsArgs {
                 Ok(Err(e)) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: {e} (is nats-server running with -js?)",
                     self.redacted_url(),
-                    self.nats_connect_timeout
+                    self.nats_connect_timeout.as_secs_f64()
                 ),
                 Err(_) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: timed out (is nats-server running with -js?)",
                     self.redacted_url(),
-                    self.nats_connect_timeout
+                    self.nats_connect_timeout.as_secs_f64()
                 ),
             }
         }

@@ -4,6 +4,7 @@
 //!
 //! - [`cli`]: the subcommands and their arguments.
 //! - [`config`]: database settings (flags and environment).
+//! - [`duration`]: the parsers of duration flags ("250ms", "5s"; bare numbers in the flag's old unit).
 //! - [`ingest`]: NATS results → validated rows → incremental counts → acks (`tally serve`).
 //! - [`jobs`]: exact job progress from the per-job image set.
 //! - [`store`]: Postgres: migrations, schema checks, bootstrap, sink, verify.
@@ -26,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letters;
 pub mod django_cache;
+pub mod duration;
 pub mod gateway;
 pub mod http;
 pub mod ingest;

@@ -379,13 +379,13 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 /// background and returns at once, so without this an unreachable server shows up only as
 /// publish-ack timeouts, one per dead letter, instead of one clear error.
 async fn wait_connected(client: &async_nats::Client, nats: &NatsArgs) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(nats.nats_connect_timeout);
+    let deadline = tokio::time::Instant::now() + nats.nats_connect_timeout;
     while client.connection_state() != async_nats::connection::State::Connected {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "cannot connect to NATS at {} within {} s (is nats-server running with -js?)",
             nats.nats_url,
-            nats.nats_connect_timeout
+            nats.nats_connect_timeout.as_secs_f64()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -40,14 +40,14 @@ pub const APPLIED_CHANNEL: &str = "tally_counts";
 pub struct FeedArgs {
     /// Look at the outbox this often even without a notification (a safety net for a lost
     /// LISTEN session; the outbox is read, never the tables).
-    #[arg(long, env = "TALLY_FEED_POLL", value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, env = "TALLY_FEED_POLL", value_parser = crate::duration::parse_secs, default_value = "10s")]
     pub feed_poll: Duration,
     /// Outbox entries applied per transaction at most (each entry is one statement's rows).
     #[arg(long, env = "TALLY_FEED_BATCH", default_value_t = 1000)]
     pub feed_batch: i64,
     /// Testing only: sleep this long after reading the outbox and before applying it (the
     /// crash test kills serve there).
-    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    #[arg(long, hide = true, value_parser = crate::duration::parse_secs)]
     pub debug_feed_pause: Option<Duration>,
 }
 

@@ -34,8 +34,7 @@ impl Store {
 /// credentials) fail at once.
 pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     let config: tokio_postgres::Config = args.database_url.parse()?;
-    let mut backoff =
-        retry::db_connect(std::time::Duration::from_millis(args.connect_backoff_ms), args.connect_attempts).build();
+    let mut backoff = retry::db_connect(args.connect_backoff, args.connect_attempts).build();
     let mut attempt = 1;
     loop {
         match config.connect(NoTls).await {
@@ -129,7 +128,7 @@ fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreErr
     let setup = format!(
         "SET TIME ZONE '{}'; SET statement_timeout = {}; SET tally.origin = 'tally'",
         args.time_zone.replace('\'', "''"),
-        args.statement_timeout.saturating_mul(1000)
+        args.statement_timeout.as_millis()
     );
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager)
