@@ -8,6 +8,20 @@ use clap::Args;
 use crate::duration::{parse_millis, parse_secs};
 use crate::retry::BackoffBuilder;
 
+/// The settings of `T` as its `#[arg]` attributes define them when only `flags` are given,
+/// so that each default is stated once, there (`impl Default` of the flag structs calls this).
+/// Environment variables are not read: a default does not depend on the process's environment.
+///
+/// # Panics
+///
+/// When `flags` or a default does not parse: a bug in the caller or in `T`'s attributes.
+pub fn from_flags<T: clap::Args>(flags: &[&str]) -> T {
+    let command =
+        T::augment_args(clap::Command::new("tally").no_binary_name(true)).mut_args(|arg| arg.env(None::<&'static str>));
+    let matches = command.try_get_matches_from(flags).unwrap_or_else(|e| panic!("flags {flags:?}: {e}"));
+    T::from_arg_matches(&matches).unwrap_or_else(|e| panic!("flags {flags:?}: {e}"))
+}
+
 /// How to reach and use the database.
 #[derive(Clone, Debug, Args)]
 pub struct DbArgs {
@@ -37,14 +51,7 @@ pub struct DbArgs {
 impl DbArgs {
     /// The settings for `url`, with every default.
     pub fn for_url(url: &str) -> Self {
-        DbArgs {
-            database_url: url.to_string(),
-            pool_size: 4,
-            statement_timeout: Duration::from_secs(300),
-            time_zone: "America/New_York".into(),
-            connect_attempts: 8,
-            connect_backoff: Duration::from_millis(250),
-        }
+        from_flags(&[&format!("--database-url={url}")])
     }
 }
 
@@ -79,14 +86,7 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// The settings for `url`, with every default.
     pub fn for_url(url: &str) -> Self {
-        NatsArgs {
-            nats_url: url.to_string(),
-            results_stream: "TALLY_RESULTS".into(),
-            results_subject_prefix: "tally.results".into(),
-            results_object_bucket: crate::results_stream::DEFAULT_BUCKET.into(),
-            nats_connect_timeout: Duration::from_secs(10),
-            nats_request_timeout: Duration::from_secs(10),
-        }
+        from_flags(&[&format!("--nats-url={url}")])
     }
 
     /// The subject of job `job_id`'s results.
@@ -161,7 +161,35 @@ impl NatsArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::NatsArgs;
+    use std::time::Duration;
+
+    use super::{DbArgs, NatsArgs};
+    use crate::gateway::GatewayArgs;
+    use crate::ingest::daemon::IngestArgs;
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let db = DbArgs::for_url("postgres://postgres@127.0.0.1/antenna");
+        assert_eq!(db.database_url, "postgres://postgres@127.0.0.1/antenna");
+        assert_eq!((db.pool_size, db.connect_attempts, db.time_zone.as_str()), (4, 8, "America/New_York"));
+        assert_eq!((db.statement_timeout, db.connect_backoff), (Duration::from_secs(300), Duration::from_millis(250)));
+        let nats = NatsArgs::for_url("nats://n:4222");
+        assert_eq!(
+            (nats.nats_url.as_str(), nats.results_object_bucket.as_str()),
+            ("nats://n:4222", "TALLY_RESULT_OBJECTS")
+        );
+        assert_eq!(nats.nats_connect_timeout, Duration::from_secs(10));
+        let ingest = IngestArgs::default();
+        assert_eq!(
+            (ingest.batch_size, ingest.batch_linger, ingest.nak_delay),
+            (500, Duration::from_millis(5), Duration::from_secs(2))
+        );
+        assert_eq!(
+            (ingest.consumer.ack_wait, ingest.feed.feed_poll),
+            (Duration::from_secs(60), Duration::from_secs(10))
+        );
+        assert_eq!(GatewayArgs::default().gateway_fetch_wait, Duration::from_millis(500));
+    }
 
     #[test]
     fn nats_urls_are_shown_without_credentials() {

@@ -101,20 +101,9 @@ pub struct GatewayArgs {
 }
 
 impl Default for GatewayArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        GatewayArgs {
-            no_gateway: false,
-            gateway_max_body_bytes: 256 << 20,
-            gateway_pool_size: 8,
-            gateway_statement_timeout: Duration::from_secs(10),
-            gateway_auth_cache: Duration::from_secs(60),
-            gateway_max_batch_size: 1000,
-            gateway_fetch_wait: Duration::from_millis(500),
-            gateway_deliverable_ttl: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_secs(30),
-            heartbeat_offline_after: Duration::from_secs(60),
-            heartbeat_sweep_every: Duration::from_secs(30),
-        }
+        crate::config::from_flags(&[])
     }
 }
 

@@ -70,18 +70,9 @@ pub struct IngestArgs {
 }
 
 impl Default for IngestArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        IngestArgs {
-            batch_size: 500,
-            batch_linger: Duration::from_millis(5),
-            max_result_bytes: 256 << 20,
-            nak_delay: Duration::from_secs(2),
-            workers: 1,
-            monitor_every: Duration::from_secs(5),
-            stall_after: Duration::from_secs(60),
-            consumer: ConsumerArgs::default(),
-            feed: FeedArgs::default(),
-        }
+        crate::config::from_flags(&[])
     }
 }
 

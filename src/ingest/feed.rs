@@ -52,8 +52,9 @@ pub struct FeedArgs {
 }
 
 impl Default for FeedArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        FeedArgs { feed_poll: Duration::from_secs(10), feed_batch: 1000, debug_feed_pause: None }
+        crate::config::from_flags(&[])
     }
 }
 

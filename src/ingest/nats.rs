@@ -55,19 +55,9 @@ pub struct ConsumerArgs {
 }
 
 impl Default for ConsumerArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        ConsumerArgs {
-            consumer: "tally-ingest".into(),
-            ack_wait: Duration::from_secs(60),
-            max_deliver: -1,
-            max_ack_pending: 20_000,
-            duplicate_window: Duration::from_secs(120),
-            max_age_hours: 24,
-            task_ack_timeout: Duration::from_secs(5),
-            task_ack_concurrency: 256,
-            task_ack_attempts: 12,
-            task_ack_backoff_max: Duration::from_secs(60),
-        }
+        crate::config::from_flags(&[])
     }
 }
 

@@ -46,13 +46,9 @@ pub struct MonitorArgs {
 }
 
 impl Default for MonitorArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        MonitorArgs {
-            lost_images_after: Duration::from_secs(600),
-            job_monitor_every: Duration::from_secs(30),
-            cleanup_grace: Duration::from_secs(10),
-            zombie_stream_age: Duration::from_secs(3600),
-        }
+        crate::config::from_flags(&[])
     }
 }
 
