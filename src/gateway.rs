@@ -380,6 +380,7 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
                 .map_err(|e| e.to_string())?;
             crate::results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, results.max_age())
                 .await
+                .map_err(|e| e.to_string())
         };
         match ready.await {
             Ok(objects) => {

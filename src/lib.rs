@@ -23,6 +23,10 @@
 //! the demo, the benchmarks, simulated workers and synthetic data in `tally-tools`.
 #![warn(missing_docs)]
 
+/// A source error kept as it is, for error variants whose sources are of several types (the
+/// NATS client's errors are one generic type per operation).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub mod cli;
 pub mod config;
 pub mod dead_letters;

@@ -343,9 +343,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     wait_connected(&client, &args.nats).await?;
     let js = async_nats::jetstream::new(client);
     let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
-    let objects = crate::results_stream::ensure_bucket(&js, &args.nats.results_object_bucket, max_age)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let objects = crate::results_stream::ensure_bucket(&js, &args.nats.results_object_bucket, max_age).await?;
     let report = dead_letters::replay_with(&store, &js, &objects, &ids).await?;
     for p in &report.published {
         let duplicate = if p.duplicate { " (already in the stream: not stored again)" } else { "" };

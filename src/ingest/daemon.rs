@@ -114,9 +114,8 @@ pub async fn run(
         let attempt = async {
             let stream = nats::ensure_stream(&js, nats_args, &args.consumer).await?;
             let consumer = nats::ensure_consumer(&stream, nats_args, &args.consumer).await?;
-            let objects = results_stream::ensure_bucket(&js, &nats_args.results_object_bucket, args.consumer.max_age())
-                .await
-                .map_err(IngestError::Nats)?;
+            let objects =
+                results_stream::ensure_bucket(&js, &nats_args.results_object_bucket, args.consumer.max_age()).await?;
             Ok::<_, IngestError>((stream, consumer, objects))
         };
         match attempt.await {

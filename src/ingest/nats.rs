@@ -87,13 +87,14 @@ pub async fn ensure_stream(
     let mut s = js
         .get_or_create_stream(config)
         .await
-        .map_err(|e| IngestError::Nats(format!("results stream {}: {e}", nats.results_stream)))?;
-    let info = s.info().await.map_err(|e| IngestError::Nats(format!("stream info: {e}")))?;
+        .map_err(|e| IngestError::nats(format!("results stream {}", nats.results_stream), e))?;
+    let info = s.info().await.map_err(|e| IngestError::nats("stream info", e))?;
     if !info.config.subjects.iter().any(|s| s == &subjects || s == ">") {
-        return Err(IngestError::Nats(format!(
-            "stream {} exists with subjects {:?}, which do not include {subjects}; fix or delete it",
-            nats.results_stream, info.config.subjects
-        )));
+        return Err(IngestError::StreamSubjects {
+            stream: nats.results_stream.clone(),
+            subjects: info.config.subjects.clone(),
+            wanted: subjects,
+        });
     }
     if info.config.duplicate_window != args.duplicate_window {
         warn!(
@@ -125,7 +126,7 @@ pub async fn ensure_consumer(
     stream
         .get_or_create_consumer(&args.consumer, config)
         .await
-        .map_err(|e| IngestError::Nats(format!("consumer {}: {e}", args.consumer)))
+        .map_err(|e| IngestError::nats(format!("consumer {}", args.consumer), e))
 }
 
 /// How a task ack went.

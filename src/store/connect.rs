@@ -70,7 +70,7 @@ pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
         Err(e) if is_permanent(&e) => return Err(ConnectError::Permanent(e)),
         Err(e) => return Err(ConnectError::Transient(e)),
     }
-    pool(args, config).map_err(|e| ConnectError::Pool(e.to_string()))
+    pool(args, config).map_err(ConnectError::Pool)
 }
 
 /// Why one connection attempt failed.
@@ -83,8 +83,8 @@ pub enum ConnectError {
     #[error("{}", with_cause(.0))]
     Permanent(tokio_postgres::Error),
     /// The pool could not be built.
-    #[error("{0}")]
-    Pool(String),
+    #[error(transparent)]
+    Pool(StoreError),
 }
 
 /// The driver's error with its cause ("db error: FATAL: database \"x\" does not exist", not
@@ -138,7 +138,7 @@ fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreErr
             Box::pin(async move { client.batch_execute(&setup).await.map_err(HookError::Backend) })
         }))
         .build()
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
+        .map_err(|e| StoreError::Pool(e.into()))?;
     Ok(Store { pool, args: args.clone() })
 }
 
