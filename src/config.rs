@@ -163,7 +163,7 @@ impl NatsArgs {
 mod tests {
     use std::time::Duration;
 
-    use super::{DbArgs, NatsArgs};
+    use super::{from_flags, DbArgs, NatsArgs};
     use crate::gateway::GatewayArgs;
     use crate::ingest::daemon::IngestArgs;
 
@@ -189,6 +189,26 @@ mod tests {
             (Duration::from_secs(60), Duration::from_secs(10))
         );
         assert_eq!(GatewayArgs::default().gateway_fetch_wait, Duration::from_millis(500));
+        assert_eq!(ingest.consumer.max_age(), Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn old_flag_names_and_bare_numbers_keep_their_meaning() {
+        let ingest: IngestArgs =
+            from_flags(&["--batch-linger-ms", "7", "--nak-delay", "3", "--max-age-hours", "2", "--ack-wait", "1.5"]);
+        assert_eq!((ingest.batch_linger, ingest.nak_delay), (Duration::from_millis(7), Duration::from_secs(3)));
+        assert_eq!(
+            (ingest.consumer.max_age(), ingest.consumer.ack_wait),
+            (Duration::from_secs(7200), Duration::from_millis(1500))
+        );
+        let ingest: IngestArgs = from_flags(&["--batch-linger", "1s", "--results-max-age", "30m"]);
+        assert_eq!(
+            (ingest.batch_linger, ingest.consumer.max_age()),
+            (Duration::from_secs(1), Duration::from_secs(1800))
+        );
+        let db: DbArgs =
+            from_flags(&["--database-url=postgres://h/d", "--connect-backoff-ms", "10", "--statement-timeout", "2m"]);
+        assert_eq!((db.connect_backoff, db.statement_timeout), (Duration::from_millis(10), Duration::from_secs(120)));
     }
 
     #[test]

@@ -14,6 +14,11 @@ pub fn parse_millis(s: &str) -> Result<Duration, String> {
     parse(s, 1e-3, "milliseconds")
 }
 
+/// Parses a duration whose bare numbers are hours ("24" is a day).
+pub fn parse_hours(s: &str) -> Result<Duration, String> {
+    parse(s, 3600.0, "hours")
+}
+
 /// A bare number times `unit` seconds, or a `humantime` duration.
 fn parse(s: &str, unit: f64, unit_name: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -44,6 +49,8 @@ mod tests {
         assert_eq!(parse_millis("0"), Ok(Duration::ZERO));
         assert_eq!(parse_millis("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_millis("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_hours("24"), Ok(Duration::from_secs(24 * 3600)));
+        assert_eq!(parse_hours("90m"), Ok(Duration::from_secs(5400)));
     }
 
     #[test]
@@ -51,6 +58,7 @@ mod tests {
         for bad in ["-1", "NaN", "inf", "soon", "", "5 parsecs"] {
             assert!(parse_secs(bad).is_err(), "{bad:?}");
             assert!(parse_millis(bad).is_err(), "{bad:?}");
+            assert!(parse_hours(bad).is_err(), "{bad:?}");
         }
     }
 }

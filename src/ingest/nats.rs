@@ -9,7 +9,7 @@ use futures_util::stream::{self as fstream, StreamExt};
 use tracing::{info, warn};
 
 use crate::config::NatsArgs;
-use crate::duration::parse_secs;
+use crate::duration::{parse_hours, parse_secs};
 use crate::ingest::IngestError;
 
 /// Settings of the results consumer.
@@ -35,9 +35,9 @@ pub struct ConsumerArgs {
     /// are dropped; a bare number is seconds).
     #[arg(long, env = "TALLY_DUPLICATE_WINDOW", value_parser = parse_secs, default_value = "120")]
     pub duplicate_window: Duration,
-    /// How long result messages are kept in the stream, in hours (0: forever).
-    #[arg(long, env = "TALLY_RESULTS_MAX_AGE_HOURS", default_value_t = 24)]
-    pub max_age_hours: u64,
+    /// How long result messages are kept in the stream (0: forever; a bare number is hours).
+    #[arg(long = "results-max-age", alias = "max-age-hours", env = "TALLY_RESULTS_MAX_AGE_HOURS", value_parser = parse_hours, default_value = "24h")]
+    pub results_max_age: Duration,
     /// How long to wait for a task ack's confirmation (a bare number is seconds).
     #[arg(long, env = "TALLY_TASK_ACK_TIMEOUT", value_parser = parse_secs, default_value = "5")]
     pub task_ack_timeout: Duration,
@@ -64,7 +64,7 @@ impl Default for ConsumerArgs {
 impl ConsumerArgs {
     /// How long result messages (and the objects of large ones) are kept.
     pub fn max_age(&self) -> Duration {
-        Duration::from_secs(self.max_age_hours * 3600)
+        self.results_max_age
     }
 }
 
