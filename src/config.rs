@@ -5,6 +5,23 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::duration::{parse_millis, parse_secs};
+use crate::retry::BackoffBuilder;
+
+/// The settings of `T` as its `#[arg]` attributes define them when only `flags` are given,
+/// so that each default is stated once, there (`impl Default` of the flag structs calls this).
+/// Environment variables are not read: a default does not depend on the process's environment.
+///
+/// # Panics
+///
+/// When `flags` or a default does not parse: a bug in the caller or in `T`'s attributes.
+pub fn from_flags<T: clap::Args>(flags: &[&str]) -> T {
+    let command =
+        T::augment_args(clap::Command::new("tally").no_binary_name(true)).mut_args(|arg| arg.env(None::<&'static str>));
+    let matches = command.try_get_matches_from(flags).unwrap_or_else(|e| panic!("flags {flags:?}: {e}"));
+    T::from_arg_matches(&matches).unwrap_or_else(|e| panic!("flags {flags:?}: {e}"))
+}
+
 /// How to reach and use the database.
 #[derive(Clone, Debug, Args)]
 pub struct DbArgs {
@@ -14,9 +31,10 @@ pub struct DbArgs {
     /// Connections in the pool.
     #[arg(long, env = "TALLY_POOL_SIZE", default_value_t = 4)]
     pub pool_size: usize,
-    /// Statement timeout in seconds (0: none). Bounds every statement tally sends.
-    #[arg(long, env = "TALLY_STATEMENT_TIMEOUT", default_value_t = 300)]
-    pub statement_timeout: u64,
+    /// Statement timeout (0: none; a bare number is seconds). Bounds every statement tally
+    /// sends.
+    #[arg(long, env = "TALLY_STATEMENT_TIMEOUT", value_parser = parse_secs, default_value = "300")]
+    pub statement_timeout: Duration,
     /// Time zone of the session. Django (USE_TZ=False) writes naive wall-clock times in its
     /// TIME_ZONE; tally sets the same zone so that `now()` and timestamps agree with Django's.
     #[arg(long, env = "TALLY_TIME_ZONE", default_value = "America/New_York")]
@@ -24,28 +42,16 @@ pub struct DbArgs {
     /// Connection attempts before giving up (the first attempt included).
     #[arg(long, env = "TALLY_CONNECT_ATTEMPTS", default_value_t = 8)]
     pub connect_attempts: u32,
-    /// Delay before the second attempt in milliseconds; doubles each attempt, capped at 30 s.
-    #[arg(long, env = "TALLY_CONNECT_BACKOFF_MS", default_value_t = 250)]
-    pub connect_backoff_ms: u64,
+    /// Delay before the second attempt (a bare number is milliseconds); doubles each attempt,
+    /// capped at 30 s.
+    #[arg(long, alias = "connect-backoff-ms", env = "TALLY_CONNECT_BACKOFF_MS", value_parser = parse_millis, default_value = "250ms")]
+    pub connect_backoff: Duration,
 }
 
 impl DbArgs {
     /// The settings for `url`, with every default.
     pub fn for_url(url: &str) -> Self {
-        DbArgs {
-            database_url: url.to_string(),
-            pool_size: 4,
-            statement_timeout: 300,
-            time_zone: "America/New_York".into(),
-            connect_attempts: 8,
-            connect_backoff_ms: 250,
-        }
-    }
-
-    /// The delay before attempt `n` (1-based; the first attempt has none).
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let ms = self.connect_backoff_ms.saturating_mul(1u64 << attempt.saturating_sub(2).min(16));
-        Duration::from_millis(ms.min(30_000))
+        from_flags(&[&format!("--database-url={url}")])
     }
 }
 
@@ -66,27 +72,21 @@ pub struct NatsArgs {
     /// check; its max age is the results stream's).
     #[arg(long, env = "TALLY_RESULTS_OBJECT_BUCKET", default_value = "TALLY_RESULT_OBJECTS")]
     pub results_object_bucket: String,
-    /// Seconds one attempt to connect may take. `tally serve` retries attempts until
-    /// --startup-deadline; the other commands retry for up to this many seconds in all. A
-    /// connection once made that is lost is retried forever.
-    #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", default_value_t = 10)]
-    pub nats_connect_timeout: u64,
-    /// Seconds to wait for a JetStream API or acknowledgement reply.
-    #[arg(long, env = "TALLY_NATS_REQUEST_TIMEOUT", default_value_t = 10)]
-    pub nats_request_timeout: u64,
+    /// How long one attempt to connect may take (a bare number is seconds). `tally serve`
+    /// retries attempts until --startup-deadline; the other commands retry for up to this
+    /// long in all. A connection once made that is lost is retried forever.
+    #[arg(long, env = "TALLY_NATS_CONNECT_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub nats_connect_timeout: Duration,
+    /// How long to wait for a JetStream API or acknowledgement reply (a bare number is
+    /// seconds).
+    #[arg(long, env = "TALLY_NATS_REQUEST_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub nats_request_timeout: Duration,
 }
 
 impl NatsArgs {
     /// The settings for `url`, with every default.
     pub fn for_url(url: &str) -> Self {
-        NatsArgs {
-            nats_url: url.to_string(),
-            results_stream: "TALLY_RESULTS".into(),
-            results_subject_prefix: "tally.results".into(),
-            results_object_bucket: crate::results_stream::DEFAULT_BUCKET.into(),
-            nats_connect_timeout: 10,
-            nats_request_timeout: 10,
-        }
+        from_flags(&[&format!("--nats-url={url}")])
     }
 
     /// The subject of job `job_id`'s results.
@@ -117,8 +117,8 @@ impl NatsArgs {
     pub async fn connect_once(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
         let options = async_nats::ConnectOptions::new()
             .name("tally")
-            .connection_timeout(Duration::from_secs(self.nats_connect_timeout.max(1)))
-            .request_timeout(Some(Duration::from_secs(self.nats_request_timeout)))
+            .connection_timeout(self.nats_connect_timeout.max(Duration::from_secs(1)))
+            .request_timeout(Some(self.nats_request_timeout))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
@@ -129,12 +129,13 @@ impl NatsArgs {
         async_nats::connect_with_options(self.nats_url.as_str(), options).await
     }
 
-    /// Connects, retrying the first connection for up to `nats_connect_timeout` seconds in all
+    /// Connects, retrying the first connection for up to `nats_connect_timeout` in all
     /// (the one-shot commands; `tally serve` retries until its start-up deadline).
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(self.nats_connect_timeout);
-        let mut delay = Duration::from_millis(100);
+        let deadline = std::time::Instant::now() + self.nats_connect_timeout;
+        let mut backoff = crate::retry::nats_connect().build();
         loop {
+            let delay = crate::retry::pause(&mut backoff);
             let remaining = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
             let attempt = tokio::time::timeout(remaining, self.connect_once()).await;
             match attempt {
@@ -142,17 +143,16 @@ impl NatsArgs {
                 Ok(Err(e)) if std::time::Instant::now() + delay < deadline => {
                     tracing::warn!(url = %self.redacted_url(), error = %e, retry_in = ?delay, "cannot connect to NATS yet");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
                 Ok(Err(e)) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: {e} (is nats-server running with -js?)",
                     self.redacted_url(),
-                    self.nats_connect_timeout
+                    self.nats_connect_timeout.as_secs_f64()
                 ),
                 Err(_) => anyhow::bail!(
                     "cannot connect to NATS at {} within {} s: timed out (is nats-server running with -js?)",
                     self.redacted_url(),
-                    self.nats_connect_timeout
+                    self.nats_connect_timeout.as_secs_f64()
                 ),
             }
         }
@@ -161,7 +161,55 @@ impl NatsArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::NatsArgs;
+    use std::time::Duration;
+
+    use super::{from_flags, DbArgs, NatsArgs};
+    use crate::gateway::GatewayArgs;
+    use crate::ingest::daemon::IngestArgs;
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let db = DbArgs::for_url("postgres://postgres@127.0.0.1/antenna");
+        assert_eq!(db.database_url, "postgres://postgres@127.0.0.1/antenna");
+        assert_eq!((db.pool_size, db.connect_attempts, db.time_zone.as_str()), (4, 8, "America/New_York"));
+        assert_eq!((db.statement_timeout, db.connect_backoff), (Duration::from_secs(300), Duration::from_millis(250)));
+        let nats = NatsArgs::for_url("nats://n:4222");
+        assert_eq!(
+            (nats.nats_url.as_str(), nats.results_object_bucket.as_str()),
+            ("nats://n:4222", "TALLY_RESULT_OBJECTS")
+        );
+        assert_eq!(nats.nats_connect_timeout, Duration::from_secs(10));
+        let ingest = IngestArgs::default();
+        assert_eq!(
+            (ingest.batch_size, ingest.batch_linger, ingest.nak_delay),
+            (500, Duration::from_millis(5), Duration::from_secs(2))
+        );
+        assert_eq!(
+            (ingest.consumer.ack_wait, ingest.feed.feed_poll),
+            (Duration::from_secs(60), Duration::from_secs(10))
+        );
+        assert_eq!(GatewayArgs::default().gateway_fetch_wait, Duration::from_millis(500));
+        assert_eq!(ingest.consumer.max_age(), Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn old_flag_names_and_bare_numbers_keep_their_meaning() {
+        let ingest: IngestArgs =
+            from_flags(&["--batch-linger-ms", "7", "--nak-delay", "3", "--max-age-hours", "2", "--ack-wait", "1.5"]);
+        assert_eq!((ingest.batch_linger, ingest.nak_delay), (Duration::from_millis(7), Duration::from_secs(3)));
+        assert_eq!(
+            (ingest.consumer.max_age(), ingest.consumer.ack_wait),
+            (Duration::from_secs(7200), Duration::from_millis(1500))
+        );
+        let ingest: IngestArgs = from_flags(&["--batch-linger", "1s", "--results-max-age", "30m"]);
+        assert_eq!(
+            (ingest.batch_linger, ingest.consumer.max_age()),
+            (Duration::from_secs(1), Duration::from_secs(1800))
+        );
+        let db: DbArgs =
+            from_flags(&["--database-url=postgres://h/d", "--connect-backoff-ms", "10", "--statement-timeout", "2m"]);
+        assert_eq!((db.connect_backoff, db.statement_timeout), (Duration::from_millis(10), Duration::from_secs(120)));
+    }
 
     #[test]
     fn nats_urls_are_shown_without_credentials() {

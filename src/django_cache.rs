@@ -47,13 +47,9 @@ pub struct DjangoCacheArgs {
 }
 
 impl Default for DjangoCacheArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        DjangoCacheArgs {
-            django_cache_url: None,
-            django_cache_key_prefix: String::new(),
-            django_cache_version: 1,
-            django_db_alias: "default".into(),
-        }
+        crate::config::from_flags(&[])
     }
 }
 

@@ -45,7 +45,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{DbArgs, NatsArgs};
+use crate::duration::parse_secs;
 use crate::ingest::nats::ConsumerArgs;
+use crate::retry::{self, BackoffBuilder};
 use crate::startup::{Failure, Wait, Waiting};
 use crate::store::{self, Store};
 
@@ -66,59 +68,43 @@ pub struct GatewayArgs {
     /// Postgres sessions of the gateway (a pool of its own, beside ingest's).
     #[arg(long, env = "TALLY_GATEWAY_POOL_SIZE", default_value_t = 8)]
     pub gateway_pool_size: usize,
-    /// Statement timeout of the gateway's sessions, in seconds (workers time out at 30 s).
-    #[arg(long, env = "TALLY_GATEWAY_STATEMENT_TIMEOUT", default_value_t = 10)]
-    pub gateway_statement_timeout: u64,
+    /// Statement timeout of the gateway's sessions (a bare number is seconds; workers time
+    /// out at 30 s).
+    #[arg(long, env = "TALLY_GATEWAY_STATEMENT_TIMEOUT", value_parser = parse_secs, default_value = "10")]
+    pub gateway_statement_timeout: Duration,
     /// Seconds a verified token is trusted without asking the database again (a revoked
     /// token keeps working this long).
-    #[arg(long, env = "TALLY_GATEWAY_AUTH_CACHE", value_parser = parse_seconds, default_value = "60")]
+    #[arg(long, env = "TALLY_GATEWAY_AUTH_CACHE", value_parser = parse_secs, default_value = "60")]
     pub gateway_auth_cache: Duration,
     /// Most tasks one /tasks call may ask for (Antenna has no bound; JetStream's
     /// max_ack_pending, 1000 by default, is the effective one).
     #[arg(long, env = "TALLY_GATEWAY_MAX_BATCH_SIZE", default_value_t = 1000)]
     pub gateway_max_batch_size: usize,
     /// Seconds a /tasks call waits for tasks when none is ready (Antenna: 0.5).
-    #[arg(long, env = "TALLY_GATEWAY_FETCH_WAIT", value_parser = parse_seconds, default_value = "0.5")]
+    #[arg(long, env = "TALLY_GATEWAY_FETCH_WAIT", value_parser = parse_secs, default_value = "0.5")]
     pub gateway_fetch_wait: Duration,
     /// Seconds a claim reuses what it learnt about a job's consumer (whether it has
     /// deliverable tasks) before asking NATS again.
-    #[arg(long, env = "TALLY_GATEWAY_DELIVERABLE_TTL", value_parser = parse_seconds, default_value = "1")]
+    #[arg(long, env = "TALLY_GATEWAY_DELIVERABLE_TTL", value_parser = parse_secs, default_value = "1")]
     pub gateway_deliverable_ttl: Duration,
     /// A processing service is marked seen at most once per this many seconds per key
     /// (Antenna's HEARTBEAT_THROTTLE_SECONDS).
-    #[arg(long, env = "TALLY_HEARTBEAT_INTERVAL", value_parser = parse_seconds, default_value = "30")]
+    #[arg(long, env = "TALLY_HEARTBEAT_INTERVAL", value_parser = parse_secs, default_value = "30")]
     pub heartbeat_interval: Duration,
     /// Async processing services unseen for this many seconds are marked offline (Antenna's
     /// PROCESSING_SERVICE_LAST_SEEN_MAX).
-    #[arg(long, env = "TALLY_HEARTBEAT_OFFLINE_AFTER", value_parser = parse_seconds, default_value = "60")]
+    #[arg(long, env = "TALLY_HEARTBEAT_OFFLINE_AFTER", value_parser = parse_secs, default_value = "60")]
     pub heartbeat_offline_after: Duration,
     /// Seconds between two sweeps for offline services (Antenna's beat task: 300).
-    #[arg(long, env = "TALLY_HEARTBEAT_SWEEP_EVERY", value_parser = parse_seconds, default_value = "30")]
+    #[arg(long, env = "TALLY_HEARTBEAT_SWEEP_EVERY", value_parser = parse_secs, default_value = "30")]
     pub heartbeat_sweep_every: Duration,
 }
 
 impl Default for GatewayArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        GatewayArgs {
-            no_gateway: false,
-            gateway_max_body_bytes: 256 << 20,
-            gateway_pool_size: 8,
-            gateway_statement_timeout: 10,
-            gateway_auth_cache: Duration::from_secs(60),
-            gateway_max_batch_size: 1000,
-            gateway_fetch_wait: Duration::from_millis(500),
-            gateway_deliverable_ttl: Duration::from_secs(1),
-            heartbeat_interval: Duration::from_secs(30),
-            heartbeat_offline_after: Duration::from_secs(60),
-            heartbeat_sweep_every: Duration::from_secs(30),
-        }
+        crate::config::from_flags(&[])
     }
-}
-
-/// Parses a non-negative number of seconds, fractions allowed ("0.5").
-pub fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds ≥ 0"))
 }
 
 /// The one NATS connection of the gateway and its JetStream context.
@@ -328,7 +314,7 @@ async fn connect_store(gateway: &Gateway, db: &DbArgs, shutdown: &CancellationTo
         deadline: None,
         deadline_setting: Duration::ZERO,
         shutdown,
-        first_backoff: Duration::from_millis(db.connect_backoff_ms),
+        first_backoff: db.connect_backoff,
         waiting: &gateway.waiting,
     };
     let attempt = || async {
@@ -386,7 +372,7 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
     let Some(nats) = gateway.nats() else { return };
     // Results published before the stream exists would be refused; ingest creates it too,
     // but may be off or still bootstrapping.
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = retry::gateway_stream().build();
     loop {
         let ready = async {
             crate::ingest::nats::ensure_stream(&nats.js, &gateway.nats_args, results)
@@ -394,6 +380,7 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
                 .map_err(|e| e.to_string())?;
             crate::results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, results.max_age())
                 .await
+                .map_err(|e| e.to_string())
         };
         match ready.await {
             Ok(objects) => {
@@ -401,25 +388,10 @@ async fn connect_nats(gateway: &Gateway, results: &ConsumerArgs, shutdown: &Canc
                 return;
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "gateway cannot set up the results stream yet");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "gateway cannot set up the results stream yet");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => return }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_seconds;
-    use std::time::Duration;
-
-    #[test]
-    fn seconds_accept_fractions_and_refuse_negatives() {
-        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_seconds("30"), Ok(Duration::from_secs(30)));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("NaN").is_err());
-        assert!(parse_seconds("soon").is_err());
     }
 }

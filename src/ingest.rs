@@ -36,9 +36,37 @@ pub enum IngestError {
     /// Postgres failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// NATS failed.
+    /// NATS failed while doing `what`.
+    #[error("nats: {what}: {source}")]
+    Nats {
+        /// What tally was doing.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// The results object store could not be set up.
     #[error("nats: {0}")]
-    Nats(String),
+    Bucket(#[from] crate::results_stream::BucketError),
+    /// The results stream exists and does not take tally's subjects.
+    #[error(
+        "nats: stream {stream} exists with subjects {subjects:?}, which do not include {wanted}; fix or delete it"
+    )]
+    StreamSubjects {
+        /// The stream.
+        stream: String,
+        /// Its subjects.
+        subjects: Vec<String>,
+        /// The subjects tally publishes results on.
+        wanted: String,
+    },
+}
+
+impl IngestError {
+    /// A NATS failure while doing `what`.
+    pub fn nats(what: impl Into<String>, source: impl Into<crate::BoxError>) -> IngestError {
+        IngestError::Nats { what: what.into(), source: source.into() }
+    }
 }
 
 impl IngestError {
@@ -47,7 +75,7 @@ impl IngestError {
     /// input will hit again (a data exception, a constraint violation).
     pub fn is_transient(&self) -> bool {
         match self {
-            IngestError::Nats(_) => true,
+            IngestError::Nats { .. } | IngestError::Bucket(_) | IngestError::StreamSubjects { .. } => true,
             IngestError::Store(StoreError::Db(e)) => match e.code() {
                 // No SQLSTATE: the connection or the protocol failed.
                 None => true,
@@ -62,5 +90,22 @@ impl IngestError {
             IngestError::Store(StoreError::Unreachable { .. } | StoreError::Pool(_)) => true,
             IngestError::Store(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::IngestError;
+
+    #[test]
+    fn nats_errors_keep_their_source_and_their_message() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = IngestError::nats("consumer tally-ingest", cause);
+        assert_eq!(e.to_string(), "nats: consumer tally-ingest: connection refused");
+        let source = e.source().map(|s| s.to_string());
+        assert_eq!(source.as_deref(), Some("connection refused"));
+        assert!(e.is_transient());
     }
 }

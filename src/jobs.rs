@@ -35,9 +35,15 @@ pub enum JobError {
     /// Postgres failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// NATS failed.
-    #[error("nats: {0}")]
-    Nats(String),
+    /// NATS failed while doing `what`.
+    #[error("nats: {what}: {source}")]
+    Nats {
+        /// What tally was doing.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: crate::BoxError,
+    },
     /// No job has this id.
     #[error("no job {0}")]
     NotFound(i64),
@@ -89,8 +95,8 @@ impl From<tokio_postgres::Error> for JobError {
 }
 
 /// A NATS failure while doing `what`.
-pub(crate) fn nats_error(what: &str, e: impl std::fmt::Display) -> JobError {
-    JobError::Nats(format!("{what}: {e}"))
+pub(crate) fn nats_error(what: &str, e: impl Into<crate::BoxError>) -> JobError {
+    JobError::Nats { what: what.to_string(), source: e.into() }
 }
 
 /// Job `id`'s task stream (`nats_queue.py::_get_stream_name`).

@@ -123,8 +123,19 @@ pub struct Objects {
     pub store: object_store::ObjectStore,
 }
 
+/// The object store bucket of large results could neither be created nor bound.
+#[derive(Debug, thiserror::Error)]
+#[error("object store {name}: {source}")]
+pub struct BucketError {
+    /// The bucket.
+    pub name: String,
+    /// Why creating it failed.
+    #[source]
+    pub source: jetstream::context::CreateObjectStoreError,
+}
+
 /// Creates the object store bucket of large results, or binds to it.
-pub async fn ensure_bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Objects, String> {
+pub async fn ensure_bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<Objects, BucketError> {
     let name = name.to_string();
     if let Ok(store) = js.get_object_store(&name).await {
         return Ok(Objects { name, store });
@@ -141,7 +152,7 @@ pub async fn ensure_bucket(js: &jetstream::Context, name: &str, max_age: Duratio
         // Created meanwhile by another process (the gateway and ingest both make sure of it).
         Err(create) => match js.get_object_store(&name).await {
             Ok(store) => Ok(Objects { name, store }),
-            Err(_) => Err(format!("object store {name}: {create}")),
+            Err(_) => Err(BucketError { name, source: create }),
         },
     }
 }

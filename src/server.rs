@@ -61,7 +61,7 @@ pub struct Config {
     pub migrate: bool,
     /// Seconds Postgres and NATS may take to answer at start (each retried with backoff,
     /// not ready meanwhile); past it, exit with an error. 0: wait forever.
-    #[arg(long, env = "TALLY_STARTUP_DEADLINE", value_parser = gateway::parse_seconds, default_value = "0")]
+    #[arg(long, env = "TALLY_STARTUP_DEADLINE", value_parser = crate::duration::parse_secs, default_value = "0")]
     pub startup_deadline: Duration,
     /// Observers of the ingest loop (tests and benchmarks count acked batches with it).
     #[arg(skip)]
@@ -227,11 +227,7 @@ async fn connect_both(
         first_backoff,
         waiting: &waiting,
     };
-    let postgres = wait(
-        "Postgres",
-        store::connect::describe(&args.db.database_url),
-        Duration::from_millis(args.db.connect_backoff_ms),
-    );
+    let postgres = wait("Postgres", store::connect::describe(&args.db.database_url), args.db.connect_backoff);
     let nats = wait("NATS", args.nats.redacted_url(), Duration::from_millis(100));
     let pg = postgres.until(|| async {
         store::connect::connect_once(&args.db)
@@ -364,7 +360,7 @@ async fn gateway_only(
             deadline,
             deadline_setting: args.startup_deadline,
             shutdown: &shutdown,
-            first_backoff: Duration::from_millis(args.db.connect_backoff_ms),
+            first_backoff: args.db.connect_backoff,
             waiting: &waiting,
         };
         let attempt = || async {

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// The longest pause between two attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+use crate::retry::{self, BackoffBuilder};
 
 /// What is being waited for now, by service ("Postgres", "NATS"), as sentences such as
 /// `waiting for NATS at nats://127.0.0.1:4222: connection refused`.
@@ -71,7 +70,7 @@ pub struct Wait<'a> {
     pub deadline_setting: Duration,
     /// Stop waiting (and return `Ok(None)`) when cancelled.
     pub shutdown: &'a CancellationToken,
-    /// Pause after the first failed attempt; doubles up to [`MAX_BACKOFF`].
+    /// Pause after the first failed attempt (the policy is [`retry::startup`]).
     pub first_backoff: Duration,
     /// Where the current reason is kept.
     pub waiting: &'a Waiting,
@@ -86,7 +85,7 @@ impl Wait<'_> {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let mut backoff = self.first_backoff.max(Duration::from_millis(10));
+        let mut backoff = retry::startup(self.first_backoff).build();
         let mut attempts = 0u32;
         // The last failure an attempt reported, kept for when the deadline cuts one short.
         let mut previous: Option<String> = None;
@@ -130,6 +129,7 @@ impl Wait<'_> {
                     self.deadline_setting.as_secs_f64()
                 );
             }
+            let backoff = retry::pause(&mut backoff);
             warn!(service = self.service, at = %self.at, error = %last, retry_in = ?backoff, "waiting at start-up");
             let pause = match self.deadline {
                 Some(d) => backoff.min(d.saturating_duration_since(now)),
@@ -139,7 +139,6 @@ impl Wait<'_> {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.shutdown.cancelled() => return Ok(None),
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

@@ -30,7 +30,7 @@ pub enum StoreError {
     },
     /// The pool could not be built or could not hand out a connection.
     #[error("database pool: {0}")]
-    Pool(String),
+    Pool(#[source] crate::BoxError),
     /// A statement failed.
     #[error("database: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
@@ -47,13 +47,13 @@ pub enum StoreError {
     },
     /// Migrations failed.
     #[error("migration failed: {0}")]
-    Migration(String),
+    Migration(#[source] refinery::Error),
     /// The dataflow engine stopped.
     #[error(transparent)]
     Engine(#[from] tally_dataflows::EngineError),
     /// NATS failed where a store operation needed it (replaying dead letters).
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[from] crate::results_stream::BucketError),
 }
 
 /// A Postgres error with the server's message, detail and SQLSTATE (tokio-postgres's own
@@ -76,7 +76,7 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Db(e),
-            other => StoreError::Pool(other.to_string()),
+            other => StoreError::Pool(other.into()),
         }
     }
 }

@@ -151,7 +151,7 @@ async fn pull_all(f: &Fixture, job: i64, n: usize) -> Vec<(i64, String)> {
 }
 
 fn ingest_args() -> IngestArgs {
-    IngestArgs { batch_linger_ms: 0, nak_delay: 1, ..IngestArgs::default() }
+    IngestArgs { batch_linger: Duration::ZERO, nak_delay: Duration::from_secs(1), ..IngestArgs::default() }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// Small batches and no linger: many transactions, many progress writes.
 fn small_batches(batch_size: usize) -> IngestArgs {
-    IngestArgs { batch_size, batch_linger_ms: 0, nak_delay: 1, ..IngestArgs::default() }
+    IngestArgs { batch_size, batch_linger: Duration::ZERO, nak_delay: Duration::from_secs(1), ..IngestArgs::default() }
 }
 
 /// Deterministic Fisher–Yates shuffle (splitmix64).

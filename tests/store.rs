@@ -317,7 +317,7 @@ async fn migrate_is_idempotent_and_leaves_antenna_tables_alone() {
 async fn unreachable_database_fails_after_bounded_retries() {
     let mut args = DbArgs::for_url("postgres://postgres@127.0.0.1:1/nothing");
     args.connect_attempts = 3;
-    args.connect_backoff_ms = 10;
+    args.connect_backoff = std::time::Duration::from_millis(10);
     let err = store::connect(&args).await.err().expect("nothing listens on port 1");
     assert!(matches!(err, StoreError::Unreachable { attempts: 3, .. }), "{err}");
 }

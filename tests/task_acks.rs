@@ -43,7 +43,7 @@ async fn unackable_tasks_of_one_job_never_stall_another_job() {
         batch_size: 4,
         consumer: ConsumerArgs {
             max_ack_pending: 8,
-            task_ack_timeout: 1,
+            task_ack_timeout: Duration::from_secs(1),
             task_ack_attempts: 3,
             task_ack_backoff_max: Duration::from_secs(1),
             ..ConsumerArgs::default()

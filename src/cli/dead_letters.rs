@@ -343,9 +343,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     wait_connected(&client, &args.nats).await?;
     let js = async_nats::jetstream::new(client);
     let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
-    let objects = crate::results_stream::ensure_bucket(&js, &args.nats.results_object_bucket, max_age)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let objects = crate::results_stream::ensure_bucket(&js, &args.nats.results_object_bucket, max_age).await?;
     let report = dead_letters::replay_with(&store, &js, &objects, &ids).await?;
     for p in &report.published {
         let duplicate = if p.duplicate { " (already in the stream: not stored again)" } else { "" };
@@ -379,13 +377,13 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 /// background and returns at once, so without this an unreachable server shows up only as
 /// publish-ack timeouts, one per dead letter, instead of one clear error.
 async fn wait_connected(client: &async_nats::Client, nats: &NatsArgs) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(nats.nats_connect_timeout);
+    let deadline = tokio::time::Instant::now() + nats.nats_connect_timeout;
     while client.connection_state() != async_nats::connection::State::Connected {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "cannot connect to NATS at {} within {} s (is nats-server running with -js?)",
             nats.nats_url,
-            nats.nats_connect_timeout
+            nats.nats_connect_timeout.as_secs_f64()
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

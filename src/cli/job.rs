@@ -67,9 +67,10 @@ pub struct CreateArgs {
     /// jobs_job.name (default: "<pipeline> on deployment <id>" or "<pipeline> on <n> images").
     #[arg(long)]
     pub name: Option<String>,
-    /// Seconds a worker may hold a task before it is delivered again (consumer ack_wait).
-    #[arg(long, env = "NATS_TASK_TTR", default_value_t = 300)]
-    pub ack_wait: u64,
+    /// How long a worker may hold a task before it is delivered again (consumer ack_wait; a
+    /// bare number is seconds).
+    #[arg(long, env = "NATS_TASK_TTR", value_parser = crate::duration::parse_secs, default_value = "300")]
+    pub ack_wait: Duration,
     /// Deliveries of one task (consumer max_deliver; -1: unlimited).
     #[arg(long, env = "NATS_MAX_DELIVER", default_value_t = 2, allow_negative_numbers = true)]
     pub max_deliver: i64,
@@ -137,9 +138,9 @@ pub struct LogsArgs {
     /// Keep printing lines as they are written, until Ctrl-C (polls for rows with a higher id).
     #[arg(long, short)]
     pub follow: bool,
-    /// With --follow: milliseconds between polls.
-    #[arg(long, default_value_t = 500)]
-    pub poll_ms: u64,
+    /// With --follow: the pause between polls (a bare number is milliseconds).
+    #[arg(long, alias = "poll-ms", value_parser = crate::duration::parse_millis, default_value = "500ms")]
+    pub poll: Duration,
 }
 
 /// Runs a job command.
@@ -171,7 +172,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<ExitCode> {
     spec.name = args.name.clone();
     spec.missing_url_base = args.missing_url_base.clone();
     spec.queue = QueueSettings {
-        ack_wait: Duration::from_secs(args.ack_wait),
+        ack_wait: args.ack_wait,
         max_deliver: args.max_deliver,
         max_ack_pending: args.max_ack_pending,
         ..QueueSettings::default()
@@ -374,7 +375,7 @@ async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let poll = Duration::from_millis(args.poll_ms.max(10));
+    let poll = args.poll.max(Duration::from_millis(10));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,

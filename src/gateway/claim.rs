@@ -40,7 +40,6 @@ use std::time::{Duration, Instant};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
-use rand::Rng;
 use serde_json::{json, Value};
 
 use super::auth::Worker;
@@ -48,6 +47,7 @@ use super::heartbeat::Beat;
 use super::queue::Deliverable;
 use super::{Gateway, GatewayError};
 use crate::metrics::names;
+use crate::retry::{self, BackoffBuilder};
 
 /// Jobs one claim may return (DRF's `limit`), at most.
 const MAX_LIMIT: i64 = 100;
@@ -301,7 +301,7 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
     let begin = format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_LOCK})");
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&ids, &no, &q.limit];
     let deadline = Instant::now() + CLAIM_BUDGET;
-    let mut backoff = Duration::from_micros(250);
+    let mut backoff = retry::claim_contention().build();
     let claimed = loop {
         // Claims take turns (see the module documentation): the lock is held from before the
         // claim statement's snapshot to the commit, so every claim sees every earlier serve.
@@ -324,9 +324,7 @@ pub async fn claim(gateway: &Gateway, q: &ClaimQuery) -> Result<Claimed, Gateway
         }
         // Every claimable row is locked by something else than a claim (an operator's
         // statement, say); try again shortly.
-        let jitter = rand::rng().random_range(0..=backoff.as_micros() as u64);
-        tokio::time::sleep(backoff + Duration::from_micros(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_millis(5));
+        tokio::time::sleep(retry::pause(&mut backoff)).await;
     };
     let mut jobs = Vec::with_capacity(claimed.len());
     for row in claimed {

@@ -32,7 +32,7 @@ pub enum GatewayError {
     TooLarge(String),
     /// 503 `{"error": "Task queue temporarily unavailable"}` (Antenna's `/tasks` answer).
     #[error("task queue unavailable: {0}")]
-    TaskQueue(String),
+    TaskQueue(#[source] crate::BoxError),
     /// 503 `{"status": "error", "job_id", "detail"}` (Antenna's `/result` answer); some results
     /// of the request may have been published already (as with Antenna).
     #[error("result queue unavailable for job {job_id}: {reason}")]
@@ -44,7 +44,7 @@ pub enum GatewayError {
     },
     /// 503: Postgres failed; the request can be retried.
     #[error("database: {0}")]
-    Database(String),
+    Database(#[source] crate::BoxError),
     /// 503: the gateway has not connected yet.
     #[error("{0}")]
     Starting(&'static str),
@@ -52,8 +52,8 @@ pub enum GatewayError {
 
 impl GatewayError {
     /// A database error (logged; the worker sees a generic 503).
-    pub fn db(e: impl std::fmt::Display) -> GatewayError {
-        GatewayError::Database(e.to_string())
+    pub fn db(e: impl Into<crate::BoxError>) -> GatewayError {
+        GatewayError::Database(e.into())
     }
 
     /// The status this error answers with.

@@ -98,7 +98,7 @@ pub async fn post(
             let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
             let objects = results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, max_age)
                 .await
-                .map_err(|reason| GatewayError::ResultQueue { job_id: id, reason })?;
+                .map_err(|e| GatewayError::ResultQueue { job_id: id, reason: e.to_string() })?;
             gateway.set_objects(objects.clone());
             objects
         }

@@ -89,7 +89,7 @@ pub async fn post(
         return Err(GatewayError::BadRequest(format!("job {id} has no pipeline")));
     };
     gateway.heartbeats.beat(Beat::PipelineProject { pipeline, project: job.facts.project_id });
-    let messages = pull(&gateway, id, n).await.map_err(|e| GatewayError::TaskQueue(e.to_string()))?;
+    let messages = pull(&gateway, id, n).await.map_err(|e| GatewayError::TaskQueue(e.into()))?;
     let mut tasks = Vec::with_capacity(messages.len());
     for message in messages {
         if let Some(task) = task_of(id, message).await {

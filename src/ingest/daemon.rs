@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::NatsArgs;
+use crate::duration::{parse_millis, parse_secs};
 use crate::http::Health;
 use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
 use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome};
@@ -28,6 +29,7 @@ use crate::ingest::nats::{self, ConsumerArgs};
 use crate::ingest::IngestError;
 use crate::metrics::names;
 use crate::results_stream::{self, FetchError};
+use crate::retry::{self, BackoffBuilder};
 use crate::store::Store;
 
 /// Batching and limits of the ingest loop.
@@ -36,27 +38,28 @@ pub struct IngestArgs {
     /// Results per batch (one transaction, one dataflow step), at most.
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// Milliseconds to keep collecting after the first message of a batch arrives while the
-    /// batch is not full (0: take what is there).
-    #[arg(long, env = "TALLY_BATCH_LINGER_MS", default_value_t = 5)]
-    pub batch_linger_ms: u64,
+    /// How long to keep collecting after the first message of a batch arrives while the
+    /// batch is not full (0: take what is there; a bare number is milliseconds).
+    #[arg(long, alias = "batch-linger-ms", env = "TALLY_BATCH_LINGER_MS", value_parser = parse_millis, default_value = "5ms")]
+    pub batch_linger: Duration,
     /// Largest result body accepted, in bytes; larger ones are dead-lettered. One result of
     /// ADC's 29,176-class model with 20 detections is ~50 MB (scores and logits).
     #[arg(long, env = "TALLY_MAX_RESULT_BYTES", default_value_t = 256 << 20)]
     pub max_result_bytes: usize,
-    /// Seconds before a NAKed result (transient failure) is redelivered.
-    #[arg(long, env = "TALLY_NAK_DELAY", default_value_t = 2)]
-    pub nak_delay: u64,
+    /// How long before a NAKed result (transient failure) is redelivered (a bare number is
+    /// seconds).
+    #[arg(long, env = "TALLY_NAK_DELAY", value_parser = parse_secs, default_value = "2")]
+    pub nak_delay: Duration,
     /// Timely worker threads of the count dataflow.
     #[arg(short = 'w', long, env = "TALLY_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// How often the results consumer's state is read for `/readyz` and `/metrics`
     /// (ack-pending at its cap = stalled).
-    #[arg(long, env = "TALLY_MONITOR_EVERY", value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, env = "TALLY_MONITOR_EVERY", value_parser = parse_secs, default_value = "5s")]
     pub monitor_every: Duration,
     /// The results consumer counts as stalled (`/readyz` 503) when its ack-pending count is at
     /// `--max-ack-pending` and the oldest unacked result has waited this long.
-    #[arg(long, env = "TALLY_STALL_AFTER", value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, env = "TALLY_STALL_AFTER", value_parser = parse_secs, default_value = "60s")]
     pub stall_after: Duration,
     /// Consumer settings.
     #[command(flatten)]
@@ -67,18 +70,9 @@ pub struct IngestArgs {
 }
 
 impl Default for IngestArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        IngestArgs {
-            batch_size: 500,
-            batch_linger_ms: 5,
-            max_result_bytes: 256 << 20,
-            nak_delay: 2,
-            workers: 1,
-            monitor_every: Duration::from_secs(5),
-            stall_after: Duration::from_secs(60),
-            consumer: ConsumerArgs::default(),
-            feed: FeedArgs::default(),
-        }
+        crate::config::from_flags(&[])
     }
 }
 
@@ -115,23 +109,22 @@ pub async fn run(
     crate::metrics::install();
     let js = jetstream::new(client.clone());
     // NATS may be restarting: keep trying (not ready meanwhile) rather than exit.
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = retry::reconnect().build();
     let (stream, consumer, objects) = loop {
         let attempt = async {
             let stream = nats::ensure_stream(&js, nats_args, &args.consumer).await?;
             let consumer = nats::ensure_consumer(&stream, nats_args, &args.consumer).await?;
-            let objects = results_stream::ensure_bucket(&js, &nats_args.results_object_bucket, args.consumer.max_age())
-                .await
-                .map_err(IngestError::Nats)?;
+            let objects =
+                results_stream::ensure_bucket(&js, &nats_args.results_object_bucket, args.consumer.max_age()).await?;
             Ok::<_, IngestError>((stream, consumer, objects))
         };
         match attempt.await {
             Ok(ready) => break ready,
             Err(e) => {
                 health.set_not_ready(format!("nats: {e}"));
-                warn!(error = %e, retry_in = ?backoff, "cannot set up the results stream and consumer yet");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => return Ok(()) }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "cannot set up the results stream and consumer yet");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => return Ok(()) }
             }
         }
     };
@@ -164,7 +157,7 @@ pub async fn run(
         helpers.clone(),
     );
     let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
-    backoff = Duration::from_millis(100);
+    backoff = retry::reconnect().build();
     'connect: while !shutdown.is_cancelled() {
         let mut messages = match consumer
             .stream()
@@ -178,9 +171,9 @@ pub async fn run(
             Err(e) => {
                 counter!(names::NATS_PULL_ERRORS).increment(1);
                 health.set_not_ready(format!("nats pull: {e}"));
-                warn!(error = %e, retry_in = ?backoff, "cannot open the pull stream");
-                tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => break }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let pause = retry::pause(&mut backoff);
+                warn!(error = %e, retry_in = ?pause, "cannot open the pull stream");
+                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
                 continue;
             }
         };
@@ -198,22 +191,22 @@ pub async fn run(
                 Some(Ok(m)) => vec![m],
                 Some(Err(e)) => {
                     counter!(names::NATS_PULL_ERRORS).increment(1);
-                    warn!(error = %e, retry_in = ?backoff, "pull stream failed; rebuilding it");
+                    let pause = retry::pause(&mut backoff);
+                    warn!(error = %e, retry_in = ?pause, "pull stream failed; rebuilding it");
                     health.set_not_ready(format!("nats pull: {e}"));
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = shutdown.cancelled() => break 'connect }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break 'connect }
                     continue 'connect;
                 }
                 None => continue 'connect,
             };
-            backoff = Duration::from_millis(100);
-            let linger = tokio::time::sleep(Duration::from_millis(args.batch_linger_ms));
+            backoff = retry::reconnect().build();
+            let linger = tokio::time::sleep(args.batch_linger);
             tokio::pin!(linger);
             while batch.len() < args.batch_size {
                 match messages.next().now_or_never() {
                     Some(Some(Ok(m))) => batch.push(m),
                     Some(Some(Err(_))) | Some(None) => break,
-                    None if args.batch_linger_ms == 0 => break,
+                    None if args.batch_linger.is_zero() => break,
                     None => {
                         tokio::select! {
                             m = messages.next() => match m {
@@ -473,7 +466,7 @@ async fn incoming(
 async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstream::Message>) {
     let Context { objects, args, health, hooks, .. } = ctx;
     let started = Instant::now();
-    let delay = Duration::from_secs(args.nak_delay);
+    let delay = args.nak_delay;
     histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
     let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
 

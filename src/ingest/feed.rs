@@ -25,6 +25,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::retry::{self, BackoffBuilder};
 use crate::store::{bootstrap, StoreError};
 
 /// The channel the triggers notify.
@@ -39,20 +40,21 @@ pub const APPLIED_CHANNEL: &str = "tally_counts";
 pub struct FeedArgs {
     /// Look at the outbox this often even without a notification (a safety net for a lost
     /// LISTEN session; the outbox is read, never the tables).
-    #[arg(long, env = "TALLY_FEED_POLL", value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, env = "TALLY_FEED_POLL", value_parser = crate::duration::parse_secs, default_value = "10s")]
     pub feed_poll: Duration,
     /// Outbox entries applied per transaction at most (each entry is one statement's rows).
     #[arg(long, env = "TALLY_FEED_BATCH", default_value_t = 1000)]
     pub feed_batch: i64,
     /// Testing only: sleep this long after reading the outbox and before applying it (the
     /// crash test kills serve there).
-    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    #[arg(long, hide = true, value_parser = crate::duration::parse_secs)]
     pub debug_feed_pause: Option<Duration>,
 }
 
 impl Default for FeedArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        FeedArgs { feed_poll: Duration::from_secs(10), feed_batch: 1000, debug_feed_pause: None }
+        crate::config::from_flags(&[])
     }
 }
 
@@ -146,14 +148,14 @@ pub fn spawn_listener(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = retry::reconnect().build();
         while !stop.is_cancelled() {
             match listen(&database_url, &wake, poll, &stop).await {
                 Ok(()) => return,
                 Err(e) => {
-                    warn!(error = %e, retry_in = ?backoff, "change feed: LISTEN session lost; reconnecting");
-                    tokio::select! { _ = tokio::time::sleep(backoff) => {}, _ = stop.cancelled() => return }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    let pause = retry::pause(&mut backoff);
+                    warn!(error = %e, retry_in = ?pause, "change feed: LISTEN session lost; reconnecting");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => return }
                 }
             }
         }

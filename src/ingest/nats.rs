@@ -9,6 +9,7 @@ use futures_util::stream::{self as fstream, StreamExt};
 use tracing::{info, warn};
 
 use crate::config::NatsArgs;
+use crate::duration::{parse_hours, parse_secs};
 use crate::ingest::IngestError;
 
 /// Settings of the results consumer.
@@ -17,10 +18,11 @@ pub struct ConsumerArgs {
     /// Durable name of tally's pull consumer on the results stream.
     #[arg(long, env = "TALLY_CONSUMER", default_value = "tally-ingest")]
     pub consumer: String,
-    /// Seconds a delivered result may stay unacked before JetStream redelivers it (also how
-    /// long results in flight at a crash wait before they are redelivered).
-    #[arg(long, env = "TALLY_ACK_WAIT", default_value_t = 60)]
-    pub ack_wait: u64,
+    /// How long a delivered result may stay unacked before JetStream redelivers it (also how
+    /// long results in flight at a crash wait before they are redelivered; a bare number is
+    /// seconds).
+    #[arg(long, env = "TALLY_ACK_WAIT", value_parser = parse_secs, default_value = "60")]
+    pub ack_wait: Duration,
     /// Delivery attempts per result (-1: unlimited). Transient failures are retried; a result
     /// that can never be saved is dead-lettered, so unlimited loses nothing.
     #[arg(long, env = "TALLY_MAX_DELIVER", default_value_t = -1, allow_negative_numbers = true)]
@@ -29,16 +31,16 @@ pub struct ConsumerArgs {
     /// this cap: keep it above the batch size).
     #[arg(long, env = "TALLY_MAX_ACK_PENDING", default_value_t = 20_000)]
     pub max_ack_pending: i64,
-    /// Duplicate window of the results stream in seconds (publishes with the same Nats-Msg-Id
-    /// inside it are dropped).
-    #[arg(long, env = "TALLY_DUPLICATE_WINDOW", default_value_t = 120)]
-    pub duplicate_window: u64,
-    /// How long result messages are kept in the stream, in hours (0: forever).
-    #[arg(long, env = "TALLY_RESULTS_MAX_AGE_HOURS", default_value_t = 24)]
-    pub max_age_hours: u64,
-    /// Seconds to wait for a task ack's confirmation.
-    #[arg(long, env = "TALLY_TASK_ACK_TIMEOUT", default_value_t = 5)]
-    pub task_ack_timeout: u64,
+    /// Duplicate window of the results stream (publishes with the same Nats-Msg-Id inside it
+    /// are dropped; a bare number is seconds).
+    #[arg(long, env = "TALLY_DUPLICATE_WINDOW", value_parser = parse_secs, default_value = "120")]
+    pub duplicate_window: Duration,
+    /// How long result messages are kept in the stream (0: forever; a bare number is hours).
+    #[arg(long = "results-max-age", alias = "max-age-hours", env = "TALLY_RESULTS_MAX_AGE_HOURS", value_parser = parse_hours, default_value = "24h")]
+    pub results_max_age: Duration,
+    /// How long to wait for a task ack's confirmation (a bare number is seconds).
+    #[arg(long, env = "TALLY_TASK_ACK_TIMEOUT", value_parser = parse_secs, default_value = "5")]
+    pub task_ack_timeout: Duration,
     /// Task acks in flight at once.
     #[arg(long, env = "TALLY_TASK_ACK_CONCURRENCY", default_value_t = 256)]
     pub task_ack_concurrency: usize,
@@ -48,31 +50,21 @@ pub struct ConsumerArgs {
     #[arg(long, env = "TALLY_TASK_ACK_ATTEMPTS", default_value_t = 12)]
     pub task_ack_attempts: u32,
     /// Longest wait between two attempts at a task ack (the wait starts at 1 s and doubles).
-    #[arg(long, env = "TALLY_TASK_ACK_BACKOFF_MAX", value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, env = "TALLY_TASK_ACK_BACKOFF_MAX", value_parser = parse_secs, default_value = "60s")]
     pub task_ack_backoff_max: Duration,
 }
 
 impl Default for ConsumerArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        ConsumerArgs {
-            consumer: "tally-ingest".into(),
-            ack_wait: 60,
-            max_deliver: -1,
-            max_ack_pending: 20_000,
-            duplicate_window: 120,
-            max_age_hours: 24,
-            task_ack_timeout: 5,
-            task_ack_concurrency: 256,
-            task_ack_attempts: 12,
-            task_ack_backoff_max: Duration::from_secs(60),
-        }
+        crate::config::from_flags(&[])
     }
 }
 
 impl ConsumerArgs {
     /// How long result messages (and the objects of large ones) are kept.
     pub fn max_age(&self) -> Duration {
-        Duration::from_secs(self.max_age_hours * 3600)
+        self.results_max_age
     }
 }
 
@@ -86,7 +78,7 @@ pub async fn ensure_stream(
     let config = stream::Config {
         name: nats.results_stream.clone(),
         subjects: vec![subjects.clone()],
-        duplicate_window: Duration::from_secs(args.duplicate_window),
+        duplicate_window: args.duplicate_window,
         max_age: args.max_age(),
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
@@ -95,15 +87,16 @@ pub async fn ensure_stream(
     let mut s = js
         .get_or_create_stream(config)
         .await
-        .map_err(|e| IngestError::Nats(format!("results stream {}: {e}", nats.results_stream)))?;
-    let info = s.info().await.map_err(|e| IngestError::Nats(format!("stream info: {e}")))?;
+        .map_err(|e| IngestError::nats(format!("results stream {}", nats.results_stream), e))?;
+    let info = s.info().await.map_err(|e| IngestError::nats("stream info", e))?;
     if !info.config.subjects.iter().any(|s| s == &subjects || s == ">") {
-        return Err(IngestError::Nats(format!(
-            "stream {} exists with subjects {:?}, which do not include {subjects}; fix or delete it",
-            nats.results_stream, info.config.subjects
-        )));
+        return Err(IngestError::StreamSubjects {
+            stream: nats.results_stream.clone(),
+            subjects: info.config.subjects.clone(),
+            wanted: subjects,
+        });
     }
-    if info.config.duplicate_window != Duration::from_secs(args.duplicate_window) {
+    if info.config.duplicate_window != args.duplicate_window {
         warn!(
             stream = %nats.results_stream,
             existing = ?info.config.duplicate_window,
@@ -123,7 +116,7 @@ pub async fn ensure_consumer(
     let config = consumer::pull::Config {
         durable_name: Some(args.consumer.clone()),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(args.ack_wait),
+        ack_wait: args.ack_wait,
         max_deliver: args.max_deliver,
         max_ack_pending: args.max_ack_pending,
         filter_subject: format!("{}.>", nats.results_subject_prefix),
@@ -133,7 +126,7 @@ pub async fn ensure_consumer(
     stream
         .get_or_create_consumer(&args.consumer, config)
         .await
-        .map_err(|e| IngestError::Nats(format!("consumer {}: {e}", args.consumer)))
+        .map_err(|e| IngestError::nats(format!("consumer {}", args.consumer), e))
 }
 
 /// How a task ack went.
@@ -151,7 +144,7 @@ pub enum TaskAck {
 /// Acks tasks by their reply subjects (`+ACK` as a request, so JetStream confirms it), many
 /// at once over the one connection.
 pub async fn ack_tasks(client: &async_nats::Client, subjects: Vec<String>, args: &ConsumerArgs) -> Vec<TaskAck> {
-    let timeout = Duration::from_secs(args.task_ack_timeout);
+    let timeout = args.task_ack_timeout;
     fstream::iter(subjects)
         .map(|subject| async move {
             let request = client.request(subject, bytes::Bytes::from_static(b"+ACK"));

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::metrics::names;
+use crate::retry::{self, BackoffBuilder};
 use crate::store::{Store, StoreError};
 
 /// Python's logging level names, as Antenna's `JobLogHandler` stores them.
@@ -369,6 +370,7 @@ async fn flush(store: &Store, buf: &mut Vec<Pending>, config: &JobLogsConfig, st
     }
     let n = lines.len() as u64;
     let attempts = config.attempts.max(1);
+    let mut backoff = retry::job_log_batch(attempts).build();
     for attempt in 1..=attempts {
         match write(store, &rows).await {
             Ok(inserted) => {
@@ -381,7 +383,7 @@ async fn flush(store: &Store, buf: &mut Vec<Pending>, config: &JobLogsConfig, st
             }
             Err(e) if attempt < attempts => {
                 warn!(lines = n, attempt, error = %e, "job log batch failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 << attempt.min(6))).await;
+                tokio::time::sleep(retry::pause(&mut backoff)).await;
             }
             Err(e) => {
                 warn!(lines = n, attempts, error = %e, "job log lines lost: the database refused their batch");

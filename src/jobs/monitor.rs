@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 use super::cleanup::{self, Swept};
 use super::lost::{self, Marked};
 use super::JobError;
-use crate::gateway::parse_seconds;
+use crate::duration::parse_secs;
 use crate::metrics::names;
 use crate::store::Store;
 
@@ -30,29 +30,25 @@ pub struct MonitorArgs {
     /// whose tasks are exhausted (max_deliver) or gone are marked failed (Antenna's
     /// STALLED_JOBS_MAX_MINUTES, 10 min). Keep it above the task ack_wait × max_deliver, or
     /// tasks still due a redelivery are marked failed too.
-    #[arg(long, env = "TALLY_LOST_IMAGES_AFTER", value_parser = parse_seconds, default_value = "600")]
+    #[arg(long, env = "TALLY_LOST_IMAGES_AFTER", value_parser = parse_secs, default_value = "600")]
     pub lost_images_after: Duration,
     /// Seconds between two passes of the job monitor (lost images, finished jobs' queues).
-    #[arg(long, env = "TALLY_JOB_MONITOR_EVERY", value_parser = parse_seconds, default_value = "30")]
+    #[arg(long, env = "TALLY_JOB_MONITOR_EVERY", value_parser = parse_secs, default_value = "30")]
     pub job_monitor_every: Duration,
     /// Seconds a job stays finished before its NATS consumer and stream are deleted (the acks
     /// of the batch that finished it go out first).
-    #[arg(long, env = "TALLY_CLEANUP_GRACE", value_parser = parse_seconds, default_value = "10")]
+    #[arg(long, env = "TALLY_CLEANUP_GRACE", value_parser = parse_secs, default_value = "10")]
     pub cleanup_grace: Duration,
     /// Age in seconds after which a job_* stream whose job does not exist in this database is
     /// deleted (Antenna's ZOMBIE_STREAMS_MAX_AGE_MINUTES, 60 min).
-    #[arg(long, env = "TALLY_ZOMBIE_STREAM_AGE", value_parser = parse_seconds, default_value = "3600")]
+    #[arg(long, env = "TALLY_ZOMBIE_STREAM_AGE", value_parser = parse_secs, default_value = "3600")]
     pub zombie_stream_age: Duration,
 }
 
 impl Default for MonitorArgs {
+    /// Every flag's default, as its `#[arg]` states it.
     fn default() -> Self {
-        MonitorArgs {
-            lost_images_after: Duration::from_secs(600),
-            job_monitor_every: Duration::from_secs(30),
-            cleanup_grace: Duration::from_secs(10),
-            zombie_stream_age: Duration::from_secs(3600),
-        }
+        crate::config::from_flags(&[])
     }
 }
 

@@ -8,6 +8,7 @@ use tokio_postgres::NoTls;
 use tracing::{info, warn};
 
 use crate::config::DbArgs;
+use crate::retry::{self, BackoffBuilder};
 use crate::store::StoreError;
 
 /// A pool of Postgres sessions, each with the configured time zone and statement timeout, and
@@ -33,6 +34,7 @@ impl Store {
 /// credentials) fail at once.
 pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     let config: tokio_postgres::Config = args.database_url.parse()?;
+    let mut backoff = retry::db_connect(args.connect_backoff, args.connect_attempts).build();
     let mut attempt = 1;
     loop {
         match config.connect(NoTls).await {
@@ -41,15 +43,14 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
                 drop(connection);
                 break;
             }
-            Err(e) if attempt >= args.connect_attempts.max(1) || is_permanent(&e) => {
-                return Err(StoreError::Unreachable { attempts: attempt, source: e });
-            }
-            Err(e) => {
-                let delay = args.backoff(attempt + 1);
-                warn!(attempt, error = %e, delay_ms = delay.as_millis() as u64, "database unreachable, retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
+            Err(e) => match backoff.next().filter(|_| !is_permanent(&e)) {
+                Some(delay) => {
+                    warn!(attempt, error = %e, delay_ms = delay.as_millis() as u64, "database unreachable, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                None => return Err(StoreError::Unreachable { attempts: attempt, source: e }),
+            },
         }
     }
     let pool = pool(args, config)?;
@@ -69,7 +70,7 @@ pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
         Err(e) if is_permanent(&e) => return Err(ConnectError::Permanent(e)),
         Err(e) => return Err(ConnectError::Transient(e)),
     }
-    pool(args, config).map_err(|e| ConnectError::Pool(e.to_string()))
+    pool(args, config).map_err(ConnectError::Pool)
 }
 
 /// Why one connection attempt failed.
@@ -82,8 +83,8 @@ pub enum ConnectError {
     #[error("{}", with_cause(.0))]
     Permanent(tokio_postgres::Error),
     /// The pool could not be built.
-    #[error("{0}")]
-    Pool(String),
+    #[error(transparent)]
+    Pool(StoreError),
 }
 
 /// The driver's error with its cause ("db error: FATAL: database \"x\" does not exist", not
@@ -127,7 +128,7 @@ fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreErr
     let setup = format!(
         "SET TIME ZONE '{}'; SET statement_timeout = {}; SET tally.origin = 'tally'",
         args.time_zone.replace('\'', "''"),
-        args.statement_timeout.saturating_mul(1000)
+        args.statement_timeout.as_millis()
     );
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager)
@@ -137,7 +138,7 @@ fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreErr
             Box::pin(async move { client.batch_execute(&setup).await.map_err(HookError::Backend) })
         }))
         .build()
-        .map_err(|e| StoreError::Pool(e.to_string()))?;
+        .map_err(|e| StoreError::Pool(e.into()))?;
     Ok(Store { pool, args: args.clone() })
 }
 

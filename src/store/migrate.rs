@@ -29,7 +29,7 @@ pub async fn migrate(store: &Store) -> Result<MigrationReport, StoreError> {
     let result =
         embedded::migrations::runner().set_migration_table_name("tally.schema_history").run_async(&mut **client).await;
     client.execute("SELECT pg_advisory_unlock(7243110)", &[]).await?;
-    let report = result.map_err(|e| StoreError::Migration(e.to_string()))?;
+    let report = result.map_err(StoreError::Migration)?;
     let applied: Vec<String> = report.applied_migrations().iter().map(|m| m.to_string()).collect();
     info!(applied = applied.len(), antenna_tables_existed = existed, "migrations done");
     Ok(MigrationReport { antenna_tables_existed: existed, applied })

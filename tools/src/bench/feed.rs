@@ -297,7 +297,7 @@ impl Bench<'_> {
         nats_args.results_subject_prefix = format!("benchfeed{pid}{phase}.results");
         let ingest_args = IngestArgs {
             workers: self.args.workers,
-            consumer: ConsumerArgs { ack_wait: 600, ..ConsumerArgs::default() },
+            consumer: ConsumerArgs { ack_wait: Duration::from_secs(600), ..ConsumerArgs::default() },
             ..IngestArgs::default()
         };
         let js = jetstream::new(async_nats::connect(&self.args.nats_url).await.with_context(|| {

@@ -350,7 +350,7 @@ impl<'a> Bench<'a> {
         let mut nats_args = NatsArgs::for_url(&args.nats_url);
         nats_args.results_stream = format!("TALLY_BENCH_{}", suffix.to_uppercase());
         nats_args.results_subject_prefix = format!("bench{}.results", suffix.replace('_', ""));
-        let consumer = ConsumerArgs { ack_wait: 600, ..ConsumerArgs::default() };
+        let consumer = ConsumerArgs { ack_wait: Duration::from_secs(600), ..ConsumerArgs::default() };
         let publisher = async_nats::connect(&args.nats_url).await.with_context(|| {
             format!("cannot connect to NATS at {} (is nats-server running with -js?)", args.nats_url)
         })?;

@@ -32,6 +32,7 @@ use crate::bench::ingest::{counter_bar, sibling, spinner};
 use crate::worker_sim::api::Api;
 use crate::worker_sim::{Retry, StopWhen, WorkerSim};
 use tally::config::{DbArgs, NatsArgs};
+use tally::duration::parse_millis;
 use tally::ingest::daemon::IngestArgs;
 use tally::store::verify::{self, Scope};
 use tally::store::{self, Store};
@@ -60,18 +61,20 @@ pub struct JobsBenchArgs {
     /// Simulated worker loops (ADC: one per GPU), sharing one keep-alive HTTP client.
     #[arg(long, default_value_t = 8)]
     pub workers: usize,
-    /// Milliseconds each task takes to "process" (download and inference), per loop.
-    #[arg(long, default_value_t = 0)]
-    pub delay_ms: u64,
+    /// How long each task takes to "process" (download and inference), per loop (a bare
+    /// number is milliseconds).
+    #[arg(long, alias = "delay-ms", value_parser = parse_millis, default_value = "0")]
+    pub delay: Duration,
     /// Tasks per /tasks call, and results per POST (ADC: 24).
     #[arg(long, default_value_t = 24)]
     pub batch_size: usize,
-    /// Milliseconds a worker loop sleeps after a claim that found no work (ADC: 5000).
-    #[arg(long, default_value_t = 500)]
-    pub poll_ms: u64,
-    /// Milliseconds between two samples of every job's progress.
-    #[arg(long, default_value_t = 250)]
-    pub sample_ms: u64,
+    /// The sleep of a worker loop after a claim that found no work (ADC: 5 s; a bare number
+    /// is milliseconds).
+    #[arg(long, alias = "poll-ms", value_parser = parse_millis, default_value = "500ms")]
+    pub poll: Duration,
+    /// The time between two samples of every job's progress (a bare number is milliseconds).
+    #[arg(long, alias = "sample-ms", value_parser = parse_millis, default_value = "250ms")]
+    pub sample: Duration,
     /// Fairness is measured after this fraction of the time to the last job's completion.
     #[arg(long, default_value_t = 0.1)]
     pub warmup: f64,
@@ -141,7 +144,10 @@ pub async fn run(args: JobsBenchArgs) -> anyhow::Result<ExitCode> {
     for (name, n) in [("--workers", args.workers), ("--batch-size", args.batch_size), ("--pollers", args.pollers)] {
         anyhow::ensure!(n >= 1, "{name} must be at least 1");
     }
-    anyhow::ensure!(args.posters >= 1 && args.sample_ms >= 1, "--posters and --sample-ms must be at least 1");
+    anyhow::ensure!(
+        args.posters >= 1 && args.sample >= Duration::from_millis(1),
+        "--posters must be at least 1 and --sample at least 1ms"
+    );
     anyhow::ensure!((0.0..1.0).contains(&args.warmup), "--warmup must be a fraction from 0 to 1");
     tally::metrics::install();
     let taxonomy = match &args.taxa {
@@ -234,8 +240,8 @@ async fn bench(
         concurrency: args.workers,
         batch_size: args.batch_size,
         post_batch: args.batch_size,
-        delay: Duration::from_millis(args.delay_ms),
-        poll_interval: Duration::from_millis(args.poll_ms),
+        delay: args.delay,
+        poll_interval: args.poll,
         stop: StopWhen::default(),
         results: seeded.factory.clone(),
         retry: Retry::default(),
@@ -243,7 +249,7 @@ async fn bench(
     let timeout = Duration::from_secs(args.timeout);
     let bar = counter_bar((args.jobs * args.images) as u64, "drain");
     let cpu = CpuSnapshot::take(database);
-    let drained = drain::drain(&store, &sim, &jobs, Duration::from_millis(args.sample_ms), timeout, &bar)
+    let drained = drain::drain(&store, &sim, &jobs, args.sample, timeout, &bar)
         .await
         .with_context(|| format!("phase 1 (ingest {})", server.state()))?;
     let drain_cpu = cpu.shares(&CpuSnapshot::take(database));

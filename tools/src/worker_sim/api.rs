@@ -12,6 +12,7 @@ use rand::Rng;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Client, RequestBuilder, Url};
 use serde_json::{json, Value};
+use tally::retry::{self, BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{Call, Refusal, WorkerReport};
@@ -34,6 +35,15 @@ pub struct Retry {
     pub first_backoff: Duration,
     /// Longest wait between two attempts.
     pub max_backoff: Duration,
+}
+
+impl Retry {
+    /// The pauses between attempts, before jitter: `first_backoff`, doubling, up to
+    /// `max_backoff`, `attempts - 1` of them.
+    pub fn policy(&self) -> ExponentialBuilder {
+        retry::exponential(self.first_backoff, self.max_backoff)
+            .with_max_times(self.attempts.max(1).saturating_sub(1) as usize)
+    }
 }
 
 impl Default for Retry {
@@ -177,12 +187,11 @@ impl Api {
         report: &mut WorkerReport,
         cancel: Option<&CancellationToken>,
     ) -> Outcome<Value> {
-        let mut backoff = self.retry.first_backoff;
+        let mut backoff = self.retry.policy().build();
         for attempt in 1..=self.retry.attempts.max(1) {
             if attempt > 1 {
                 report.retries += 1;
-                let wait = jitter(backoff);
-                backoff = (backoff * 2).min(self.retry.max_backoff);
+                let wait = jitter(retry::pause(&mut backoff));
                 match cancel {
                     Some(cancel) => tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -235,7 +244,8 @@ fn bad_response<T>(report: &mut WorkerReport, call: Call, why: &str) -> Outcome<
     Outcome::Failed
 }
 
-/// `d` ± 25 %.
+/// `d` ± 25 % (backon's own jitter only lengthens a pause, by up to itself; ADC's workers
+/// spread both ways).
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.75..1.25))
 }

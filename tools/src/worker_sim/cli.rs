@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
+use tally::duration::{parse_millis, parse_secs};
 use tally_dataflows::taxonomy::{Rank, Taxonomy};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -43,15 +44,18 @@ pub struct WorkerSimArgs {
     /// are posted when a job runs dry.
     #[arg(long, default_value_t = 24)]
     pub post_batch: usize,
-    /// Milliseconds each task takes to "process" (download and inference), per loop.
-    #[arg(long, default_value_t = 0)]
-    pub delay_ms: u64,
-    /// Milliseconds to sleep after an iteration that found no work (ADC: 5000).
-    #[arg(long, default_value_t = 5000)]
-    pub poll_ms: u64,
-    /// Stop once no loop has fetched, processed or posted anything for this many seconds
-    /// (fractions allowed). Without it (and without --max-tasks), run until Ctrl-C.
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    /// How long each task takes to "process" (download and inference), per loop (a bare
+    /// number is milliseconds).
+    #[arg(long, alias = "delay-ms", value_parser = parse_millis, default_value = "0")]
+    pub delay: Duration,
+    /// The sleep after an iteration that found no work (ADC: 5 s; a bare number is
+    /// milliseconds).
+    #[arg(long, alias = "poll-ms", value_parser = parse_millis, default_value = "5s")]
+    pub poll: Duration,
+    /// Stop once no loop has fetched, processed or posted anything for this long (a bare
+    /// number is seconds, fractions allowed). Without it (and without --max-tasks), run until
+    /// Ctrl-C.
+    #[arg(long, value_name = "DURATION", value_parser = parse_secs)]
     pub exit_when_idle: Option<Duration>,
     /// Take at most this many tasks in all, process and post them, then stop.
     #[arg(long)]
@@ -120,8 +124,8 @@ impl WorkerSimArgs {
             concurrency: self.concurrency,
             batch_size: self.batch_size,
             post_batch: self.post_batch,
-            delay: Duration::from_millis(self.delay_ms),
-            poll_interval: Duration::from_millis(self.poll_ms),
+            delay: self.delay,
+            poll_interval: self.poll,
             stop: StopWhen { idle: self.exit_when_idle, max_tasks: self.max_tasks },
             results: ResultFactory {
                 species,
@@ -133,12 +137,6 @@ impl WorkerSimArgs {
             retry: Retry { attempts: self.attempts.max(1), ..Retry::default() },
         })
     }
-}
-
-/// Parses a non-negative number of seconds, fractions allowed ("0.5").
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim().parse().map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a number of seconds ≥ 0"))
 }
 
 /// Runs the simulated workers and prints the report.
