@@ -322,7 +322,7 @@ impl<'s> Rows<'s> {
 
     fn new_occurrence(&mut self, snapshot: &Snapshot, image: i64, candidates: Vec<Candidate>) -> usize {
         let owner = snapshot.images.get(&image);
-        let id = |f: fn(&Image) -> Option<Id>| owner.and_then(f).map(|v| v as i64);
+        let id = |f: fn(&Image) -> Option<Id>| owner.and_then(f);
         self.occurrences.push(NewOccurrence {
             image,
             event: id(|i| i.event),
@@ -502,10 +502,10 @@ impl<'s> Rows<'s> {
             let Some(stored) = snapshot.occurrences.get(id) else { continue };
             let mut candidates = stored.candidates.clone();
             candidates.extend(added.remove(id).unwrap_or_default());
-            let current = stored.row.determination.map(|t| t as i64);
+            let current = stored.row.determination;
             let Some(d) = determine(current, stored.human, &candidates) else { continue };
             let mut row = stored.row.clone();
-            row.determination = d.taxon.map(|t| t as Id);
+            row.determination = d.taxon;
             if let Some(s) = d.score {
                 row.score = Some(Score::new(s));
             }
@@ -592,30 +592,28 @@ impl Plan {
     /// detections given an occurrence.
     pub fn input(&self, snapshot: &Snapshot, ids: &Ids) -> InputBatch {
         let mut input = snapshot.input.clone();
-        let taxon = |t: Option<i64>| t.map(|t| ids.taxon(t) as Id);
+        let taxon = |t: Option<i64>| t.map(|t| ids.taxon(t));
         for u in &self.determinations {
             let row = Occurrence { determination: taxon(u.taxon), ..u.row.clone() };
-            input.occurrences.push((u.id as Id, Some(row)));
+            input.occurrences.push((u.id, Some(row)));
         }
         for (o, id) in self.occurrences.iter().zip(&ids.occurrences) {
             let row = Occurrence {
-                event: o.event.map(|v| v as Id),
-                deployment: o.deployment.map(|v| v as Id),
+                event: o.event,
+                deployment: o.deployment,
                 determination: taxon(o.determination.and_then(|d| d.0)),
                 score: o.determination.and_then(|d| d.1).map(Score::new),
             };
-            input.occurrences.push((*id as Id, Some(row)));
+            input.occurrences.push((*id, Some(row)));
         }
         for (d, id) in self.detections.iter().zip(&ids.detections) {
-            let occurrence = d.occurrence.map(|n| ids.occurrences[n] as Id);
-            input
-                .detections
-                .push((*id as Id, Some(Detection { image: d.image as Id, occurrence, valid: d.bbox.is_some() })));
+            let occurrence = d.occurrence.map(|n| ids.occurrences[n]);
+            input.detections.push((*id, Some(Detection { image: d.image, occurrence, valid: d.bbox.is_some() })));
         }
         let images: HashMap<i64, i64> = snapshot.detections.iter().map(|d| (d.id, d.image)).collect();
         for (id, n) in &self.attach {
-            let occurrence = Some(ids.occurrences[*n] as Id);
-            input.detections.push((*id as Id, Some(Detection { image: images[id] as Id, occurrence, valid: true })));
+            let occurrence = Some(ids.occurrences[*n]);
+            input.detections.push((*id, Some(Detection { image: images[id], occurrence, valid: true })));
         }
         input
     }

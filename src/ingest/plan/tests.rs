@@ -86,9 +86,9 @@ fn stored(s: &Snapshot, plan: &Plan) -> Snapshot {
     }
     for (o, id) in plan.occurrences.iter().zip(&ids.occurrences) {
         let row = Occurrence {
-            event: o.event.map(|v| v as Id),
-            deployment: o.deployment.map(|v| v as Id),
-            determination: o.determination.and_then(|d| d.0).map(|t| ids.taxon(t) as Id),
+            event: o.event,
+            deployment: o.deployment,
+            determination: o.determination.and_then(|d| d.0).map(|t| ids.taxon(t)),
             score: o.determination.and_then(|d| d.1).map(Score::new),
         };
         s.occurrences.insert(*id, StoredOccurrence { row, candidates: Vec::new(), human: None });
@@ -175,16 +175,9 @@ fn a_new_detection_gets_an_occurrence_a_classification_and_a_determination() {
     assert!(plan.job_logs.is_empty());
 
     let input = plan.input(&s, &ids(&plan));
-    assert_eq!(
-        input.detections,
-        vec![(1000, Some(Detection { image: IMAGE as Id, occurrence: Some(2000), valid: true }))]
-    );
-    let occurrence = Occurrence {
-        event: Some(1),
-        deployment: Some(2),
-        determination: Some(MOTH as Id),
-        score: Some(Score::new(0.9)),
-    };
+    assert_eq!(input.detections, vec![(1000, Some(Detection { image: IMAGE, occurrence: Some(2000), valid: true }))]);
+    let occurrence =
+        Occurrence { event: Some(1), deployment: Some(2), determination: Some(MOTH), score: Some(Score::new(0.9)) };
     assert_eq!(input.occurrences, vec![(2000, Some(occurrence))]);
 }
 
@@ -317,7 +310,7 @@ fn a_better_classification_of_a_stored_detection_changes_its_determination() {
     let row = Occurrence {
         event: Some(1),
         deployment: Some(2),
-        determination: Some(BUTTERFLY as Id),
+        determination: Some(BUTTERFLY),
         score: Some(Score::new(0.8)),
     };
     assert_eq!(input.occurrences, vec![(2000, Some(row))]);
@@ -420,8 +413,5 @@ fn a_replay_fills_an_empty_crop_path_and_gives_a_stored_detection_its_missing_oc
     assert_eq!(plan.occurrences[0].determination, Some((Some(MOTH), Some(0.9))));
     assert_eq!(plan.inserted, vec![2], "the occurrence and the classification");
     let input = plan.input(&s, &ids(&plan));
-    assert_eq!(
-        input.detections,
-        vec![(9, Some(Detection { image: IMAGE as Id, occurrence: Some(2000), valid: true }))]
-    );
+    assert_eq!(input.detections, vec![(9, Some(Detection { image: IMAGE, occurrence: Some(2000), valid: true }))]);
 }

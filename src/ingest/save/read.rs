@@ -28,7 +28,7 @@ pub(super) async fn snapshot(
     s.pipelines = load_pipelines(tx, &slugs).await?;
     let image_ids: Vec<i64> = distinct(messages.iter().flat_map(|m| m.image_ids()));
     read_rows(tx, "main_sourceimage", "id", &image_ids, &mut s.input).await?;
-    s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| (*id as i64, r))).collect();
+    s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| ((*id), r))).collect();
     let accepted: Vec<&ResultMessage> =
         messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
     read_owners(tx, tables, &mut s.input).await?;
@@ -50,7 +50,7 @@ pub(super) async fn snapshot(
             .flat_map(|r| r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone()))),
     );
     s.taxa = find_taxa(tx, &labels).await?;
-    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(&(*id as Id))));
+    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(&(*id))));
     read_rows(tx, "main_taxon", "id", &missing, &mut s.input).await?;
     Ok(s)
 }
@@ -124,7 +124,7 @@ async fn load_jobs(tx: &Transaction<'_>, ids: &[i64]) -> Result<HashMap<i64, Str
 /// refer to and the engine has not seen.
 async fn read_owners(tx: &Transaction<'_>, tables: &Tables, input: &mut InputBatch) -> Result<(), StoreError> {
     let missing = |ids: Vec<Option<Id>>, known: &dyn Fn(Id) -> bool| -> Vec<i64> {
-        distinct(ids.into_iter().flatten().filter(|id| !known(*id)).map(|id| id as i64))
+        distinct(ids.into_iter().flatten().filter(|id| !known(*id)))
     };
     let images: Vec<_> = input.images.iter().filter_map(|(_, r)| r.clone()).collect();
     let events = missing(images.iter().map(|i| i.event).collect(), &|id| tables.events.contains_key(&id));
@@ -203,9 +203,9 @@ async fn read_occurrences(tx: &Transaction<'_>, s: &mut Snapshot) -> Result<(), 
         .await?
     {
         let row = Occurrence {
-            event: r.try_get::<_, Option<i64>>(1)?.map(|v| v as Id),
-            deployment: r.try_get::<_, Option<i64>>(2)?.map(|v| v as Id),
-            determination: r.try_get::<_, Option<i64>>(3)?.map(|v| v as Id),
+            event: r.try_get::<_, Option<i64>>(1)?,
+            deployment: r.try_get::<_, Option<i64>>(2)?,
+            determination: r.try_get::<_, Option<i64>>(3)?,
             score: r.try_get::<_, Option<f64>>(4)?.map(Score::new),
         };
         s.occurrences.insert(r.try_get(0)?, StoredOccurrence { row, candidates: Vec::new(), human: None });
