@@ -50,7 +50,7 @@ pub(super) async fn snapshot(
             .flat_map(|r| r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone()))),
     );
     s.taxa = find_taxa(tx, &labels).await?;
-    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(&(*id))));
+    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut s.input).await?;
     Ok(s)
 }

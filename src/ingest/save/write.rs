@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tally_dataflows::{Id, InputBatch, Tables};
+use tally_dataflows::{InputBatch, Tables};
 use tokio_postgres::Transaction;
 
 use super::JobLogLine;
@@ -44,7 +44,7 @@ pub(super) async fn write(
     write_determinations(tx, &plan.determinations, &ids).await?;
     write_job_images(tx, &plan.job_images).await?;
     let mut input = plan.input(snapshot, &ids);
-    let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !tables.taxa.contains_key(&(*id))));
+    let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !tables.taxa.contains_key(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut input).await?;
     Ok(Written { input, taxa: created })
 }
