@@ -8,7 +8,7 @@
 //! - [`tables`]: the current rows, and their diffing into differential updates.
 //! - [`graph`]: the dataflow itself; wires operators only, no I/O.
 //! - [`engine`]: runs the graph on timely workers; `apply(batch) -> changed counts`.
-//! - [`hashing`]: a fast hasher for id-keyed maps.
+//! - [`hashing`]: id-keyed maps hashed with foldhash.
 //! - [`counts`]: the per-owner counts and the change lists the engine reports.
 //! - [`oracle`]: SPEC §2 computed from scratch, as plainly as possible.
 //! - [`taxonomy`]: Antenna's taxonomy fixture format turned into taxon rows.

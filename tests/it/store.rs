@@ -2,7 +2,7 @@
 //! SQL recompute against the oracle, rebuild → verify, corruption found and fixed, the sink's
 //! untouched rows, and the errors operators see. Every test uses its own database.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -18,7 +18,7 @@
 //! The database, the results stream and the job streams are removed even when an assertion
 //! fails (the child processes are killed on drop).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -180,7 +180,7 @@ fn serve(f: &Fixture, listen: &str, consumer: &str, log: &PathBuf) -> Child {
         .args(["--consumer", consumer])
         .args(["--gateway-fetch-wait", "0.2", "--connect-attempts", "4"])
         // The checks below read each finished job's consumer; the job monitor would delete it
-        // 10 s after the job finished (tests/job_monitor.rs covers that cleanup).
+        // 10 s after the job finished (tests/it/job_monitor.rs covers that cleanup).
         .args(["--cleanup-grace", "3600"])
         .env("TALLY_LOG", "info")
         .env("TALLY_LOG_FORMAT", "text")

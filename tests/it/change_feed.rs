@@ -5,7 +5,7 @@
 //! (`verify`). Each step also checks that the edit changed what the SQL computes, so a feed
 //! that applied nothing would fail it.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,10 +4,8 @@
 //! waiting exits 0. NATS comes late from a private `nats-server` on a free port; Postgres is
 //! the test server (`TALLY_TEST_DATABASE_URL`).
 
-#[path = "gateway/client.rs"]
-#[allow(dead_code)]
-mod client;
-mod common;
+use crate::common;
+use crate::gateway::client;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -25,8 +23,7 @@ fn free_port() -> u16 {
 /// `GET path` → (status, body); `None` while nothing answers.
 async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     tokio::net::TcpStream::connect(addr).await.ok()?;
-    let r =
-        client::exchange(addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    let r = client::get(addr, path).await;
     Some((r.status, r.body))
 }
 

@@ -67,11 +67,6 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// Its port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Its directory; every process it runs has this path on its command line.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -4,7 +4,7 @@
 //! no row is duplicated, every count equals its SQL definition, every result and task is
 //! acked, and SIGTERM stops the daemon cleanly.
 
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

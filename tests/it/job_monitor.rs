@@ -13,7 +13,7 @@
 //! - cleanup (on a private NATS server, where deleting every old zombie is safe): finished jobs
 //!   after the grace, zombies of missing jobs only past their age, active jobs never.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Stdio;

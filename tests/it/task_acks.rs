@@ -2,7 +2,7 @@
 //! that JetStream cannot confirm never hold results on the results consumer. Real Postgres,
 //! real NATS, ingest in-process.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

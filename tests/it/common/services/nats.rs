@@ -45,11 +45,6 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Its port on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Its directory; the server's command line holds this path.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -64,7 +59,7 @@ impl PrivateNats {
 
     /// Crash restart: SIGKILL, then start again on the same port and store. What the server
     /// had written to its files survives; with nats-server 2.9.10 that includes every message
-    /// it had acknowledged (`tests/services_harness.rs` checks it), as the OS keeps the writes.
+    /// it had acknowledged (`tests/it/services_harness.rs` checks it), as the OS keeps the writes.
     pub fn crash_restart(&self) {
         self.kill();
         self.resume();

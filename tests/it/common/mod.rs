@@ -5,7 +5,6 @@
 //! The server comes from `TALLY_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`). When it does not answer, tests fail with a
 //! message saying so: they never skip.
-#![allow(dead_code)]
 
 pub mod gateway;
 pub mod ingest;

@@ -15,15 +15,11 @@
 //! `tokio::task::block_in_place(|| pg.crash_restart())` in a `multi_thread` test.
 //!
 //! Missing binaries make these panic with what to install: they never skip.
-#![allow(dead_code)]
 
 mod nats;
 mod postgres;
 
-// Each test binary compiles `common`; most never name these.
-#[allow(unused_imports)]
 pub use nats::PrivateNats;
-#[allow(unused_imports)]
 pub use postgres::PrivatePostgres;
 
 use std::collections::hash_map::RandomState;

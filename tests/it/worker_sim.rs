@@ -4,7 +4,7 @@
 //! exact progress; a bad token stops the workers at once with the 401 in the report; a gateway
 //! still connecting (503) is waited out.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! or search name or created, human identifications win, error results mark images failed,
 //! and every kind of bad input is dead-lettered without holding up the rest of its batch.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

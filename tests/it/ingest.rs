@@ -3,7 +3,7 @@
 //! saved exactly once, every count equals its SQL definition, and every result and task is
 //! acked.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

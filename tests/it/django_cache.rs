@@ -4,7 +4,7 @@
 //! Django's next read returns the new value. Each test first shows that Django really serves
 //! a cached value (a raw SQL write it cannot see), so the tests fail without invalidation.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The store commands end to end through the `tally` binary: migrate, verify (exit status,
 //! JSON, --fix), rebuild and counts, against a real Postgres database of their own.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 

@@ -6,7 +6,7 @@
 //! stream of its own (`TEST_DL_<pid>_<n>` on subjects `test_dl_<pid>_<n>.>`) and deletes it
 //! when done. When NATS does not answer, tests fail saying so: they never skip.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};

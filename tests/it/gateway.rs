@@ -3,9 +3,8 @@
 //! fairness, tasks, results (read back from the stream), refusals that publish nothing,
 //! heartbeats and the offline sweep, and `tally serve --no-ingest`.
 
-#[path = "gateway/client.rs"]
-mod client;
-mod common;
+pub mod client;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,12 +153,7 @@ async fn auth_refuses_missing_wrong_and_inactive_tokens() {
     }
     assert_eq!(b.anonymous().get(&format!("/api/v2/jobs/next?pipeline__slug__in={PIPELINE}")).await.status, 401);
     // A scheme other than Token is no credential at all (DRF).
-    let bearer = client::exchange(
-        b.addr,
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await;
+    let bearer = b.anonymous().get_authorized(&path, &format!("Bearer {TOKEN}")).await;
     assert_eq!(bearer.status, 401);
     // The right token, twice (the second from the cache).
     for _ in 0..2 {
@@ -780,10 +774,7 @@ async fn tally_serve_no_ingest_serves_the_worker_api() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let up = match tokio::net::TcpStream::connect(addr).await {
-            Ok(_) => {
-                client::exchange(addr, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.status
-                    == 200
-            }
+            Ok(_) => client::get(addr, "/readyz").await.status == 200,
             Err(_) => false,
         };
         if up {
@@ -797,7 +788,7 @@ async fn tally_serve_no_ingest_serves_the_worker_api() {
     let w = Client { addr, token: Some(TOKEN.into()) };
     assert_eq!(claimed(&w.claim(PIPELINE).await), vec![job]);
     assert_eq!(tasks_of(&w.tasks(job, 5).await).len(), 1);
-    let metrics = client::exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let metrics = client::get(addr, "/metrics").await;
     assert!(
         metrics.body.contains("tally_gateway_requests_total{route=\"claim\",status=\"401\"} 1"),
         "{}",

@@ -13,7 +13,7 @@
 //! - a job finishes FAILURE when more than half of its images failed, SUCCESS at exactly half,
 //!   and failed images get no rows.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};

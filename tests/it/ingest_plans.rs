@@ -9,7 +9,7 @@
 //! idle, at the latest 10 s later (Postgres 15's `PGSTAT_IDLE_INTERVAL`): the test waits that
 //! long before each reading.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
-//! The private-service harness itself (`tests/common/services.rs`): both servers start, keep
+//! The private-service harness itself (`tests/it/common/services.rs`): both servers start, keep
 //! their data across clean and crash restarts, and leave no process or directory behind.
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

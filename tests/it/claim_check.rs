@@ -2,7 +2,7 @@
 //! never retried forever: the object is missing, or larger than `--max-result-bytes`. Real
 //! NATS (object store) and Postgres, ingest in-process.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

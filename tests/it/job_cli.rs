@@ -7,7 +7,7 @@
 //! Jobs created by the binary take their ids from the `jobs_job` identity, which each test
 //! moves to a range of its own, so that stream names never collide on the shared NATS server.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
