@@ -78,23 +78,28 @@ pub enum PublishError {
     #[error("header {0} cannot carry this value")]
     Header(&'static str),
     /// Storing the object of a large result failed.
-    #[error("storing a {size}-byte result in object store {bucket}: {reason}")]
+    #[error("storing a {size}-byte result in object store {bucket}: {source}")]
     Object {
         /// The bucket.
         bucket: String,
         /// The result's size.
         size: usize,
         /// What failed.
-        reason: String,
+        #[source]
+        source: object_store::PutError,
     },
-    /// The publish or its acknowledgement failed.
-    #[error("publishing to {subject}: {reason}")]
+    /// The publish failed.
+    #[error("publishing to {subject}: {source}")]
     Publish {
         /// Where.
         subject: String,
         /// What failed.
-        reason: String,
+        #[source]
+        source: jetstream::context::PublishError,
     },
+    /// JetStream did not acknowledge the publish (whether it stored the message is unknown).
+    #[error("acknowledgement of a publish: {0}")]
+    Ack(#[source] jetstream::context::PublishError),
 }
 
 /// Whether a header value can be sent: visible ASCII and spaces only (async-nats panics on a
@@ -193,7 +198,7 @@ pub async fn publish_all(
                 Err(e) => {
                     // Whether JetStream stored the message is unknown: keep the object (a
                     // stored message needs it; an orphan expires with the bucket).
-                    Err(PublishError::Publish { subject: String::new(), reason: e.to_string() })
+                    Err(PublishError::Ack(e))
                 }
             },
         });
@@ -219,7 +224,7 @@ async fn send(
         bucket.store.put(name.as_str(), &mut reader).await.map_err(|e| PublishError::Object {
             bucket: bucket.name.clone(),
             size,
-            reason: e.to_string(),
+            source: e,
         })?;
         headers.insert(OBJECT_HEADER, name.as_str());
         headers.insert(OBJECT_SIZE_HEADER, size.to_string().as_str());
@@ -232,7 +237,7 @@ async fn send(
             if let Some(name) = &object {
                 delete_object(bucket, name).await;
             }
-            Err(PublishError::Publish { subject: item.subject, reason: e.to_string() })
+            Err(PublishError::Publish { subject: item.subject, source: e })
         }
     }
 }
@@ -259,29 +264,30 @@ pub enum FetchError {
         limit: usize,
     },
     /// NATS failed; retry later.
-    #[error("reading object {name}: {reason}")]
+    #[error("reading object {name}: {source}")]
     Transient {
         /// The object.
         name: String,
         /// What failed.
-        reason: String,
+        #[source]
+        source: crate::BoxError,
     },
 }
 
 /// Reads object `name` whole, refusing one over `limit` bytes before reading it.
 pub async fn fetch_object(bucket: &Objects, name: &str, limit: usize) -> Result<Bytes, FetchError> {
-    let transient = |e: &dyn std::fmt::Display| FetchError::Transient { name: name.to_string(), reason: e.to_string() };
+    let transient = |e: crate::BoxError| FetchError::Transient { name: name.to_string(), source: e };
     let mut object = match bucket.store.get(name).await {
         Ok(o) => o,
         Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(FetchError::Missing(name.into())),
-        Err(e) => return Err(transient(&e)),
+        Err(e) => return Err(transient(e.into())),
     };
     let size = object.info().size as u64;
     if size > limit as u64 {
         return Err(FetchError::TooLarge { name: name.into(), size, limit });
     }
     let mut buffer = Vec::with_capacity(size as usize);
-    object.read_to_end(&mut buffer).await.map_err(|e| transient(&e))?;
+    object.read_to_end(&mut buffer).await.map_err(|e| transient(e.into()))?;
     Ok(Bytes::from(buffer))
 }
 
@@ -304,5 +310,18 @@ mod tests {
         assert!(!header_safe("a\0"));
         assert!(!header_safe("é"));
         assert!(matches!(header_map(&[(MSG_ID_HEADER, "x\ny".into())]), Err(PublishError::Header(_))));
+    }
+
+    #[test]
+    fn fetch_errors_keep_their_source() {
+        use std::error::Error as _;
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let e = FetchError::Transient { name: "result-1".into(), source: cause.into() };
+        assert_eq!(e.to_string(), "reading object result-1: connection reset");
+        let source = e.source().expect("the cause is kept");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::ConnectionReset)
+        );
     }
 }

@@ -35,12 +35,13 @@ pub enum GatewayError {
     TaskQueue(#[source] crate::BoxError),
     /// 503 `{"status": "error", "job_id", "detail"}` (Antenna's `/result` answer); some results
     /// of the request may have been published already (as with Antenna).
-    #[error("result queue unavailable for job {job_id}: {reason}")]
+    #[error("result queue unavailable for job {job_id}: {source}")]
     ResultQueue {
         /// The job of the request.
         job_id: i64,
         /// What failed, for the log.
-        reason: String,
+        #[source]
+        source: crate::BoxError,
     },
     /// 503: Postgres failed; the request can be retried.
     #[error("database: {0}")]

@@ -88,7 +88,7 @@ pub async fn post(
     let checked = check(id, &bytes)?;
     known_job(&gateway, id).await?;
     let Some(nats) = gateway.nats() else {
-        return Err(GatewayError::ResultQueue { job_id: id, reason: "NATS is not connected yet".into() });
+        return Err(GatewayError::ResultQueue { job_id: id, source: "NATS is not connected yet".into() });
     };
     let objects = match gateway.objects() {
         Some(objects) => objects.clone(),
@@ -98,7 +98,7 @@ pub async fn post(
             let max_age = crate::ingest::nats::ConsumerArgs::default().max_age();
             let objects = results_stream::ensure_bucket(&nats.js, &gateway.nats_args.results_object_bucket, max_age)
                 .await
-                .map_err(|e| GatewayError::ResultQueue { job_id: id, reason: e.to_string() })?;
+                .map_err(|e| GatewayError::ResultQueue { job_id: id, source: e.into() })?;
             gateway.set_objects(objects.clone());
             objects
         }
@@ -138,7 +138,7 @@ pub async fn post(
             }
             (Checked::Valid { .. }, Err(e)) => {
                 metrics::counter!(names::GATEWAY_RESULTS, "outcome" => "publish_failed").increment(1);
-                failed.get_or_insert(e.to_string());
+                failed.get_or_insert(e);
             }
             (Checked::Refused { reply_subject, code, detail, .. }, answer) => {
                 metrics::counter!(names::GATEWAY_RESULTS, "outcome" => "refused").increment(1);
@@ -160,10 +160,10 @@ pub async fn post(
             }
         }
     }
-    if let Some(reason) = failed {
+    if let Some(e) = failed {
         // A valid result that JetStream did not take: the worker's batch is lost unless NATS
         // redelivers its tasks, which it does after their ack wait (as with Antenna's 503).
-        return Err(GatewayError::ResultQueue { job_id: id, reason });
+        return Err(GatewayError::ResultQueue { job_id: id, source: e.into() });
     }
     let status = match (tasks.is_empty(), refused.is_empty()) {
         (_, true) => "accepted",
