@@ -22,7 +22,7 @@ use crate::config::{DbArgs, NatsArgs};
 use crate::django_cache::{DjangoCache, DjangoCacheArgs};
 use crate::gateway::{self, Gateway, GatewayArgs};
 use crate::http::{self, Health};
-use crate::ingest::batch::Ingestor;
+use crate::ingest::batch::{AfterCommit, Ingestor};
 use crate::ingest::daemon::{self, Hooks, IngestArgs};
 use crate::jobs::monitor::{self, MonitorArgs, ResultsConsumer};
 use crate::startup::{self, Failure, Wait, Waiting};
@@ -66,6 +66,10 @@ pub struct Config {
     /// Observers of the ingest loop (tests and benchmarks count acked batches with it).
     #[arg(skip)]
     pub hooks: Hooks,
+    /// How ingest keeps counts: always incrementally in `tally serve`; the ingest benchmark
+    /// also runs the daemon without them, to compare.
+    #[arg(skip)]
+    pub counts: Counts,
     /// Take the per-database ingest lock before ingesting (always true but in the test that
     /// runs two ingest loops on one database on purpose, to prove the progress writes exact
     /// without it).
@@ -89,7 +93,35 @@ impl Config {
             migrate: false,
             startup_deadline: Duration::ZERO,
             hooks: Hooks::default(),
+            counts: Counts::default(),
             ingest_lock: true,
+        }
+    }
+}
+
+/// How ingest keeps the stored counts.
+#[derive(Clone, Default)]
+pub enum Counts {
+    /// The dataflow, bootstrapped from Postgres, writes the changed counts in each batch's
+    /// transaction (tally).
+    #[default]
+    Incremental,
+    /// No bootstrap and no count writes; `after_commit`, if any, runs after each batch commits
+    /// and before its acks (`tally-tools bench ingest` recomputes counts in SQL there, as
+    /// Antenna does, to measure the difference).
+    Unkept {
+        /// Work after each commit, given the batch's deployments.
+        after_commit: Option<AfterCommit>,
+    },
+}
+
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Counts::Incremental => f.write_str("Incremental"),
+            Counts::Unkept { after_commit } => {
+                f.debug_struct("Unkept").field("after_commit", &after_commit.as_ref().map(|_| "…")).finish()
+            }
         }
     }
 }
@@ -282,13 +314,18 @@ async fn ingest(
     };
 
     health.set_not_ready("rebuilding the dataflow from Postgres");
-    let mut ingestor = Ingestor::start(
-        store.clone(),
-        args.ingest.workers,
-        args.nats.results_subject_prefix.clone(),
-        args.ingest.max_result_bytes,
-    )
-    .await?;
+    let (workers, prefix, max_bytes) =
+        (args.ingest.workers, args.nats.results_subject_prefix.clone(), args.ingest.max_result_bytes);
+    let mut ingestor = match &args.counts {
+        Counts::Incremental => Ingestor::start(store.clone(), workers, prefix, max_bytes).await?,
+        Counts::Unkept { after_commit } => {
+            let mut ingestor = Ingestor::without_counts(store.clone(), workers, prefix, max_bytes).await?;
+            if let Some(hook) = after_commit {
+                ingestor.set_after_commit(std::sync::Arc::clone(hook));
+            }
+            ingestor
+        }
+    };
     ingestor.set_django_cache(django).await;
     if shutdown.is_cancelled() {
         return Ok(());

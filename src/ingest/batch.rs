@@ -102,7 +102,8 @@ pub struct FeedReport {
 /// Work run after each batch commits and before its messages are acked, given the store and
 /// the deployments of the batch's images (`tally-tools bench ingest` recomputes their counts
 /// there, as Antenna does after every result).
-pub type AfterCommit = Box<dyn Fn(Store, Vec<Id>) -> BoxFuture<'static, Result<(), IngestError>> + Send + Sync>;
+pub type AfterCommit =
+    std::sync::Arc<dyn Fn(Store, Vec<Id>) -> BoxFuture<'static, Result<(), IngestError>> + Send + Sync>;
 
 /// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
 pub struct Ingestor {

@@ -47,11 +47,11 @@ use crate::synth::jobs::Task;
 use crate::synth::preload::preload;
 use crate::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tally::config::{DbArgs, NatsArgs};
-use tally::ingest::batch::Ingestor;
 use tally::ingest::daemon::{Acked, IngestArgs};
 use tally::ingest::feed;
 use tally::ingest::nats::ConsumerArgs;
 use tally::metrics::names;
+use tally::server::Counts;
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::verify::{self, Scope};
 use tally::store::{self, Store};
@@ -307,17 +307,10 @@ impl Bench<'_> {
         // Results may be published before the loop has set the stream up.
         tally::ingest::nats::ensure_stream(&js, &nats_args, &ingest_args.consumer).await?;
         let s = spinner("serve: bootstrapping the dataflow from Postgres".into());
-        let started = Instant::now();
-        let ingestor = Ingestor::start(
-            store.clone(),
-            ingest_args.workers,
-            nats_args.results_subject_prefix.clone(),
-            ingest_args.max_result_bytes,
-        )
-        .await?;
-        let bootstrap = started.elapsed().as_secs_f64();
+        let (ingest, bootstrap) =
+            Ingest::start(store.args.clone(), &nats_args, &ingest_args, Counts::Incremental).await?;
         s.finish_and_clear();
-        Ok((Ingest::start(ingestor, &nats_args, &ingest_args).await?, nats_args, bootstrap))
+        Ok((ingest, nats_args, bootstrap))
     }
 }
 

@@ -37,9 +37,9 @@ use crate::synth::preload::preload;
 use crate::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
 use tally::config::{DbArgs, NatsArgs};
 use tally::http::Health;
-use tally::ingest::batch::Ingestor;
-use tally::ingest::daemon::{self, Acked, Hooks, IngestArgs};
+use tally::ingest::daemon::{Acked, Hooks, IngestArgs};
 use tally::ingest::nats::ConsumerArgs;
+use tally::server::{self, Config, Counts, Running};
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::verify::{self, Scope};
 use tally::store::{self, Store};
@@ -152,6 +152,9 @@ const DEPLOYMENTS: usize = 2;
 
 /// A run stops waiting when no message has been acked for this long.
 const STALL: Duration = Duration::from_secs(180);
+
+/// How long the daemon may take to be ready (the bootstrap of a large preload included).
+const STARTUP: Duration = Duration::from_secs(3600);
 
 /// Runs the benchmark and prints the markdown report.
 pub async fn run(args: IngestBenchArgs) -> anyhow::Result<ExitCode> {
@@ -401,22 +404,19 @@ impl Run<'_> {
         let tasks = self.tasks(drain_images).await?;
         publish::all(&self.js, &self.nats_args, &self.bench.factory, &tasks).await?;
         let before = ceiling::Rows::read(&self.store).await?;
-        let bootstrap_started = Instant::now();
-        let ingestor = strategy
-            .ingestor(self.store.clone(), args.workers, self.nats_args.results_subject_prefix.clone(), 64 << 20)
-            .await?;
-        let bootstrap_seconds =
-            (strategy == CountStrategy::Incremental).then(|| bootstrap_started.elapsed().as_secs_f64());
         let ingest_args = IngestArgs {
             batch_size: if strategy == CountStrategy::Recompute { 1 } else { args.batch_size },
             workers: args.workers,
             consumer,
+            max_result_bytes: 64 << 20,
             ..IngestArgs::default()
         };
         let stages_before = Stages::scrape(metrics);
         let cpu_before = cpu::CpuSnapshot::take(&self.database);
+        let (mut ingest, ready_seconds) =
+            Ingest::start(self.store.args.clone(), &self.nats_args, &ingest_args, strategy.counts()).await?;
+        let bootstrap_seconds = (strategy == CountStrategy::Incremental).then_some(ready_seconds);
         let started = Instant::now();
-        let mut ingest = Ingest::start(ingestor, &self.nats_args, &ingest_args).await?;
         let bar = counter_bar(tasks.len() as u64, "drain");
         let acked = ingest.wait_for(tasks.len(), &bar).await?;
         bar.finish_and_clear();
@@ -537,26 +537,36 @@ pub(crate) async fn dispatch_jobs(
     Ok(tasks)
 }
 
-/// Ingest running in-process, as `tally serve` runs it (with the change feed).
+/// Ingest running in-process: `tally serve` itself (`server::start`, with the change feed and
+/// the job monitor; no worker gateway), its acked batches reported to the benchmark.
 pub(crate) struct Ingest {
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<Result<(), tally::ingest::IngestError>>,
+    running: Running,
     acked: mpsc::UnboundedReceiver<Acked>,
     health: Arc<Health>,
 }
 
 impl Ingest {
-    /// Starts the ingest loop over `ingestor` (already bootstrapped).
-    pub(crate) async fn start(ingestor: Ingestor, nats_args: &NatsArgs, args: &IngestArgs) -> anyhow::Result<Ingest> {
-        let client = nats_args.connect().await?;
+    /// Starts the daemon over the database of `db` and waits until it is ready (the dataflow
+    /// bootstrapped unless `counts` says otherwise); returns it and the seconds that took.
+    pub(crate) async fn start(
+        db: DbArgs,
+        nats_args: &NatsArgs,
+        args: &IngestArgs,
+        counts: Counts,
+    ) -> anyhow::Result<(Ingest, f64)> {
         let (tx, acked) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let health = Arc::new(Health::default());
-        let (token, h, nats_args, args) = (shutdown.clone(), Arc::clone(&health), nats_args.clone(), args.clone());
-        let handle = tokio::spawn(async move {
-            daemon::run(ingestor, client, &nats_args, &args, h, Hooks { acked: Some(tx) }, token).await
-        });
-        Ok(Ingest { shutdown, handle, acked, health })
+        let mut config = Config::new(db, nats_args.clone());
+        config.ingest = args.clone();
+        config.gateway.no_gateway = true;
+        // Jobs of a run are never lost; the monitor need not look.
+        config.monitor.job_monitor_every = Duration::from_secs(3600);
+        config.hooks = Hooks { acked: Some(tx) };
+        config.counts = counts;
+        let started = Instant::now();
+        let running = server::start(config, CancellationToken::new()).await?.until_ready(STARTUP).await?;
+        let ready = started.elapsed().as_secs_f64();
+        let health = Arc::clone(&running.health);
+        Ok((Ingest { running, acked, health }, ready))
     }
 
     /// Waits until `n` more results are acked; returns their batches' acks.
@@ -583,10 +593,12 @@ impl Ingest {
         Ok(batches)
     }
 
-    /// Stops the loop and waits for it.
+    /// Stops the daemon and waits for it (a failure is reported, not fatal: the figures are
+    /// taken).
     pub(crate) async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.handle.await;
+        if let Err(e) = self.running.stop().await {
+            eprintln!("ingest stopped with an error: {e:#}");
+        }
     }
 }
 

@@ -1,10 +1,12 @@
 //! The count strategies the ingest benchmark compares. Only [`CountStrategy::Incremental`]
 //! is tally; the others exist so that the benchmark can measure the alternatives side by side,
-//! and live here, outside the product: the product's [`Ingestor`] only offers to ingest
-//! without counts ([`Ingestor::without_counts`]) and to run work after each commit
-//! ([`Ingestor::set_after_commit`]).
+//! and live here, outside the product: the daemon only offers to ingest without counts and
+//! to run work after each commit ([`Counts::Unkept`]).
 
-use tally::ingest::batch::{AfterCommit, Ingestor};
+use std::sync::Arc;
+
+use tally::ingest::batch::AfterCommit;
+use tally::server::Counts;
 use tally::store::verify::{self, Scope};
 use tally::store::Store;
 
@@ -31,30 +33,19 @@ impl CountStrategy {
         }
     }
 
-    /// An ingestor over `store` that keeps counts this way (bootstrapped only when
-    /// incremental).
-    pub async fn ingestor(
-        self,
-        store: Store,
-        workers: usize,
-        prefix: String,
-        max_bytes: usize,
-    ) -> Result<Ingestor, tally::ingest::IngestError> {
+    /// How the daemon keeps counts under this strategy.
+    pub fn counts(self) -> Counts {
         match self {
-            CountStrategy::Incremental => Ingestor::start(store, workers, prefix, max_bytes).await,
-            CountStrategy::Recompute => {
-                let mut ingestor = Ingestor::without_counts(store, workers, prefix, max_bytes).await?;
-                ingestor.set_after_commit(recompute());
-                Ok(ingestor)
-            }
-            CountStrategy::Deferred => Ingestor::without_counts(store, workers, prefix, max_bytes).await,
+            CountStrategy::Incremental => Counts::Incremental,
+            CountStrategy::Recompute => Counts::Unkept { after_commit: Some(recompute()) },
+            CountStrategy::Deferred => Counts::Unkept { after_commit: None },
         }
     }
 }
 
 /// After each commit, `verify` and `fix` the counts of each affected deployment.
 fn recompute() -> AfterCommit {
-    Box::new(|store: Store, deployments: Vec<tally_dataflows::Id>| {
+    Arc::new(|store: Store, deployments: Vec<tally_dataflows::Id>| {
         Box::pin(async move {
             for deployment in deployments {
                 let scope = Scope { project: None, deployment: Some(deployment) };
