@@ -32,7 +32,7 @@ use super::body::{self, Body};
 use super::heartbeat::Beat;
 use super::tasks::JobId;
 use super::{job, Gateway, GatewayError};
-use crate::ingest::message::{parse_ack_subject, RejectReason};
+use crate::ingest::decode::{parse_ack_subject, RejectReason};
 use crate::metrics::names;
 use crate::results_stream::{self, Outgoing};
 

@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use crate::config::NatsArgs;
 use crate::dead_letters::{self, NewDeadLetter};
 use crate::ingest::batch::Outcome;
-use crate::ingest::message::{job_of_reply_subject, job_of_subject, RejectReason};
+use crate::ingest::decode::{job_of_reply_subject, job_of_subject, RejectReason};
 use crate::ingest::nats::{self as transport, ConsumerArgs, TaskAck};
 use crate::ingest::save::{self, JobLogLine};
 use crate::ingest::IngestError;

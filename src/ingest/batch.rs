@@ -25,8 +25,8 @@ use tracing::{error, info, warn};
 use crate::dead_letters::{self, NewDeadLetter};
 use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
+use crate::ingest::decode::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::feed;
-use crate::ingest::message::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::save::{self, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
 use crate::jobs::logs::Level;
@@ -305,7 +305,7 @@ impl Ingestor {
                         return Err(r.clone());
                     }
                     let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
-                    message::decode(&envelope, &m.payload)
+                    decode::decode(&envelope, &m.payload)
                 })
                 .collect()
         });
@@ -440,7 +440,7 @@ fn log_dead_letters(batch: &[Incoming], rejected: &BTreeMap<usize, Rejection>, p
         let m = &batch[i];
         error!(
             subject = %m.subject,
-            job_id = message::job_of_subject(&m.subject, prefix),
+            job_id = decode::job_of_subject(&m.subject, prefix),
             reason = r.code.as_str(),
             detail = %r.detail,
             bytes = m.payload.len(),
@@ -462,7 +462,7 @@ fn dead_letters_of(
     let mut logs = Vec::new();
     for (&i, r) in rejected {
         let m = &batch[i];
-        let job_id = message::job_of_subject(&m.subject, prefix);
+        let job_id = decode::job_of_subject(&m.subject, prefix);
         let reply_subject = decoded[i].as_ref().ok().map(|d| d.reply_subject.clone()).or_else(|| reply_of(&m.payload));
         if let Some(job_id) = job_id {
             logs.push(JobLogLine {

@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet};
 
 use tally_dataflows::{Detection, Id, Image, InputBatch, Occurrence, Score};
 
+use crate::ingest::decode::{RejectReason, Rejection, ResultBody, ResultMessage};
 use crate::ingest::determination::{determine, Candidate};
-use crate::ingest::message::{RejectReason, Rejection, ResultBody, ResultMessage};
 use crate::ingest::save::{JobLogLine, RowCounts, CLOSED_STATUSES};
 use crate::jobs::logs::Level;
 
@@ -222,7 +222,7 @@ pub fn plan(snapshot: &Snapshot, messages: &[&ResultMessage]) -> Plan {
             Err(r) => plan.rejected.push((i, r)),
         }
     }
-    let responses: Vec<(usize, &crate::ingest::message::PipelineResults)> = accepted
+    let responses: Vec<(usize, &crate::ingest::decode::PipelineResults)> = accepted
         .iter()
         .filter_map(|&i| match &messages[i].body {
             ResultBody::Response(r) => Some((i, r)),
@@ -244,7 +244,7 @@ pub fn plan(snapshot: &Snapshot, messages: &[&ResultMessage]) -> Plan {
 /// [`Plan::taxa`].
 fn plan_taxa(
     snapshot: &Snapshot,
-    responses: &[(usize, &crate::ingest::message::PipelineResults)],
+    responses: &[(usize, &crate::ingest::decode::PipelineResults)],
     plan: &mut Plan,
 ) -> HashMap<String, i64> {
     let labels = distinct(
@@ -345,7 +345,7 @@ impl<'s> Rows<'s> {
         &mut self,
         snapshot: &Snapshot,
         taxa: &HashMap<String, i64>,
-        r: &crate::ingest::message::PipelineResults,
+        r: &crate::ingest::decode::PipelineResults,
         inserted: &mut u64,
     ) {
         let pipeline = &snapshot.pipelines[&r.pipeline];
@@ -443,7 +443,7 @@ impl<'s> Rows<'s> {
         &mut self,
         algorithm: Algorithm,
         taxon: i64,
-        c: &crate::ingest::message::ClassificationResult,
+        c: &crate::ingest::decode::ClassificationResult,
         image: i64,
         detection: DetRef,
         occurrence: Option<OccRef>,

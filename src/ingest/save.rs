@@ -21,7 +21,7 @@ mod write;
 
 pub use write::write_job_logs;
 
-use crate::ingest::message::{Rejection, ResultMessage};
+use crate::ingest::decode::{Rejection, ResultMessage};
 use crate::ingest::plan;
 use crate::jobs::logs::Level;
 use crate::jobs::state::JobState;

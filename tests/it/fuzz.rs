@@ -16,7 +16,7 @@ use tally::gateway::body::{self, MAX_DEPTH};
 use tally::gateway::claim::{ClaimQuery, Pipelines};
 use tally::gateway::tasks::job_id;
 use tally::gateway::GatewayError;
-use tally::ingest::message::{self, Envelope, RejectReason};
+use tally::ingest::decode::{self, Envelope, RejectReason};
 
 /// The tasks body.
 #[derive(Debug, Deserialize)]
@@ -246,7 +246,7 @@ proptest! {
 
     #[test]
     fn the_decoder_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
-        if let Err(r) = message::decode(&envelope(), &bytes) {
+        if let Err(r) = decode::decode(&envelope(), &bytes) {
             prop_assert!(!decoder_must_not_say(r.code), "{r}");
         }
     }
@@ -254,7 +254,7 @@ proptest! {
     #[test]
     fn the_decoder_never_panics_on_jsonish_text(text in jsonish(), n in 0usize..300, shape in any::<u64>()) {
         for payload in [text.clone(), nest(&text, n, shape), format!("{{\"reply_subject\": \"x\", \"result\": {text}}}")] {
-            if let Err(r) = message::decode(&envelope(), payload.as_bytes()) {
+            if let Err(r) = decode::decode(&envelope(), payload.as_bytes()) {
                 prop_assert!(!decoder_must_not_say(r.code), "{r}");
             }
         }
@@ -271,7 +271,7 @@ proptest! {
                             "timestamp": v.clone(), "classifications": [v.clone()]}],
         });
         for result in [&v, &shaped] {
-            if let Err(r) = message::decode(&envelope(), &result_message(result)) {
+            if let Err(r) = decode::decode(&envelope(), &result_message(result)) {
                 prop_assert!(!decoder_must_not_say(r.code), "{r}");
             }
         }

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use tally::config::DbArgs;
 use tally::gateway::{Gateway, GatewayArgs};
 use tally::ingest::daemon::IngestArgs;
-use tally::ingest::message::job_of_reply_subject;
+use tally::ingest::decode::job_of_reply_subject;
 use tally::store::seed::{self, PipelineSpec};
 
 /// The token of an active superuser.

@@ -36,7 +36,7 @@ async fn unackable_tasks_of_one_job_never_stall_another_job() {
     let (job_b, tasks_b) = fx.job(&images[12..13]).await;
     for (image, reply) in &tasks_a {
         let domain = format!("{}.tok", reply.replacen("$JS.ACK.", "$JS.ACK._.ACCHASH.", 1));
-        assert_eq!(tally::ingest::message::job_of_reply_subject(&domain), Some(job_a), "a well-formed ack subject");
+        assert_eq!(tally::ingest::decode::job_of_reply_subject(&domain), Some(job_a), "a well-formed ack subject");
         fx.publish(job_a, &domain, error_result(&domain, *image)).await;
     }
     let args = IngestArgs {

@@ -2,7 +2,7 @@
 //! log lines, and the outcome of every message.
 
 use super::*;
-use crate::ingest::message::ResultBody;
+use crate::ingest::decode::ResultBody;
 
 const PREFIX: &str = "tally.results";
 

@@ -3,8 +3,8 @@
 //! images and log lines, and the dataflow input once ids are known.
 
 use super::*;
+use crate::ingest::decode::{ClassificationResult, DetectionResult, PipelineResults};
 use crate::ingest::determination::Identification;
-use crate::ingest::message::{ClassificationResult, DetectionResult, PipelineResults};
 
 const PIPELINE: &str = "moths_2024";
 const DETECTOR: i64 = 10;

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use tally_dataflows::{Id, InputBatch, Occurrence, Score, Tables};
 use tokio_postgres::Transaction;
 
+use crate::ingest::decode::{ResultBody, ResultMessage};
 use crate::ingest::determination::{Candidate, Identification};
-use crate::ingest::message::{ResultBody, ResultMessage};
 use crate::ingest::plan::{self, distinct, Algorithm, Pipeline, Snapshot, StoredDetection, StoredOccurrence};
 use crate::store::bootstrap::read_rows;
 use crate::store::StoreError;
@@ -33,7 +33,7 @@ pub(super) async fn snapshot(
         messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
     read_owners(tx, tables, &mut s.input).await?;
     s.jobs = load_jobs(tx, &distinct(accepted.iter().map(|m| m.job_id))).await?;
-    let responses: Vec<&crate::ingest::message::PipelineResults> = accepted
+    let responses: Vec<&crate::ingest::decode::PipelineResults> = accepted
         .iter()
         .filter_map(|m| match &m.body {
             ResultBody::Response(r) => Some(r),
