@@ -66,31 +66,18 @@ impl Table {
     }
 }
 
-/// `YYYY-MM-DD HH:MM` of a naive timestamp in microseconds since 1970-01-01.
+/// `YYYY-MM-DD HH:MM` of a naive timestamp in microseconds since 1970-01-01 (the raw number
+/// of microseconds if it is outside the years ±9999).
 pub fn format_micros(micros: Micros) -> String {
-    let seconds = micros.div_euclid(1_000_000);
-    let days = seconds.div_euclid(86_400);
-    let of_day = seconds.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", of_day / 3600, (of_day % 3600) / 60)
+    match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000) {
+        Ok(t) => format!("{:04}-{:02}-{:02} {:02}:{:02}", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute()),
+        Err(_) => format!("{micros} µs since 1970"),
+    }
 }
 
 /// An optional timestamp, or `—`.
 pub fn format_opt_micros(micros: Option<Micros>) -> String {
     micros.map(format_micros).unwrap_or_else(|| "—".to_string())
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// A number with thousands separators.
@@ -120,6 +107,8 @@ mod tests {
         assert_eq!(format_micros(0), "1970-01-01 00:00");
         assert_eq!(format_micros(20_605 * 86_400 * 1_000_000 + 21 * 3_600_000_000), "2026-06-01 21:00");
         assert_eq!(format_micros(951_782_400 * 1_000_000), "2000-02-29 00:00");
+        assert_eq!(format_micros(-1), "1969-12-31 23:59");
+        assert_eq!(format_micros(i64::MAX), "9223372036854775807 µs since 1970");
     }
 
     #[test]

@@ -81,9 +81,9 @@ pub struct JobsBenchArgs {
     /// Phase 2: concurrent claim pollers.
     #[arg(long, default_value_t = 32)]
     pub pollers: usize,
-    /// Phase 2: seconds of claiming.
-    #[arg(long, default_value_t = 5.0)]
-    pub claim_seconds: f64,
+    /// Phase 2: how long to claim (`5s`, `500ms`; a bare number is seconds).
+    #[arg(long = "claim", alias = "claim-seconds", value_parser = tally::duration::parse_secs, default_value = "5")]
+    pub claim: Duration,
     /// Phase 2: concurrent result posters.
     #[arg(long, default_value_t = 8)]
     pub posters: usize,
@@ -263,9 +263,9 @@ async fn bench(
     let (claim_jobs, _) = setup::create_jobs(&store, &js, sets, first + args.jobs as i64, "claim", &bar).await?;
     bar.finish_and_clear();
     let api = Api::new(&base_url, &seeded.token, &[PIPELINE.to_string()], Retry::default())?;
-    let bar = spinner(format!("{} pollers claiming for {} s", args.pollers, args.claim_seconds));
+    let bar = spinner(format!("{} pollers claiming for {:?}", args.pollers, args.claim));
     let cpu = CpuSnapshot::take(database);
-    let claims = hammer::claims(&api, args.pollers, Duration::from_secs_f64(args.claim_seconds.max(0.1)), &bar).await;
+    let claims = hammer::claims(&api, args.pollers, args.claim.max(Duration::from_millis(100)), &bar).await;
     let claim_cpu = cpu.shares(&CpuSnapshot::take(database));
     bar.finish_and_clear();
     let bar = counter_bar((args.jobs * per_claim_job) as u64, "results");

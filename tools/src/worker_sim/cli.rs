@@ -87,7 +87,7 @@ pub struct WorkerSimArgs {
     #[arg(long, default_value = "random-species-classifier")]
     pub species_classifier: String,
     /// Attempts per call on transient errors (no answer, 5xx); 4xx answers are never retried.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = Retry::default().attempts)]
     pub attempts: u32,
     /// Print the report as JSON instead of a table.
     #[arg(long)]

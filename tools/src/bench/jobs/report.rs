@@ -180,8 +180,8 @@ pub fn render(args: &JobsBenchArgs, r: &Report) -> String {
     let p1 = &r.phase1;
     let p2 = &r.phase2;
     let mut out = format!(
-        "`tally-tools bench jobs --jobs {} --images {} --workers {} --delay {} --batch-size {} --pollers {} --claim-seconds {} --posters {} --result-posts {} --score-len {} --mean-detections {} -w {} --server-threads {}`\n\n",
-        args.jobs, args.images, args.workers, humantime::format_duration(args.delay), args.batch_size, args.pollers, args.claim_seconds,
+        "`tally-tools bench jobs --jobs {} --images {} --workers {} --delay {} --batch-size {} --pollers {} --claim {} --posters {} --result-posts {} --score-len {} --mean-detections {} -w {} --server-threads {}`\n\n",
+        args.jobs, args.images, args.workers, humantime::format_duration(args.delay), args.batch_size, args.pollers, humantime::format_duration(args.claim),
         args.posters, args.result_posts, args.score_len, args.mean_detections, args.ingest_workers, args.server_threads,
     );
     out.push_str(&format!(
