@@ -32,13 +32,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: rebuild the count dataflow from Postgres, then consume ML results from
     /// NATS JetStream, save them, keep every count exact and ack. Serves /healthz, /readyz and
-    /// /metrics. SIGTERM finishes the batch in hand, acks it and exits.
+    /// /metrics. SIGTERM finishes the batch in hand, acks it and exits. With `-n`, `-p` and
+    /// `-h`, the count dataflow runs as a timely cluster: process 0 is the daemon, the others
+    /// hold dataflow state only.
+    #[command(disable_help_flag = true, mut_arg("database_url", |a| a.required(false).required_unless_present("process").default_value("").hide_default_value(true)))]
     Serve(Box<crate::server::Config>),
     /// Create Antenna's tables on an empty database (none are touched where they exist) and
     /// tally's own schema `tally`. Idempotent.
     Migrate(migrate::MigrateArgs),
     /// Load every count input from Postgres into the dataflow, then write every stored count
-    /// that differs from its definition.
+    /// that differs from its definition (on a timely cluster with `-n`, `-p`, `-h`).
+    #[command(disable_help_flag = true, mut_arg("database_url", |a| a.required(false).required_unless_present("process").default_value("").hide_default_value(true)))]
     Rebuild(rebuild::RebuildArgs),
     /// Recompute every count with SQL (independently of the dataflow) and report the stored
     /// values that differ; exit status 1 when any do. `--fix` writes the correct values.

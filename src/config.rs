@@ -49,6 +49,16 @@ pub struct DbArgs {
 }
 
 impl DbArgs {
+    /// Fails when no URL was given. `serve` and `rebuild` accept none on a dataflow peer (`-p`
+    /// above 0), which never connects; every process that does connect needs one.
+    pub fn require_url(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.database_url.is_empty(),
+            "--database-url (or DATABASE_URL) is required: this process connects to Postgres"
+        );
+        Ok(())
+    }
+
     /// The settings for `url`, with every default.
     pub fn for_url(url: &str) -> Self {
         from_flags(&[&format!("--database-url={url}")])

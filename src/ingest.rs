@@ -60,6 +60,9 @@ pub enum IngestError {
         /// The subjects tally publishes results on.
         wanted: String,
     },
+    /// A background task of ingest failed (panicked or was cancelled).
+    #[error("ingest task: {0}")]
+    Internal(String),
 }
 
 impl IngestError {
@@ -75,7 +78,10 @@ impl IngestError {
     /// input will hit again (a data exception, a constraint violation).
     pub fn is_transient(&self) -> bool {
         match self {
-            IngestError::Nats { .. } | IngestError::Bucket(_) | IngestError::StreamSubjects { .. } => true,
+            IngestError::Nats { .. }
+            | IngestError::Bucket(_)
+            | IngestError::StreamSubjects { .. }
+            | IngestError::Internal(_) => true,
             IngestError::Store(StoreError::Db(e)) => match e.code() {
                 // No SQLSTATE: the connection or the protocol failed.
                 None => true,
@@ -88,6 +94,9 @@ impl IngestError {
                 }
             },
             IngestError::Store(StoreError::Unreachable { .. } | StoreError::Pool(_)) => true,
+            // A worker or a cluster process was lost: the engine is rebuilt (once the cluster
+            // is whole again) and the batch redelivered; no message is at fault.
+            IngestError::Store(StoreError::Engine(tally_dataflows::EngineError::WorkerStopped)) => true,
             IngestError::Store(_) => false,
         }
     }

@@ -28,6 +28,7 @@
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod dead_letters;
 pub mod django_cache;

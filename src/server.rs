@@ -50,6 +50,12 @@ pub struct Config {
     /// Job monitor options (lost images, finished jobs' queues; runs with ingest).
     #[command(flatten)]
     pub monitor: MonitorArgs,
+    /// The dataflow cluster (timely's `-n`, `-p`, `-h`; `-w` is per process).
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
+    /// Print help (`-h` is the hostfile, as in timely).
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
     /// Do not ingest results (serve the worker API only; another `tally serve` ingests).
     #[arg(long, env = "TALLY_NO_INGEST")]
     pub no_ingest: bool,
@@ -88,6 +94,8 @@ impl Config {
             gateway: GatewayArgs::default(),
             django_cache: DjangoCacheArgs::default(),
             monitor: MonitorArgs::default(),
+            cluster: crate::cluster::ClusterArgs::default(),
+            help: None,
             no_ingest: false,
             listen: ([127, 0, 0, 1], 0).into(),
             migrate: false,
@@ -314,12 +322,17 @@ async fn ingest(
     };
 
     health.set_not_ready("rebuilding the dataflow from Postgres");
-    let (workers, prefix, max_bytes) =
-        (args.ingest.workers, args.nats.results_subject_prefix.clone(), args.ingest.max_result_bytes);
+    let (prefix, max_bytes) = (args.nats.results_subject_prefix.clone(), args.ingest.max_result_bytes);
     let mut ingestor = match &args.counts {
-        Counts::Incremental => Ingestor::start(store.clone(), workers, prefix, max_bytes).await?,
+        Counts::Incremental => {
+            let topology = args.cluster.topology(args.ingest.workers)?;
+            if topology.processes() > 1 {
+                health.set_not_ready(format!("waiting for the dataflow cluster ({topology}), then rebuilding"));
+            }
+            Ingestor::start(store.clone(), topology, prefix, max_bytes).await?
+        }
         Counts::Unkept { after_commit } => {
-            let mut ingestor = Ingestor::without_counts(store.clone(), workers, prefix, max_bytes).await?;
+            let mut ingestor = Ingestor::without_counts(store.clone(), prefix, max_bytes).await?;
             if let Some(hook) = after_commit {
                 ingestor.set_after_commit(std::sync::Arc::clone(hook));
             }

@@ -1,158 +1,271 @@
 //! The driver: runs the count graph on timely workers and turns input batches into the list of
 //! owners whose counts changed.
 //!
-//! [`Engine::apply`] takes one [`InputBatch`], diffs it against the current [`Tables`], hands
-//! the updates to every worker (each feeds its share), advances all inputs to the next time,
-//! steps until the probe passes it, and collects the output updates. The engine keeps the
+//! [`Engine::apply`] takes one [`InputBatch`] and hands it to timely worker 0, which feeds it
+//! into the graph's inputs as upserts at the next time, advances them, and steps until the
+//! probe passes that time. The inputs exchange every row to the worker that owns its id, where
+//! an upsert arrangement holds the current row and turns the upsert into a retraction of the
+//! old version and an insertion of the new one. So no process keeps a copy of the rows: the
+//! graph's own arrangements are the only state, partitioned over every worker of every
+//! process. The output (count changes) is exchanged back to worker 0. The engine keeps the
 //! current value of every output field, so it can report each touched owner's full new counts
 //! and leave out owners whose values did not change.
 //!
-//! Threads: `workers` timely worker threads, plus the caller's. The caller blocks in `apply`
-//! (in the daemon, inside `spawn_blocking`).
+//! Where the workers run is a [`Topology`]: threads of this process, or a timely cluster of
+//! processes that talk over timely's own TCP networking. Process 0 of a cluster is the one
+//! that holds the [`Engine`]; every other process runs [`run_peer`], holds its share of the
+//! state, and takes no input of its own.
+//!
+//! Threads: the workers of this process, plus the caller's. The caller blocks in `apply` (in
+//! the daemon, inside `block_in_place`).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use differential_dataflow::input::InputSession;
+use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::WorkerConfig;
 
 use crate::counts::{AllCounts, CountChanges, DeploymentCounts, EventCounts, ImageCounts};
 use crate::graph::{self, Field, Inputs, Output, Owner, Time};
-use crate::hashing::IdMap;
+use crate::hashing::{IdMap, IdSet};
 use crate::model::{Id, InputBatch};
-use crate::tables::{Tables, Updates};
 
-/// Why the engine could not apply a batch.
+/// Why the engine could not start or apply a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineError {
-    /// A worker thread is gone (it panicked); the engine cannot continue.
+    /// A worker is gone (it panicked, or a process of the cluster was lost); the engine cannot
+    /// continue and must be started again.
     WorkerStopped,
-    /// Timely refused the configuration.
+    /// Timely refused the configuration, or the cluster could not be formed.
     Start(String),
+    /// The topology names a process other than 0, which runs [`run_peer`], not an engine.
+    NotLeader(usize),
 }
 
 impl fmt::Display for EngineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EngineError::WorkerStopped => write!(f, "a dataflow worker stopped"),
+            EngineError::WorkerStopped => {
+                write!(f, "a dataflow worker stopped (a worker panicked or a cluster process was lost)")
+            }
             EngineError::Start(e) => write!(f, "cannot start dataflow workers: {e}"),
+            EngineError::NotLeader(p) => {
+                write!(f, "process {p} of a cluster holds state only; process 0 runs the engine")
+            }
         }
     }
 }
 
 impl std::error::Error for EngineError {}
 
-/// One batch for the workers: the updates of one time.
-struct Command {
-    time: Time,
-    updates: Arc<Updates>,
+/// Where the timely workers run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// `workers` threads of this process (at least one).
+    Local {
+        /// Worker threads.
+        workers: usize,
+    },
+    /// A timely cluster: `threads` workers in each process, one process per address (`host:port`,
+    /// timely's hostfile order); this is process `process`. Process 0 feeds the input and
+    /// receives the output.
+    Cluster {
+        /// Worker threads per process.
+        threads: usize,
+        /// This process's index in `addresses`.
+        process: usize,
+        /// Every process's address, process 0 first.
+        addresses: Vec<String>,
+    },
 }
 
-/// A worker's output for one time.
+impl Topology {
+    /// `workers` threads of this process.
+    pub fn local(workers: usize) -> Self {
+        Topology::Local { workers: workers.max(1) }
+    }
+
+    /// The number of processes.
+    pub fn processes(&self) -> usize {
+        match self {
+            Topology::Local { .. } => 1,
+            Topology::Cluster { addresses, .. } => addresses.len(),
+        }
+    }
+
+    /// This process's index (0 for a local topology).
+    pub fn process(&self) -> usize {
+        match self {
+            Topology::Local { .. } => 0,
+            Topology::Cluster { process, .. } => *process,
+        }
+    }
+
+    /// Worker threads in this process.
+    pub fn threads(&self) -> usize {
+        match self {
+            Topology::Local { workers } => (*workers).max(1),
+            Topology::Cluster { threads, .. } => (*threads).max(1),
+        }
+    }
+
+    /// Workers over all processes.
+    pub fn total_workers(&self) -> usize {
+        self.threads() * self.processes()
+    }
+
+    fn config(&self) -> Result<timely::Config, EngineError> {
+        let communication = match self {
+            Topology::Local { workers } if *workers <= 1 => timely::CommunicationConfig::Thread,
+            Topology::Local { workers } => timely::CommunicationConfig::Process(*workers),
+            Topology::Cluster { threads, process, addresses } => {
+                if addresses.is_empty() || *process >= addresses.len() {
+                    return Err(EngineError::Start(format!(
+                        "process {process} is not among the {} addresses of the cluster",
+                        addresses.len()
+                    )));
+                }
+                timely::CommunicationConfig::Cluster {
+                    threads: (*threads).max(1),
+                    process: *process,
+                    addresses: addresses.clone(),
+                    report: false,
+                    zerocopy: false,
+                }
+            }
+        };
+        Ok(timely::Config { communication, worker: WorkerConfig::default() })
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topology::Local { workers } => write!(f, "{workers} worker(s) in one process"),
+            Topology::Cluster { threads, process, addresses } => {
+                write!(f, "process {process} of {} × {threads} worker(s) ({})", addresses.len(), addresses.join(", "))
+            }
+        }
+    }
+}
+
+/// One batch for worker 0: the changes of one time.
+struct Command {
+    time: Time,
+    batch: Arc<InputBatch>,
+}
+
+/// Worker 0's output for one time (every worker's output is exchanged to it).
 struct Report {
     output: Vec<(Output, isize)>,
 }
 
-/// The count engine: input tables, timely workers running the graph, and the current counts.
+/// The ids of the small tables the engine holds rows of, so that ingest reads an owner, a
+/// project or a taxon only the first time a batch refers to it. (Re-sending a known row is
+/// harmless, an identical upsert changes nothing, so these sets only save reads.)
+#[derive(Clone, Debug, Default)]
+pub struct Known {
+    /// `main_event` ids.
+    pub events: IdSet<Id>,
+    /// `main_deployment` ids.
+    pub deployments: IdSet<Id>,
+    /// `main_project` ids (a project's filter rows are read with it).
+    pub projects: IdSet<Id>,
+    /// `main_taxon` ids.
+    pub taxa: IdSet<Id>,
+}
+
+impl Known {
+    fn apply(&mut self, batch: &InputBatch) {
+        fn track<R>(set: &mut IdSet<Id>, changes: &[(Id, Option<R>)]) {
+            for (id, row) in changes {
+                if row.is_some() {
+                    set.insert(*id);
+                } else {
+                    set.remove(id);
+                }
+            }
+        }
+        track(&mut self.events, &batch.events);
+        track(&mut self.deployments, &batch.deployments);
+        track(&mut self.projects, &batch.projects);
+        track(&mut self.taxa, &batch.taxa);
+    }
+}
+
+/// The count engine: timely workers running the graph, and the current counts.
 pub struct Engine {
-    /// The current input rows, to diff upserts against and for the oracle.
-    tables: Tables,
     /// The current value of every output field (absent means 0 / NULL).
     values: IdMap<(Owner, Field), i64>,
     /// The time the next batch is applied at.
     time: Time,
-    /// One command channel per worker.
-    commands: Vec<Sender<Command>>,
-    /// Every worker's reports.
+    /// Ids of the small tables it holds.
+    known: Known,
+    /// Rows held by this process's workers (every table).
+    rows: Arc<AtomicI64>,
+    /// Commands to worker 0.
+    commands: Option<Sender<Command>>,
+    /// Worker 0's reports.
     reports: Receiver<Report>,
-    /// Joins the worker threads on drop (after `commands` closes, they finish their loop).
+    /// Where the workers run.
+    topology: Topology,
+    /// Joins the worker threads on drop (after `commands` closes, worker 0 finishes its loop
+    /// and the inputs close, so every worker of every process finishes the dataflow).
     guards: Option<timely::communication::WorkerGuards<()>>,
 }
 
 impl Engine {
-    /// Starts `workers` timely worker threads (at least one) running the count graph.
+    /// Starts `workers` timely worker threads (at least one) in this process.
     pub fn new(workers: usize) -> Result<Self, EngineError> {
-        let workers = workers.max(1);
-        let (report_tx, reports) = channel::<Report>();
-        let mut commands = Vec::with_capacity(workers);
-        let mut receivers = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let (tx, rx) = channel::<Command>();
-            commands.push(tx);
-            receivers.push(Some(rx));
+        Engine::start(Topology::local(workers))
+    }
+
+    /// Starts this process's workers of `topology`, which must be process 0. In a cluster this
+    /// blocks until every other process has connected (timely retries each second).
+    pub fn start(topology: Topology) -> Result<Self, EngineError> {
+        if topology.process() != 0 {
+            return Err(EngineError::NotLeader(topology.process()));
         }
-        let receivers = Arc::new(Mutex::new(receivers));
-        let report_tx = Arc::new(Mutex::new(report_tx));
-        let config = timely::Config {
-            communication: if workers == 1 {
-                timely::CommunicationConfig::Thread
-            } else {
-                timely::CommunicationConfig::Process(workers)
-            },
-            worker: WorkerConfig::default(),
-        };
-        let guards = timely::execute(config, move |worker| {
-            let index = worker.index();
-            let peers = worker.peers();
-            let Some(commands) = receivers.lock().ok().and_then(|mut r| r.get_mut(index).and_then(Option::take)) else {
-                return;
-            };
-            let Ok(reports) = report_tx.lock().map(|tx| tx.clone()) else {
-                return;
-            };
-            let output: Rc<RefCell<Vec<(Output, isize)>>> = Rc::new(RefCell::new(Vec::new()));
-            let mut inputs = Inputs::new();
-            let sink = Rc::clone(&output);
-            let probe = worker.dataflow::<Time, _, _>(|scope| {
-                let (probe, _) = graph::build(scope, &mut inputs)
-                    .inspect(move |(data, _time, diff)| sink.borrow_mut().push((*data, *diff)))
-                    .probe();
-                probe
-            });
-            while let Ok(Command { time, updates }) = commands.recv() {
-                feed(&mut inputs, &updates, index, peers);
-                inputs.advance_to(time + 1);
-                worker.step_while(|| probe.less_than(&(time + 1)));
-                let output = std::mem::take(&mut *output.borrow_mut());
-                if reports.send(Report { output }).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(EngineError::Start)?;
+        let (command_tx, command_rx) = channel::<Command>();
+        let (report_tx, reports) = channel::<Report>();
+        let leader = Arc::new(Mutex::new(Some((command_rx, report_tx))));
+        let rows = Arc::new(AtomicI64::new(0));
+        let guards = execute(&topology, Arc::clone(&rows), leader)?;
         Ok(Engine {
-            tables: Tables::default(),
             values: IdMap::default(),
             time: 0,
-            commands,
+            known: Known::default(),
+            rows,
+            commands: Some(command_tx),
             reports,
+            topology,
             guards: Some(guards),
         })
     }
 
     /// Applies one batch of row changes at the next time and returns the owners whose counts
     /// changed, with their new values.
+    ///
+    /// Within a batch, the last change of an id wins. An upsert of a row identical to the one
+    /// held, or a delete of a row not held, changes nothing: replays are free.
     pub fn apply(&mut self, batch: &InputBatch) -> Result<CountChanges, EngineError> {
-        let updates = self.tables.apply(batch);
-        if updates.is_empty() {
+        if batch.is_empty() {
             return Ok(CountChanges::default());
         }
-        let updates = Arc::new(updates);
         let time = self.time;
         self.time += 1;
-        for commands in &self.commands {
-            commands.send(Command { time, updates: Arc::clone(&updates) }).map_err(|_| EngineError::WorkerStopped)?;
-        }
+        self.known.apply(batch);
+        let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
+        commands.send(Command { time, batch: Arc::new(batch.clone()) }).map_err(|_| EngineError::WorkerStopped)?;
+        let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
         let mut output: IdMap<Output, isize> = IdMap::default();
-        for _ in 0..self.commands.len() {
-            let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
-            for (record, diff) in report.output {
-                *output.entry(record).or_insert(0) += diff;
-            }
+        for (record, diff) in report.output {
+            *output.entry(record).or_insert(0) += diff;
         }
         output.retain(|_, diff| *diff != 0);
         Ok(self.absorb(output))
@@ -239,9 +352,15 @@ impl Engine {
         all
     }
 
-    /// The current input rows.
-    pub fn tables(&self) -> &Tables {
-        &self.tables
+    /// The ids of the events, deployments, projects and taxa it holds.
+    pub fn known(&self) -> &Known {
+        &self.known
+    }
+
+    /// Rows of every table held by this process's workers (in a cluster, the other processes
+    /// hold the rest). Exact once `apply` has returned.
+    pub fn rows(&self) -> i64 {
+        self.rows.load(Ordering::Relaxed)
     }
 
     /// The number of batches that changed something so far (the dataflow's current time).
@@ -249,18 +368,87 @@ impl Engine {
         self.time
     }
 
-    /// The number of worker threads.
+    /// Worker threads in this process.
     pub fn workers(&self) -> usize {
-        self.commands.len()
+        self.topology.threads()
+    }
+
+    /// Where the workers run.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // Closing the command channels ends every worker's loop; the guards then join them.
-        self.commands.clear();
-        drop(self.guards.take());
+        // Closing the command channel ends worker 0's loop, which closes the inputs; every
+        // worker (in every process) then finishes the dataflow and the guards join them.
+        self.commands = None;
+        if let Some(guards) = self.guards.take() {
+            // `join`, not drop: dropping guards of a panicked worker panics.
+            let _ = guards.join();
+        }
     }
+}
+
+/// Runs process `topology.process()` (not 0) of a cluster until process 0 closes the inputs
+/// (its engine is dropped) or the cluster breaks. Blocks; holds this process's share of the
+/// state meanwhile. `Ok` when the cluster ended cleanly, [`EngineError::WorkerStopped`] when a
+/// process was lost.
+pub fn run_peer(topology: &Topology) -> Result<(), EngineError> {
+    if topology.process() == 0 {
+        return Err(EngineError::Start("process 0 runs the engine, not a peer".into()));
+    }
+    let rows = Arc::new(AtomicI64::new(0));
+    let guards = execute(topology, rows, Arc::new(Mutex::new(None)))?;
+    if guards.join().into_iter().all(|r| r.is_ok()) {
+        Ok(())
+    } else {
+        Err(EngineError::WorkerStopped)
+    }
+}
+
+/// The channels between the engine and worker 0 (taken by worker 0 of process 0).
+type Leader = Arc<Mutex<Option<(Receiver<Command>, Sender<Report>)>>>;
+
+/// Starts this process's workers of `topology`, each building the graph. Worker 0 of process 0
+/// takes `leader` and serves commands; every other worker closes its inputs at once and steps
+/// the dataflow until it completes (timely's `execute` does that after the closure returns).
+fn execute(
+    topology: &Topology,
+    rows: Arc<AtomicI64>,
+    leader: Leader,
+) -> Result<timely::communication::WorkerGuards<()>, EngineError> {
+    let config = topology.config()?;
+    timely::execute(config, move |worker| {
+        let output: Rc<RefCell<Vec<(Output, isize)>>> = Rc::new(RefCell::new(Vec::new()));
+        let mut inputs = Inputs::new();
+        let sink = Rc::clone(&output);
+        let rows = Arc::clone(&rows);
+        let probe = worker.dataflow::<Time, _, _>(|scope| {
+            let (probe, _) = graph::build(scope, &mut inputs, rows)
+                .inner
+                .exchange(|_| 0)
+                .inspect(move |(data, _time, diff)| sink.borrow_mut().push((*data, *diff)))
+                .probe();
+            probe
+        });
+        let channels = if worker.index() == 0 { leader.lock().ok().and_then(|mut l| l.take()) } else { None };
+        let Some((commands, reports)) = channels else {
+            // Not the feeding worker: dropping `inputs` closes them here.
+            return;
+        };
+        while let Ok(Command { time, batch }) = commands.recv() {
+            inputs.send(&batch, time);
+            inputs.advance_to(time + 1);
+            worker.step_while(|| probe.less_than(&(time + 1)));
+            let output = std::mem::take(&mut *output.borrow_mut());
+            if reports.send(Report { output }).is_err() {
+                return;
+            }
+        }
+    })
+    .map_err(EngineError::Start)
 }
 
 /// One owner's counts, typed by owner kind; `None` when the owner row does not exist.
@@ -277,28 +465,50 @@ fn owner_id(owner: Owner) -> Id {
     }
 }
 
-/// Feeds this worker's share (every `peers`-th update) of `updates` into the inputs.
-fn feed(inputs: &mut Inputs, updates: &Updates, index: usize, peers: usize) {
-    fn share<R: Clone, D>(
-        session: &mut InputSession<Time, D, isize>,
-        updates: &[((Id, R), isize)],
-        index: usize,
-        peers: usize,
-        project: impl Fn(Id, &R) -> D,
-    ) where
-        D: differential_dataflow::Data,
+/// The other processes of a [`loopback`] cluster, as threads of this process.
+pub struct Peers {
+    threads: Vec<std::thread::JoinHandle<Result<(), EngineError>>>,
+}
+
+impl Peers {
+    /// Waits for every peer to finish (after the engine is dropped); the first error, if any.
+    pub fn join(self) -> Result<(), EngineError> {
+        let mut result = Ok(());
+        for thread in self.threads {
+            let outcome = thread.join().unwrap_or(Err(EngineError::WorkerStopped));
+            if result.is_ok() {
+                result = outcome;
+            }
+        }
+        result
+    }
+}
+
+/// A timely cluster of `processes` processes with `threads` workers each, all inside this OS
+/// process and talking over TCP on 127.0.0.1 (free ports picked by the OS), as the tests and
+/// benchmarks run one. Returns process 0's engine and the other processes, which end when
+/// the engine is dropped.
+pub fn loopback(processes: usize, threads: usize) -> Result<(Engine, Peers), EngineError> {
+    let processes = processes.max(1);
+    let mut addresses = Vec::with_capacity(processes);
     {
-        for ((id, row), diff) in updates.iter().skip(index).step_by(peers) {
-            session.update(project(*id, row), *diff);
+        // Held together so that the OS hands out distinct ports, released before timely binds.
+        let listeners = (0..processes)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Start(format!("cannot pick a loopback port: {e}")))?;
+        for listener in &listeners {
+            let port = listener.local_addr().map_err(|e| EngineError::Start(e.to_string()))?.port();
+            addresses.push(format!("127.0.0.1:{port}"));
         }
     }
-    share(&mut inputs.images, &updates.images, index, peers, |id, r| (id, r.clone()));
-    share(&mut inputs.detections, &updates.detections, index, peers, |_id, r| r.clone());
-    share(&mut inputs.occurrences, &updates.occurrences, index, peers, |id, r| (id, r.clone()));
-    share(&mut inputs.taxa, &updates.taxa, index, peers, |id, r| (id, r.clone()));
-    share(&mut inputs.projects, &updates.projects, index, peers, |id, r| (id, r.clone()));
-    share(&mut inputs.include_taxa, &updates.include_taxa, index, peers, |_id, r| (r.project, r.taxon));
-    share(&mut inputs.exclude_taxa, &updates.exclude_taxa, index, peers, |_id, r| (r.project, r.taxon));
-    share(&mut inputs.events, &updates.events, index, peers, |id, r| (id, r.clone()));
-    share(&mut inputs.deployments, &updates.deployments, index, peers, |id, r| (id, r.clone()));
+    let topology = |process| Topology::Cluster { threads, process, addresses: addresses.clone() };
+    let threads = (1..processes)
+        .map(|process| {
+            let topology = topology(process);
+            std::thread::spawn(move || run_peer(&topology))
+        })
+        .collect();
+    let engine = Engine::start(topology(0))?;
+    Ok((engine, Peers { threads }))
 }

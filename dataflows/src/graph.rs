@@ -18,14 +18,21 @@
 
 pub mod filter;
 pub mod owners;
+mod rows;
 
-use differential_dataflow::input::InputSession;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::operators::{CountTotal, ThresholdTotal};
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::Scope as TimelyScope;
+use timely::dataflow::{InputHandleVec, Scope as TimelyScope};
 
-use crate::model::{Deployment, Detection, Event, Id, Image, Micros, Occurrence, Project, Score, Taxon};
+use crate::hashing::{IdMap, IdSet};
+use crate::model::{Deployment, Event, FilterTaxon, Id, InputBatch, Micros, Project, Score, Taxon};
 pub use owners::{ByKey, Coll, Time};
+use rows::{DetectionRow, ImageRow, OccurrenceRow, OptScore};
 
 /// A row that owns stored counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -66,16 +73,6 @@ pub enum Field {
 /// An output record: `((owner, field), value)`.
 pub type Output = ((Owner, Field), i64);
 
-/// What an item keyed by `(determination, P)` counts toward once its taxon passes `P`'s filter
-/// (its score has already passed `P`'s threshold).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-enum Item {
-    /// A valid detection on this image, for one of the image's owners' projects.
-    Detection(Id),
-    /// An occurrence of this event, or of this deployment (with a non-NULL event).
-    Occurrence(Owner),
-}
-
 /// How an owner's counts are filtered: `P` NULL counts everything; otherwise `P`'s filter
 /// with its threshold. An owner whose `P` has no project row gets no scope at all: its
 /// threshold is NULL and `score >= NULL` never holds, so nothing counts under it.
@@ -106,12 +103,12 @@ enum Target {
 }
 
 /// `score_ok` of SPEC §2: a NULL score never passes.
-fn passes_threshold(score: Option<Score>, threshold: Score) -> bool {
-    score.is_some_and(|s| s.passes(threshold))
+fn passes_threshold(score: OptScore, threshold: Score) -> bool {
+    score.get().is_some_and(|s| s.passes(threshold))
 }
 
-/// The [`FilterScope`] of every owner given as `(owner, P)`.
-fn scopes<'s, K>(projects: Coll<'s, (K, Option<Id>)>, thresholds: ByKey<'s, Id, Score>) -> Coll<'s, (K, FilterScope)>
+/// The [`FilterScope`] of every owner given as `(owner, P)`, with the project rows by id.
+fn scopes<'s, K>(projects: Coll<'s, (K, Option<Id>)>, rows: ByKey<'s, Id, Project>) -> Coll<'s, (K, FilterScope)>
 where
     K: differential_dataflow::ExchangeData + differential_dataflow::Hashable,
 {
@@ -121,49 +118,95 @@ where
     });
     let filtered = projects
         .flat_map(|(k, p)| p.map(|p| (p, k)))
-        .join_core(thresholds, |p, k, threshold| Some((k.clone(), FilterScope::Filtered(*p, *threshold))));
+        .join_core(rows, |p, k, row| Some((k.clone(), FilterScope::Filtered(*p, row.threshold))));
     unfiltered.concat(filtered)
 }
 
-/// The input handles of the graph, one per table.
+/// One table's input: upserts `(id, Some(row))` and deletes `(id, None)` at a time.
+pub type Upserts<R> = InputHandleVec<Time, (Id, Option<R>, Time)>;
+
+/// The input handles of the graph, one per table. Only worker 0 of process 0 feeds them; every
+/// other worker drops its handles at once.
 pub struct Inputs {
-    /// `(id, row)` of `main_sourceimage`.
-    pub images: InputSession<Time, (Id, Image), isize>,
-    /// `(id, row)` of `main_detection`; the id is dropped at once (counts never need it).
-    pub detections: InputSession<Time, Detection, isize>,
-    /// `(id, row)` of `main_occurrence`.
-    pub occurrences: InputSession<Time, (Id, Occurrence), isize>,
-    /// `(id, row)` of `main_taxon`.
-    pub taxa: InputSession<Time, (Id, Taxon), isize>,
-    /// `(id, row)` of `main_project`.
-    pub projects: InputSession<Time, (Id, Project), isize>,
-    /// `(project, taxon)` include rows.
-    pub include_taxa: InputSession<Time, (Id, Id), isize>,
-    /// `(project, taxon)` exclude rows.
-    pub exclude_taxa: InputSession<Time, (Id, Id), isize>,
-    /// `(id, row)` of `main_event`.
-    pub events: InputSession<Time, (Id, Event), isize>,
-    /// `(id, row)` of `main_deployment`.
-    pub deployments: InputSession<Time, (Id, Deployment), isize>,
+    /// `main_sourceimage`, compacted.
+    images: Upserts<ImageRow>,
+    /// `main_detection`'s valid rows, compacted.
+    detections: Upserts<DetectionRow>,
+    /// `main_occurrence`, compacted.
+    occurrences: Upserts<OccurrenceRow>,
+    /// `main_taxon`.
+    taxa: Upserts<Taxon>,
+    /// `main_project`.
+    projects: Upserts<Project>,
+    /// Include filter rows.
+    include_taxa: Upserts<FilterTaxon>,
+    /// Exclude filter rows.
+    exclude_taxa: Upserts<FilterTaxon>,
+    /// `main_event`.
+    events: Upserts<Event>,
+    /// `main_deployment`.
+    deployments: Upserts<Deployment>,
 }
 
 impl Inputs {
-    /// Fresh, unconnected input sessions.
+    /// Fresh, unconnected input handles.
     pub fn new() -> Self {
         Inputs {
-            images: InputSession::new(),
-            detections: InputSession::new(),
-            occurrences: InputSession::new(),
-            taxa: InputSession::new(),
-            projects: InputSession::new(),
-            include_taxa: InputSession::new(),
-            exclude_taxa: InputSession::new(),
-            events: InputSession::new(),
-            deployments: InputSession::new(),
+            images: Upserts::new(),
+            detections: Upserts::new(),
+            occurrences: Upserts::new(),
+            taxa: Upserts::new(),
+            projects: Upserts::new(),
+            include_taxa: Upserts::new(),
+            exclude_taxa: Upserts::new(),
+            events: Upserts::new(),
+            deployments: Upserts::new(),
         }
     }
 
-    /// Moves every input to `time` and makes its buffered updates visible to the dataflow.
+    /// Sends `batch` as upserts at `time`. Within one time the upsert operator keeps the
+    /// greatest value of an id, not the last, so each table's changes are first folded to the
+    /// last change per id (the batch's contract). Images, detections and occurrences are sent
+    /// in their compact forms (see [`rows`]).
+    pub fn send(&mut self, batch: &InputBatch, time: Time) {
+        fn table<R: Clone + 'static, S: Clone + 'static>(
+            input: &mut Upserts<S>,
+            changes: &[(Id, Option<R>)],
+            time: Time,
+            compact: impl Fn(&R) -> Option<S>,
+        ) {
+            let repeated = {
+                let mut seen = IdSet::default();
+                changes.iter().any(|(id, _)| !seen.insert(*id))
+            };
+            if repeated {
+                let mut last: IdMap<Id, usize> = IdMap::default();
+                for (at, (id, _)) in changes.iter().enumerate() {
+                    last.insert(*id, at);
+                }
+                for (at, (id, row)) in changes.iter().enumerate() {
+                    if last.get(id) == Some(&at) {
+                        input.send((*id, row.as_ref().and_then(&compact), time));
+                    }
+                }
+            } else {
+                for (id, row) in changes {
+                    input.send((*id, row.as_ref().and_then(&compact), time));
+                }
+            }
+        }
+        table(&mut self.images, &batch.images, time, |r| Some(ImageRow::from(r)));
+        table(&mut self.detections, &batch.detections, time, DetectionRow::of);
+        table(&mut self.occurrences, &batch.occurrences, time, |r| Some(OccurrenceRow::from(r)));
+        table(&mut self.taxa, &batch.taxa, time, |r| Some(r.clone()));
+        table(&mut self.projects, &batch.projects, time, |r| Some(r.clone()));
+        table(&mut self.include_taxa, &batch.include_taxa, time, |r| Some(r.clone()));
+        table(&mut self.exclude_taxa, &batch.exclude_taxa, time, |r| Some(r.clone()));
+        table(&mut self.events, &batch.events, time, |r| Some(r.clone()));
+        table(&mut self.deployments, &batch.deployments, time, |r| Some(r.clone()));
+    }
+
+    /// Moves every input to `time` and makes what was sent visible to the dataflow.
     pub fn advance_to(&mut self, time: Time) {
         self.images.advance_to(time);
         self.detections.advance_to(time);
@@ -192,50 +235,75 @@ impl Default for Inputs {
     }
 }
 
+/// The current rows of one table, arranged by id on the worker that owns the id: built from
+/// the table's upserts, this arrangement is the only copy of the rows the engine keeps. Also
+/// returns the rows as a collection, whose changes count toward `rows` (+1 for a row inserted,
+/// -1 for one deleted, nothing for one replaced).
+fn table<'s, R>(
+    scope: TimelyScope<'s, Time>,
+    input: &mut Upserts<R>,
+    name: &str,
+    rows: &Arc<AtomicI64>,
+) -> (ByKey<'s, Id, R>, Coll<'s, (Id, R)>)
+where
+    R: differential_dataflow::ExchangeData + std::hash::Hash,
+{
+    let arranged = arrange_from_upsert::<ValBuilder<Id, R, Time, isize>, ValSpine<Id, R, Time, isize>, Id, R>(
+        input.to_stream(scope),
+        name,
+    );
+    let rows = Arc::clone(rows);
+    let collection =
+        arranged.clone().as_collection(|id, row| (*id, row.clone())).inspect_batch(move |_time, updates| {
+            let net: isize = updates.iter().map(|(_row, _time, diff)| *diff).sum();
+            rows.fetch_add(net as i64, Ordering::Relaxed);
+        });
+    (arranged, collection)
+}
+
 /// Wires the count graph in `scope`, reading from `inputs`; returns the output collection.
-pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, Output> {
-    let images = inputs.images.to_collection(scope);
-    let detections = inputs.detections.to_collection(scope);
-    let occurrences = inputs.occurrences.to_collection(scope);
-    let taxa = inputs.taxa.to_collection(scope);
-    let projects = inputs.projects.to_collection(scope);
-    let include = inputs.include_taxa.to_collection(scope);
-    let exclude = inputs.exclude_taxa.to_collection(scope);
-    let events = inputs.events.to_collection(scope);
-    let deployments = inputs.deployments.to_collection(scope);
+pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<AtomicI64>) -> Coll<'s, Output> {
+    let (_, images) = table(scope, &mut inputs.images, "Upsert: images", &rows);
+    let (_, valid) = table(scope, &mut inputs.detections, "Upsert: detections", &rows);
+    let (occurrences_by_id, occurrences) = table(scope, &mut inputs.occurrences, "Upsert: occurrences", &rows);
+    let (taxa, _) = table(scope, &mut inputs.taxa, "Upsert: taxa", &rows);
+    let (projects, _) = table(scope, &mut inputs.projects, "Upsert: projects", &rows);
+    let (_, include) = table(scope, &mut inputs.include_taxa, "Upsert: include taxa", &rows);
+    let (_, exclude) = table(scope, &mut inputs.exclude_taxa, "Upsert: exclude taxa", &rows);
+    let (_, events) = table(scope, &mut inputs.events, "Upsert: events", &rows);
+    let (deployments_by_id, deployments) = table(scope, &mut inputs.deployments, "Upsert: deployments", &rows);
+    let include = include.map(|(_id, row)| (row.project, row.taxon));
+    let exclude = exclude.map(|(_id, row)| (row.project, row.taxon));
 
     // P of every owner row, and the scope its counts are filtered under.
-    let deployment_projects = deployments.clone().map(|(d, row)| (d, row.project));
     let deployment_ids = deployments.clone().map(|(d, _)| d);
-    let thresholds = projects.map(|(p, row)| (p, row.threshold)).arrange_by_key_named("Arrange: project thresholds");
-    let deployment_scopes =
-        scopes(deployment_projects.clone(), thresholds.clone()).arrange_by_key_named("Arrange: deployment scopes");
-    let deployment_projects = deployment_projects.arrange_by_key_named("Arrange: deployment projects");
+    let deployment_scopes = scopes(deployments.clone().map(|(d, row)| (d, row.project)), projects.clone())
+        .arrange_by_key_named("Arrange: deployment scopes");
     let event_projects = owners::resolve(
         events.clone().map(|(e, row)| (e, (row.project, row.deployment))),
-        deployment_projects.clone(),
+        deployments_by_id.clone(),
         deployment_ids.clone(),
     );
-    let event_scopes = scopes(event_projects, thresholds.clone()).arrange_by_key_named("Arrange: event scopes");
+    let event_scopes = scopes(event_projects, projects.clone()).arrange_by_key_named("Arrange: event scopes");
     let image_projects = owners::resolve(
-        images.clone().map(|(i, row)| (i, (row.project, row.deployment))),
-        deployment_projects,
+        images.clone().map(|(i, row)| (i, (row.project(), row.deployment()))),
+        deployments_by_id,
         deployment_ids,
     );
 
     // ((image, scope), owner): the scope each of an image's owners counts its detections under.
-    let image_owners = scopes(image_projects, thresholds)
+    let image_owners = scopes(image_projects, projects)
         .map(|(i, scope)| ((i, scope), Owner::Image(i)))
         .concat(
             images
                 .clone()
-                .flat_map(|(i, row)| row.event.map(|e| (e, i)))
+                .flat_map(|(i, row)| row.event().map(|e| (e, i)))
                 .join_core(event_scopes.clone(), |e, i, scope| Some(((*i, *scope), Owner::Event(*e)))),
         )
         .concat(
             images
                 .clone()
-                .flat_map(|(i, row)| row.deployment.map(|d| (d, i)))
+                .flat_map(|(i, row)| row.deployment().map(|d| (d, i)))
                 .join_core(deployment_scopes.clone(), |d, i, scope| Some(((*i, *scope), Owner::Deployment(*d)))),
         );
     let image_demand = image_owners
@@ -247,20 +315,17 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
         .distinct_total()
         .arrange_by_key_named("Arrange: image demand");
 
-    // Valid detections as a multiset of (image, occurrence): detection ids are never needed.
-    // Each is checked against the threshold of every project its image's owners demand; what
-    // remains waits for the taxon verdict, keyed by (determination, project).
-    let valid = detections.flat_map(|d| if d.valid { Some((d.image, d.occurrence)) } else { None });
-    let determinations = occurrences
-        .clone()
-        .map(|(o, row)| (o, (row.determination, row.score)))
-        .arrange_by_key_named("Arrange: occurrence determinations");
+    // Valid detections (the only ones the dataflow holds) as a multiset of (image, occurrence):
+    // detection ids are never needed. Each is checked against the threshold of every project
+    // its image's owners demand; what remains waits for the taxon verdict, keyed by
+    // (determination, project).
+    let valid = valid.map(|(_id, d)| (d.image, d.occurrence));
     let detection_items = valid
         .clone()
-        .flat_map(|(i, o)| o.map(|o| (o, i)))
-        .join_core(determinations, |_o, i, (t, s)| Some((*i, (*t, *s))))
+        .flat_map(|(i, o)| o.get().map(|o| (o, i)))
+        .join_core(occurrences_by_id, |_o, i, row| Some((*i, (row.determination, row.score))))
         .join_core(image_demand, |i, (t, s), (p, threshold)| {
-            passes_threshold(*s, *threshold).then_some(((*t, *p), Item::Detection(*i)))
+            passes_threshold(*s, *threshold).then_some(((*t, *p), Owner::Image(*i)))
         });
 
     // Occurrences toward their own event and, when the event is set, their own deployment:
@@ -268,9 +333,9 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
     // deployment its occurrences name).
     let by_event = occurrences
         .clone()
-        .flat_map(|(_o, row)| row.event.map(|e| (e, (row.deployment, row.determination, row.score))));
+        .flat_map(|(_o, row)| row.event.get().map(|e| (e, (row.deployment, row.determination, row.score))));
     let event_deployments = occurrences
-        .flat_map(|(_o, row)| match (row.event, row.deployment) {
+        .flat_map(|(_o, row)| match (row.event.get(), row.deployment.get()) {
             (Some(e), Some(d)) => Some((d, e)),
             _ => None,
         })
@@ -284,7 +349,7 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
     let occurrence_hits = by_event.join_core(targets, |e, (d, t, s), target| {
         let (owner, scope) = match target {
             Target::Event(scope) => (Owner::Event(*e), scope),
-            Target::Deployment(td, scope) if *d == Some(*td) => (Owner::Deployment(*td), scope),
+            Target::Deployment(td, scope) if d.get() == Some(*td) => (Owner::Deployment(*td), scope),
             Target::Deployment(..) => return None,
         };
         match scope {
@@ -294,9 +359,14 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
     });
     let direct_hits =
         occurrence_hits.clone().flat_map(|(owner, t, p)| if p.is_none() { Some((owner, t)) } else { None });
-    let occurrence_items = occurrence_hits.flat_map(|(owner, t, p)| p.map(|p| ((t, p), Item::Occurrence(owner))));
+    let occurrence_items = occurrence_hits.flat_map(|(owner, t, p)| p.map(|p| ((t, p), owner)));
 
     // The taxon part of the filter, for the (determination, project) pairs in demand.
+    // Items are ((determination, P), owner), their score already past P's threshold; each
+    // counts once its taxon passes P's filter. `Owner::Image(i)` is a valid detection on image
+    // `i` (for one of the image's owners' projects); `Owner::Event(e)` and
+    // `Owner::Deployment(d)` are an occurrence of that event or deployment. Occurrences never
+    // count toward images, so the owner alone says which it is, in 16 bytes.
     let items = detection_items.concat(occurrence_items);
     let verdicts = filter::verdicts(
         items.clone().map(|(key, _)| key),
@@ -309,8 +379,8 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
     let image_detections = passed
         .clone()
         .flat_map(|(_t, p, item)| match item {
-            Item::Detection(i) => Some((i, Some(p))),
-            Item::Occurrence(_) => None,
+            Owner::Image(i) => Some((i, Some(p))),
+            Owner::Event(_) | Owner::Deployment(_) => None,
         })
         .concat(valid.map(|(i, _o)| (i, None)))
         .map(|key| (key, ()))
@@ -322,8 +392,8 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
     // Occurrence counts and the (deployment, determination) pairs behind taxa_count.
     let occurrence_hits = passed
         .flat_map(|(t, _p, item)| match item {
-            Item::Occurrence(owner) => Some((owner, t)),
-            Item::Detection(_) => None,
+            Owner::Image(_) => None,
+            owner => Some((owner, t)),
         })
         .concat(direct_hits);
     let taxa_counts = occurrence_hits
@@ -343,12 +413,13 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
         .concat(events.clone().map(|(e, _)| (Owner::Event(e), Field::Exists)))
         .concat(deployments.map(|(d, _)| (Owner::Deployment(d), Field::Exists)));
     let captures = images.clone().flat_map(|(_i, row)| {
-        let event = row.event.map(|e| (Owner::Event(e), Field::Captures));
-        let deployment = row.deployment.map(|d| (Owner::Deployment(d), Field::Captures));
-        let sized = row.deployment.filter(|_| row.size.is_some()).map(|d| (Owner::Deployment(d), Field::SizedImages));
+        let event = row.event().map(|e| (Owner::Event(e), Field::Captures));
+        let deployment = row.deployment().map(|d| (Owner::Deployment(d), Field::Captures));
+        let sized =
+            row.deployment().filter(|_| row.size().is_some()).map(|d| (Owner::Deployment(d), Field::SizedImages));
         event.into_iter().chain(deployment).chain(sized)
     });
-    let sizes = images.clone().explode(|(_i, row)| match (row.deployment, row.size) {
+    let sizes = images.clone().explode(|(_i, row)| match (row.deployment(), row.size()) {
         (Some(d), Some(size)) => Some(((Owner::Deployment(d), Field::TotalSize), size as isize)),
         _ => None,
     });
@@ -374,12 +445,12 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs) -> Coll<'s, 
 /// tree, as Materialize renders hierarchical min/max: images are hashed into 4,096 buckets per
 /// owner, each bucket keeps only its min and max, those fold into 64 buckets, then into one.
 /// A change rescans one leaf bucket and two small candidate lists.
-fn capture_extremes<'s>(images: Coll<'s, (Id, Image)>) -> Coll<'s, Output> {
+fn capture_extremes<'s>(images: Coll<'s, (Id, ImageRow)>) -> Coll<'s, Output> {
     let leaves = images.flat_map(|(i, row)| {
-        let ts = row.timestamp;
+        let ts = row.timestamp();
         let bucket = bucket_of(i);
-        let event = row.event.zip(ts).map(|(e, t)| ((Owner::Event(e), bucket), t));
-        let deployment = row.deployment.zip(ts).map(|(d, t)| ((Owner::Deployment(d), bucket), t));
+        let event = row.event().zip(ts).map(|(e, t)| ((Owner::Event(e), bucket), t));
+        let deployment = row.deployment().zip(ts).map(|(d, t)| ((Owner::Deployment(d), bucket), t));
         event.into_iter().chain(deployment)
     });
     let level = |candidates: Coll<'s, ((Owner, u64), Micros)>, name: &str, shift: u32| {

@@ -6,10 +6,11 @@
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
+use tally_dataflows::engine;
 use tally_dataflows::oracle::recompute;
 use tally_dataflows::{
     AllCounts, CountChanges, Deployment, Detection, Engine, Event, FilterTaxon, Id, Image, InputBatch, Occurrence,
-    Project, Score, Taxon,
+    Project, Score, Tables, Taxon,
 };
 
 /// Scores and thresholds where Postgres and naive `f64` comparison disagree, plus ordinary ones.
@@ -116,13 +117,29 @@ fn assert_only_changed(previous: &AllCounts, changes: &CountChanges) {
 }
 
 fn run(steps: &[Vec<Change>], workers: usize) {
-    let mut engine = Engine::new(workers).expect("engine starts");
+    check(Engine::new(workers).expect("engine starts"), steps);
+}
+
+/// The same on a timely cluster of `processes` × `threads` over loopback TCP.
+fn run_cluster(steps: &[Vec<Change>], processes: usize, threads: usize) {
+    let (engine, peers) = engine::loopback(processes, threads).expect("cluster starts");
+    assert_eq!(engine.topology().total_workers(), processes * threads);
+    check(engine, steps);
+    peers.join().expect("every peer process ends cleanly once the engine is dropped");
+}
+
+/// Applies `steps`, comparing after each the reported changes and the engine's snapshot with
+/// the oracle's recompute of the rows applied so far.
+fn check(mut engine: Engine, steps: &[Vec<Change>]) {
+    let mut tables = Tables::default();
     let mut reported = AllCounts::default();
     for (n, step) in steps.iter().enumerate() {
-        let changes = engine.apply(&batch(step)).expect("batch applies");
+        let batch = batch(step);
+        let changes = engine.apply(&batch).expect("batch applies");
+        tables.apply(&batch);
         assert_only_changed(&reported, &changes);
         changes.apply_to(&mut reported);
-        let expected = recompute(engine.tables());
+        let expected = recompute(&tables);
         assert_eq!(reported, expected, "accumulated changes differ from the oracle after step {n}: {step:?}");
         assert_eq!(engine.snapshot(), expected, "engine snapshot differs from the oracle after step {n}");
     }
@@ -145,10 +162,32 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-    /// The same on two workers: inputs are split between them, outputs must be identical.
+    /// The same on two workers: rows are partitioned between them, outputs must be identical.
     #[test]
     fn two_workers_match_oracle(steps in steps(30)) {
         run(&steps, 2);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// One process, four workers.
+    #[test]
+    fn four_workers_match_oracle(steps in steps(30)) {
+        run(&steps, 4);
+    }
+}
+
+proptest! {
+    // Forming a cluster takes about a second (timely polls for connections once a second).
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Two timely processes × two workers each over loopback TCP: the rows are partitioned
+    /// over both processes, only process 0 feeds and reads, and the counts are the same.
+    #[test]
+    fn two_processes_of_two_workers_match_oracle(steps in steps(30)) {
+        run_cluster(&steps, 2, 2);
     }
 }
 

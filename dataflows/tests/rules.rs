@@ -3,7 +3,7 @@
 use tally_dataflows::oracle::recompute;
 use tally_dataflows::{
     AllCounts, CountChanges, Deployment, DeploymentCounts, Detection, Engine, Event, EventCounts, FilterTaxon, Id,
-    Image, ImageCounts, InputBatch, Micros, Occurrence, Project, Score, Taxon,
+    Image, ImageCounts, InputBatch, Micros, Occurrence, Project, Score, Tables, Taxon,
 };
 
 // The taxonomy every test loads: root → family → genus → species, two branches.
@@ -153,6 +153,8 @@ impl Batch {
 /// no owner is reported with the value it already had.
 struct Db {
     engine: Engine,
+    /// The rows applied so far: the oracle's input.
+    tables: Tables,
     reported: AllCounts,
 }
 
@@ -162,11 +164,16 @@ impl Db {
     }
 
     fn with_workers(workers: usize) -> Self {
-        Db { engine: Engine::new(workers).expect("engine starts"), reported: AllCounts::default() }
+        Db {
+            engine: Engine::new(workers).expect("engine starts"),
+            tables: Tables::default(),
+            reported: AllCounts::default(),
+        }
     }
 
     fn apply(&mut self, batch: Batch) -> CountChanges {
         let changes = self.engine.apply(&batch.0).expect("batch applies");
+        self.tables.apply(&batch.0);
         for (id, new) in &changes.images {
             assert_ne!(self.reported.images.get(id), new.as_ref(), "image {id} reported without a change");
         }
@@ -178,7 +185,7 @@ impl Db {
         }
         changes.apply_to(&mut self.reported);
         let snapshot = self.engine.snapshot();
-        assert_eq!(snapshot, recompute(self.engine.tables()), "engine differs from the oracle");
+        assert_eq!(snapshot, recompute(&self.tables), "engine differs from the oracle");
         assert_eq!(self.reported, snapshot, "accumulated reported changes differ from the engine's snapshot");
         changes
     }
@@ -849,10 +856,8 @@ fn replayed_batch_reports_nothing() {
     let mut db = Db::new();
     let first = db.apply(b.clone());
     assert_eq!(first.len(), 3, "image 1, event 1 and deployment 1 appear");
-    let time = db.engine.time();
     let second = db.apply(b);
     assert!(second.is_empty(), "replay reported {second:?}");
-    assert_eq!(db.engine.time(), time, "a replay does not advance the dataflow");
     assert_counted(&db, 1, "after the replay");
 }
 

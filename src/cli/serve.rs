@@ -8,10 +8,18 @@ use tracing::{error, info};
 
 use crate::server::{self, Config};
 
-/// Runs the daemon until a signal.
+/// Runs the daemon until a signal; or, as process 1 or above of a dataflow cluster, holds
+/// that process's share of the dataflow until a signal.
 pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
+    // Checked before anything else, so that a wrong -n/-p/-h fails at once.
+    let topology = config.cluster.topology(config.ingest.workers)?;
     spawn_signal_handler(shutdown.clone());
+    if config.cluster.is_peer() {
+        crate::cluster::run_peer(topology, shutdown).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    config.db.require_url()?;
     match server::start(config, shutdown).await?.wait().await {
         Ok(()) => {
             info!("tally stopped");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use metrics::{counter, histogram};
-use tally_dataflows::{CountChanges, Engine, Id, InputBatch};
+use tally_dataflows::{CountChanges, Engine, Id, InputBatch, Known, Topology};
 use tokio_postgres::Transaction;
 use tracing::{error, info, warn};
 
@@ -108,8 +108,11 @@ pub type AfterCommit =
 /// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
 pub struct Ingestor {
     store: Store,
-    engine: Engine,
-    workers: usize,
+    /// `None` before the first rebuild, while a cluster's engine is started again, and
+    /// without counts.
+    engine: Option<Engine>,
+    /// Where the dataflow's workers run.
+    topology: Topology,
     prefix: String,
     max_bytes: usize,
     dirty: bool,
@@ -121,14 +124,19 @@ pub struct Ingestor {
 
 impl Ingestor {
     /// An ingestor over `store` whose engine is bootstrapped from it (and every count that
-    /// differs corrected), with `workers` timely workers.
-    pub async fn start(store: Store, workers: usize, prefix: String, max_bytes: usize) -> Result<Self, IngestError> {
-        let engine = Engine::new(workers).map_err(store::StoreError::from)?;
+    /// differs corrected), its timely workers placed as `topology` says (process 0 of a
+    /// cluster waits here until every other process has connected).
+    pub async fn start(
+        store: Store,
+        topology: Topology,
+        prefix: String,
+        max_bytes: usize,
+    ) -> Result<Self, IngestError> {
         let analyzer = Analyzer::new(store.clone()).await;
         let mut ingestor = Ingestor {
             store,
-            engine,
-            workers,
+            engine: None,
+            topology,
             prefix,
             max_bytes,
             dirty: true,
@@ -144,18 +152,12 @@ impl Ingestor {
     /// An ingestor that saves rows without keeping counts (for benchmarks, which keep them by
     /// other means, see [`Ingestor::set_after_commit`]): no bootstrap, and batches neither
     /// feed the dataflow nor write counts.
-    pub async fn without_counts(
-        store: Store,
-        workers: usize,
-        prefix: String,
-        max_bytes: usize,
-    ) -> Result<Self, IngestError> {
-        let engine = Engine::new(workers).map_err(store::StoreError::from)?;
+    pub async fn without_counts(store: Store, prefix: String, max_bytes: usize) -> Result<Self, IngestError> {
         let analyzer = Analyzer::new(store.clone()).await;
         Ok(Ingestor {
             store,
-            engine,
-            workers,
+            engine: None,
+            topology: Topology::local(1),
             prefix,
             max_bytes,
             dirty: false,
@@ -193,9 +195,19 @@ impl Ingestor {
         self.max_bytes
     }
 
-    /// The engine (for snapshots and tests).
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The engine, once built (none without counts).
+    pub fn engine(&self) -> Option<&Engine> {
+        self.engine.as_ref()
+    }
+
+    /// The rows held by this process's dataflow workers.
+    fn dataflow_rows(&self) -> i64 {
+        self.engine.as_ref().map_or(0, Engine::rows)
+    }
+
+    /// The engine to apply a batch to; an error (leaving the ingestor dirty) if there is none.
+    fn engine_mut(&mut self) -> Result<&mut Engine, IngestError> {
+        self.engine.as_mut().ok_or_else(|| store::StoreError::from(tally_dataflows::EngineError::WorkerStopped).into())
     }
 
     /// Whether the engine must be rebuilt before the next batch.
@@ -207,7 +219,20 @@ impl Ingestor {
     /// start, and after a batch failed with the engine applied).
     /// Change-feed entries visible when it starts are covered by what it reads, and deleted.
     pub async fn rebuild(&mut self) -> Result<(), IngestError> {
-        let mut engine = Engine::new(self.workers).map_err(store::StoreError::from)?;
+        // The old engine goes first: a cluster's other processes join the next engine only
+        // once the previous one has ended (and process 0's port is free again).
+        self.dirty = true;
+        if let Some(old) = self.engine.take() {
+            tokio::task::spawn_blocking(move || drop(old)).await.map_err(|e| IngestError::Internal(e.to_string()))?;
+        }
+        let topology = self.topology.clone();
+        if topology.processes() > 1 {
+            info!(%topology, "starting the dataflow cluster: waiting for every process to connect");
+        }
+        let mut engine = tokio::task::spawn_blocking(move || Engine::start(topology))
+            .await
+            .map_err(|e| IngestError::Internal(e.to_string()))?
+            .map_err(store::StoreError::from)?;
         let covered = feed::visible(&self.store.client().await?).await?;
         let loaded = store::bootstrap::bootstrap(&self.store, &mut engine).await?;
         let corrected = store::sink::write_all(&self.store, &engine.snapshot()).await?;
@@ -221,9 +246,9 @@ impl Ingestor {
             feed_entries_covered = covered.len(),
             "dataflow state rebuilt from Postgres"
         );
-        self.engine = engine;
+        self.engine = Some(engine);
         self.dirty = false;
-        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
+        metrics::gauge!(names::DATAFLOW_ROWS).set(self.dataflow_rows() as f64);
         Ok(())
     }
 
@@ -255,7 +280,7 @@ impl Ingestor {
             return Ok(FeedReport { entries: read.seqs.len(), rebuilt: true, ..FeedReport::default() });
         }
         self.dirty = true;
-        let engine = &mut self.engine;
+        let engine = self.engine_mut()?;
         let changes = tokio::task::block_in_place(|| engine.apply(&read.input)).map_err(store::StoreError::from)?;
         let sink = store::sink::write_changes_in(&tx, &changes).await?;
         feed::consume(&tx, &read.seqs).await?;
@@ -271,7 +296,7 @@ impl Ingestor {
         counter!(names::COUNT_WRITES, "table" => "main_sourceimage").increment(sink.images);
         counter!(names::COUNT_WRITES, "table" => "main_event").increment(sink.events);
         counter!(names::COUNT_WRITES, "table" => "main_deployment").increment(sink.deployments);
-        metrics::gauge!(names::DATAFLOW_ROWS).set(self.engine.tables().len() as f64);
+        metrics::gauge!(names::DATAFLOW_ROWS).set(self.dataflow_rows() as f64);
         info!(
             entries = read.seqs.len(),
             changed_owners = changes.len(),
@@ -360,7 +385,9 @@ impl Ingestor {
         let tx = client.transaction().await.map_err(store::StoreError::from)?;
         let valid: Vec<usize> = which.iter().copied().filter(|&i| decoded[i].is_ok()).collect();
         let messages: Vec<&ResultMessage> = valid.iter().filter_map(|&i| decoded[i].as_ref().ok()).collect();
-        let saved = save::save(&tx, self.engine.tables(), &messages).await?;
+        let none = Known::default();
+        let known = self.engine.as_ref().map_or(&none, Engine::known);
+        let saved = save::save(&tx, known, &messages).await?;
         let rejected = rejections(decoded, which, &valid, &saved.rejected);
         log_dead_letters(batch, &rejected, &self.prefix);
         let (letters, letter_logs) = dead_letters_of(batch, decoded, &rejected, &self.prefix);
@@ -385,7 +412,7 @@ impl Ingestor {
         }
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "commit").record(commit_started.elapsed().as_secs_f64());
 
-        record_metrics(&saved.rows, &sink, self.engine.tables().len());
+        record_metrics(&saved.rows, &sink, self.dataflow_rows());
         let outcomes = outcomes(decoded, which, &valid, &rejected, &saved.inserted);
         Ok(BatchReport { outcomes, rows: saved.rows, sink, changed_owners: changes.len(), tables })
     }
@@ -396,7 +423,7 @@ impl Ingestor {
         let started = Instant::now();
         let changes = if self.counts {
             self.dirty = true;
-            let engine = &mut self.engine;
+            let engine = self.engine_mut()?;
             tokio::task::block_in_place(|| engine.apply(input)).map_err(store::StoreError::from)?
         } else {
             CountChanges::default()
@@ -508,7 +535,7 @@ async fn update_progress(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<JobLo
 }
 
 /// The metrics of a committed batch: rows inserted, counts written, rows the engine holds.
-fn record_metrics(rows: &RowCounts, sink: &SinkReport, dataflow_rows: usize) {
+fn record_metrics(rows: &RowCounts, sink: &SinkReport, dataflow_rows: i64) {
     counter!(names::INGEST_ROWS, "table" => "detection").increment(rows.detections);
     counter!(names::INGEST_ROWS, "table" => "null_marker").increment(rows.null_markers);
     counter!(names::INGEST_ROWS, "table" => "classification").increment(rows.classifications);

@@ -13,7 +13,7 @@
 //! events, deployments, projects and taxa the batch refers to (Django may have created them
 //! since the bootstrap; a row already mirrored produces no update).
 
-use tally_dataflows::{InputBatch, Tables};
+use tally_dataflows::{InputBatch, Known};
 use tokio_postgres::Transaction;
 
 mod read;
@@ -81,10 +81,10 @@ pub const CLOSED_STATUSES: &[&str] =
     &[JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str(), JobState::Canceling.as_str()];
 
 /// Saves `messages` (each already decoded and validated) in `tx`: read, plan, write.
-pub async fn save(tx: &Transaction<'_>, tables: &Tables, messages: &[&ResultMessage]) -> Result<Saved, StoreError> {
-    let snapshot = read::snapshot(tx, tables, messages).await?;
+pub async fn save(tx: &Transaction<'_>, known: &Known, messages: &[&ResultMessage]) -> Result<Saved, StoreError> {
+    let snapshot = read::snapshot(tx, known, messages).await?;
     let plan = plan::plan(&snapshot, messages);
-    let written = write::write(tx, tables, &snapshot, &plan).await?;
+    let written = write::write(tx, known, &snapshot, &plan).await?;
     Ok(Saved {
         rejected: plan.rejected,
         inserted: plan.inserted,

@@ -6,6 +6,7 @@ mod common;
 mod change_feed;
 mod claim_check;
 mod cli_store;
+mod cluster;
 mod dead_letters;
 mod django_cache;
 mod fuzz;

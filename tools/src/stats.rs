@@ -86,7 +86,16 @@ pub fn human_us(us: f64) -> String {
 
 /// The resident set size of this process in bytes (Linux `/proc/self/statm`), if readable.
 pub fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    statm_resident("/proc/self/statm")
+}
+
+/// The resident set size of process `pid`, in bytes, where `/proc` exists.
+pub fn resident_bytes_of(pid: u32) -> Option<u64> {
+    statm_resident(&format!("/proc/{pid}/statm"))
+}
+
+fn statm_resident(path: &str) -> Option<u64> {
+    let statm = std::fs::read_to_string(path).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
 }

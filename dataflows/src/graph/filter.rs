@@ -13,12 +13,13 @@
 use differential_dataflow::operators::ThresholdTotal;
 
 use crate::graph::owners::{ByKey, Coll};
+use crate::graph::rows::OptI64;
 use crate::model::{Id, Taxon};
 
 /// The inputs the filter reads.
 pub struct FilterInputs<'s> {
-    /// `(taxon id, taxon)`: ancestors from `parents_json`.
-    pub taxa: Coll<'s, (Id, Taxon)>,
+    /// Taxa by id: ancestors from `parents_json`.
+    pub taxa: ByKey<'s, Id, Taxon>,
     /// `(project, taxon)` include rows.
     pub include: Coll<'s, (Id, Id)>,
     /// `(project, taxon)` exclude rows.
@@ -26,7 +27,7 @@ pub struct FilterInputs<'s> {
 }
 
 /// Every demanded `(t, p)` whose taxon passes `p`'s include and exclude sets.
-pub fn verdicts<'s>(demand: Coll<'s, (Option<Id>, Id)>, inputs: FilterInputs<'s>) -> ByKey<'s, (Option<Id>, Id), ()> {
+pub(super) fn verdicts<'s>(demand: Coll<'s, (OptI64, Id)>, inputs: FilterInputs<'s>) -> ByKey<'s, (OptI64, Id), ()> {
     let FilterInputs { taxa, include, exclude } = inputs;
     let demand = demand.distinct_total();
     let include = include.distinct_total();
@@ -34,8 +35,7 @@ pub fn verdicts<'s>(demand: Coll<'s, (Option<Id>, Id)>, inputs: FilterInputs<'s>
     let include_projects = include.clone().map(|(p, _t)| p).distinct_total();
 
     // ((p, a), t) for every a in A(t) = {t} ∪ ancestors(t). A taxon without a row has A(t) = {t}.
-    let named = demand.clone().flat_map(|(t, p)| t.map(|t| (t, p)));
-    let taxa = taxa.arrange_by_key_named("Arrange: taxon ancestors");
+    let named = demand.clone().flat_map(|(t, p)| t.get().map(|t| (t, p)));
     let ancestors =
         named.clone().join_core(taxa, |t, p, taxon| taxon.ancestors.iter().map(|a| ((*p, *a), *t)).collect::<Vec<_>>());
     let ancestors = named.clone().map(|(t, p)| ((p, t), t)).concat(ancestors);
@@ -51,12 +51,15 @@ pub fn verdicts<'s>(demand: Coll<'s, (Option<Id>, Id)>, inputs: FilterInputs<'s>
 
     // A NULL determination fails an include set and passes an exclude-only filter.
     let unnamed_ok = demand
-        .flat_map(|(t, p)| match t {
+        .flat_map(|(t, p)| match t.get() {
             Some(_) => None,
             None => Some((p, ())),
         })
         .antijoin(include_projects)
         .map(|(p, ())| (p, None));
 
-    named_ok.concat(unnamed_ok).map(|(p, t)| ((t, p), ())).arrange_by_key_named("Arrange: filter verdicts")
+    named_ok
+        .concat(unnamed_ok)
+        .map(|(p, t)| ((OptI64::from(t), p), ()))
+        .arrange_by_key_named("Arrange: filter verdicts")
 }

@@ -7,7 +7,7 @@ use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
 use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
 
-use crate::model::Id;
+use crate::model::{Deployment, Id};
 
 /// The dataflow's timestamp: one tick per applied batch.
 pub type Time = u64;
@@ -23,11 +23,11 @@ pub type OwnerRow = (Id, (Option<Id>, Option<Id>));
 
 /// `(owner id, P)` for every owner row given as `(id, (own project, deployment))`.
 ///
-/// `deployment_projects` is `(deployment id, project)` for every deployment row, and
-/// `deployment_ids` its keys (needed to find dangling references).
+/// `deployments` is every deployment row by id, and `deployment_ids` its keys (needed to find
+/// dangling references).
 pub fn resolve<'s>(
     rows: Coll<'s, OwnerRow>,
-    deployment_projects: ByKey<'s, Id, Option<Id>>,
+    deployments: ByKey<'s, Id, Deployment>,
     deployment_ids: Coll<'s, Id>,
 ) -> Coll<'s, (Id, Option<Id>)> {
     let own = rows.clone().flat_map(|(id, (project, _))| project.map(|p| (id, Some(p))));
@@ -40,7 +40,7 @@ pub fn resolve<'s>(
         None => Some((id, None)),
     });
     let via_deployment = fallback.flat_map(|(deployment, id)| deployment.map(|d| (d, id)));
-    let found = via_deployment.clone().join_core(deployment_projects, |_d, id, project| Some((*id, *project)));
+    let found = via_deployment.clone().join_core(deployments, |_d, id, row| Some((*id, row.project)));
     let dangling = via_deployment.antijoin(deployment_ids).map(|(_d, id)| (id, None));
     own.concat(no_deployment).concat(found).concat(dangling)
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tally_dataflows::{Id, InputBatch, Occurrence, Score, Tables};
+use tally_dataflows::{Id, InputBatch, Known, Occurrence, Score};
 use tokio_postgres::Transaction;
 
 use crate::ingest::decode::{ResultBody, ResultMessage};
@@ -17,7 +17,7 @@ use crate::store::StoreError;
 /// 1 and 2 (checked here as the plan will) are not read.
 pub(super) async fn snapshot(
     tx: &Transaction<'_>,
-    tables: &Tables,
+    known: &Known,
     messages: &[&ResultMessage],
 ) -> Result<Snapshot, StoreError> {
     let mut s = Snapshot::default();
@@ -31,7 +31,7 @@ pub(super) async fn snapshot(
     s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| ((*id), r))).collect();
     let accepted: Vec<&ResultMessage> =
         messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
-    read_owners(tx, tables, &mut s.input).await?;
+    read_owners(tx, known, &mut s.input).await?;
     s.jobs = load_jobs(tx, &distinct(accepted.iter().map(|m| m.job_id))).await?;
     let responses: Vec<&crate::ingest::decode::PipelineResults> = accepted
         .iter()
@@ -50,7 +50,7 @@ pub(super) async fn snapshot(
             .flat_map(|r| r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone()))),
     );
     s.taxa = find_taxa(tx, &labels).await?;
-    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !tables.taxa.contains_key(id)));
+    let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !known.taxa.contains(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut s.input).await?;
     Ok(s)
 }
@@ -122,21 +122,21 @@ async fn load_jobs(tx: &Transaction<'_>, ids: &[i64]) -> Result<HashMap<i64, Str
 
 /// Reads the events, deployments and projects (with their filters) that the batch's images
 /// refer to and the engine has not seen.
-async fn read_owners(tx: &Transaction<'_>, tables: &Tables, input: &mut InputBatch) -> Result<(), StoreError> {
+async fn read_owners(tx: &Transaction<'_>, known: &Known, input: &mut InputBatch) -> Result<(), StoreError> {
     let missing = |ids: Vec<Option<Id>>, known: &dyn Fn(Id) -> bool| -> Vec<i64> {
         distinct(ids.into_iter().flatten().filter(|id| !known(*id)))
     };
     let images: Vec<_> = input.images.iter().filter_map(|(_, r)| r.clone()).collect();
-    let events = missing(images.iter().map(|i| i.event).collect(), &|id| tables.events.contains_key(&id));
+    let events = missing(images.iter().map(|i| i.event).collect(), &|id| known.events.contains(&id));
     read_rows(tx, "main_event", "id", &events, input).await?;
     let mut deployment_refs: Vec<Option<Id>> = images.iter().map(|i| i.deployment).collect();
     deployment_refs.extend(input.events.iter().filter_map(|(_, e)| e.as_ref().map(|e| e.deployment)));
-    let deployments = missing(deployment_refs, &|id| tables.deployments.contains_key(&id));
+    let deployments = missing(deployment_refs, &|id| known.deployments.contains(&id));
     read_rows(tx, "main_deployment", "id", &deployments, input).await?;
     let mut project_refs: Vec<Option<Id>> = images.iter().map(|i| i.project).collect();
     project_refs.extend(input.events.iter().filter_map(|(_, e)| e.as_ref().map(|e| e.project)));
     project_refs.extend(input.deployments.iter().filter_map(|(_, d)| d.as_ref().map(|d| d.project)));
-    let projects = missing(project_refs, &|id| tables.projects.contains_key(&id));
+    let projects = missing(project_refs, &|id| known.projects.contains(&id));
     read_rows(tx, "main_project", "id", &projects, input).await?;
     read_rows(tx, "main_project_default_filters_include_taxa", "project_id", &projects, input).await?;
     read_rows(tx, "main_project_default_filters_exclude_taxa", "project_id", &projects, input).await?;

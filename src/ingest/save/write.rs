@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use tally_dataflows::{InputBatch, Tables};
+use tally_dataflows::{InputBatch, Known};
 use tokio_postgres::Transaction;
 
 use super::JobLogLine;
@@ -26,7 +26,7 @@ pub(super) struct Written {
 /// Writes `plan` (made from `snapshot`) in `tx`.
 pub(super) async fn write(
     tx: &Transaction<'_>,
-    tables: &Tables,
+    known: &Known,
     snapshot: &Snapshot,
     plan: &Plan,
 ) -> Result<Written, StoreError> {
@@ -44,7 +44,7 @@ pub(super) async fn write(
     write_determinations(tx, &plan.determinations, &ids).await?;
     write_job_images(tx, &plan.job_images).await?;
     let mut input = plan.input(snapshot, &ids);
-    let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !tables.taxa.contains_key(id)));
+    let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !known.taxa.contains(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut input).await?;
     Ok(Written { input, taxa: created })
 }
