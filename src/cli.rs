@@ -62,9 +62,9 @@ pub enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => runtime()?.block_on(serve::run(*args)),
+        Command::Serve(args) => block_on_then_leave(serve::run(*args)),
         Command::Migrate(args) => runtime()?.block_on(migrate::run(args)),
-        Command::Rebuild(args) => runtime()?.block_on(rebuild::run(args)),
+        Command::Rebuild(args) => block_on_then_leave(rebuild::run(args)),
         Command::Verify(args) => runtime()?.block_on(verify::run(args)),
         Command::Counts(args) => runtime()?.block_on(counts::run(args)),
         Command::DeadLetters(command) => runtime()?.block_on(dead_letters::run(command)),
@@ -75,4 +75,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// The async runtime of the commands that talk to services (the tools use it too).
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Runs `command` to its end, then leaves without waiting for blocking threads: a dataflow
+/// peer's or process 0's timely thread may still be waiting for the other processes to
+/// connect (timely retries forever), and dropping a runtime waits for its blocking threads.
+fn block_on_then_leave(
+    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = runtime()?;
+    let outcome = runtime.block_on(command);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    outcome
 }

@@ -3,7 +3,7 @@
 //! process 1 is killed: the next batch fails without a partial write and `/readyz` answers
 //! 503; once process 1 is started again, process 0 rebuilds from Postgres and ingests the rest.
 //! In the end every count equals its SQL definition, nothing is lost or duplicated, and SIGTERM
-//! stops both processes cleanly.
+//! stops both processes cleanly, and a peer still waiting for process 0 as well.
 
 use crate::common;
 
@@ -155,6 +155,11 @@ async fn serve_as_two_processes_ingests_exactly_and_survives_losing_one() {
     assert!(leader_status.success(), "SIGTERM ends process 0 with success, got {leader_status}\n{}", tail(&log));
     let peer_status = tokio::task::block_in_place(|| terminate(peer, "process 1"));
     assert!(peer_status.success(), "SIGTERM ends process 1 with success, got {peer_status}\n{}", tail(&log));
+    // A peer still waiting for process 0 stops on SIGTERM too (timely would wait forever).
+    let lonely = serve(1, &hostfile, &[], &log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let lonely_status = tokio::task::block_in_place(|| terminate(lonely, "a peer waiting for process 0"));
+    assert!(lonely_status.success(), "SIGTERM ends a waiting peer with success, got {lonely_status}\n{}", tail(&log));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("dataflow peer: holding state"), "process 1 ran as a peer");
     assert!(text.matches("dataflow state rebuilt").count() >= 2, "process 0 rebuilt after the loss\n{}", tail(&log));
