@@ -63,6 +63,9 @@ pub enum IngestError {
     /// A background task of ingest failed (panicked or was cancelled).
     #[error("ingest task: {0}")]
     Internal(String),
+    /// Shutdown came while the engine was waiting for the other processes of its cluster.
+    #[error("stopping while waiting for the dataflow cluster")]
+    Stopped,
 }
 
 impl IngestError {
@@ -81,7 +84,8 @@ impl IngestError {
             IngestError::Nats { .. }
             | IngestError::Bucket(_)
             | IngestError::StreamSubjects { .. }
-            | IngestError::Internal(_) => true,
+            | IngestError::Internal(_)
+            | IngestError::Stopped => true,
             IngestError::Store(StoreError::Db(e)) => match e.code() {
                 // No SQLSTATE: the connection or the protocol failed.
                 None => true,

@@ -24,6 +24,7 @@ use crate::gateway::{self, Gateway, GatewayArgs};
 use crate::http::{self, Health};
 use crate::ingest::batch::{AfterCommit, Ingestor};
 use crate::ingest::daemon::{self, Hooks, IngestArgs};
+use crate::ingest::IngestError;
 use crate::jobs::monitor::{self, MonitorArgs, ResultsConsumer};
 use crate::startup::{self, Failure, Wait, Waiting};
 use crate::{dead_letters, metrics, store};
@@ -329,7 +330,10 @@ async fn ingest(
             if topology.processes() > 1 {
                 health.set_not_ready(format!("waiting for the dataflow cluster ({topology}), then rebuilding"));
             }
-            Ingestor::start(store.clone(), topology, prefix, max_bytes).await?
+            match Ingestor::start(store.clone(), topology, prefix, max_bytes, shutdown.clone()).await {
+                Err(IngestError::Stopped) => return Ok(()),
+                started => started?,
+            }
         }
         Counts::Unkept { after_commit } => {
             let mut ingestor = Ingestor::without_counts(store.clone(), prefix, max_bytes).await?;

@@ -20,6 +20,7 @@ use futures_util::future::BoxFuture;
 use metrics::{counter, histogram};
 use tally_dataflows::{CountChanges, Engine, Id, InputBatch, Known, Topology};
 use tokio_postgres::Transaction;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::dead_letters::{self, NewDeadLetter};
@@ -120,17 +121,21 @@ pub struct Ingestor {
     after_commit: Option<AfterCommit>,
     analyzer: Analyzer,
     django: DjangoCache,
+    /// Cancelled at shutdown: a rebuild waiting for a cluster's lost process gives up.
+    stop: CancellationToken,
 }
 
 impl Ingestor {
     /// An ingestor over `store` whose engine is bootstrapped from it (and every count that
     /// differs corrected), its timely workers placed as `topology` says (process 0 of a
-    /// cluster waits here until every other process has connected).
+    /// cluster waits here until every other process has connected, or `stop` is cancelled:
+    /// then [`IngestError::Stopped`]).
     pub async fn start(
         store: Store,
         topology: Topology,
         prefix: String,
         max_bytes: usize,
+        stop: CancellationToken,
     ) -> Result<Self, IngestError> {
         let analyzer = Analyzer::new(store.clone()).await;
         let mut ingestor = Ingestor {
@@ -144,6 +149,7 @@ impl Ingestor {
             after_commit: None,
             analyzer,
             django: DjangoCache::disabled(),
+            stop,
         };
         ingestor.rebuild().await?;
         Ok(ingestor)
@@ -165,6 +171,7 @@ impl Ingestor {
             after_commit: None,
             analyzer,
             django: DjangoCache::disabled(),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -229,10 +236,14 @@ impl Ingestor {
         if topology.processes() > 1 {
             info!(%topology, "starting the dataflow cluster: waiting for every process to connect");
         }
-        let mut engine = tokio::task::spawn_blocking(move || Engine::start(topology))
-            .await
-            .map_err(|e| IngestError::Internal(e.to_string()))?
-            .map_err(store::StoreError::from)?;
+        // A cluster's process 0 waits here for every other process (timely retries forever);
+        // at shutdown the waiting thread is left behind (the CLI does not join it).
+        let starting = tokio::task::spawn_blocking(move || Engine::start(topology));
+        let started = tokio::select! {
+            started = starting => started,
+            _ = self.stop.cancelled() => return Err(IngestError::Stopped),
+        };
+        let mut engine = started.map_err(|e| IngestError::Internal(e.to_string()))?.map_err(store::StoreError::from)?;
         let covered = feed::visible(&self.store.client().await?).await?;
         let loaded = store::bootstrap::bootstrap(&self.store, &mut engine).await?;
         let corrected = store::sink::write_all(&self.store, &engine.snapshot()).await?;

@@ -3,7 +3,7 @@
 //! process 1 is killed: the next batch fails without a partial write and `/readyz` answers
 //! 503; once process 1 is started again, process 0 rebuilds from Postgres and ingests the rest.
 //! In the end every count equals its SQL definition, nothing is lost or duplicated, and SIGTERM
-//! stops both processes cleanly, and a peer still waiting for process 0 as well.
+//! stops both processes cleanly, and a peer or a process 0 still waiting for the other as well.
 
 use crate::common;
 
@@ -155,11 +155,31 @@ async fn serve_as_two_processes_ingests_exactly_and_survives_losing_one() {
     assert!(leader_status.success(), "SIGTERM ends process 0 with success, got {leader_status}\n{}", tail(&log));
     let peer_status = tokio::task::block_in_place(|| terminate(peer, "process 1"));
     assert!(peer_status.success(), "SIGTERM ends process 1 with success, got {peer_status}\n{}", tail(&log));
-    // A peer still waiting for process 0 stops on SIGTERM too (timely would wait forever).
+    // A peer still waiting for process 0 stops on SIGTERM too (timely would wait forever),
+    // and so does a process 0 still waiting for its peer (not ready meanwhile).
     let lonely = serve(1, &hostfile, &[], &log);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let lonely_status = tokio::task::block_in_place(|| terminate(lonely, "a peer waiting for process 0"));
     assert!(lonely_status.success(), "SIGTERM ends a waiting peer with success, got {lonely_status}\n{}", tail(&log));
+    let lonely = serve(0, &hostfile, &leader_args, &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = match reqwest::get(format!("http://127.0.0.1:{listen}/readyz")).await {
+            Ok(r) if r.status().as_u16() == 503 => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        };
+        if body.contains("waiting for the dataflow cluster") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "process 0 alone never said it waits for the cluster\n{}", tail(&log));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lonely_status = tokio::task::block_in_place(|| terminate(lonely, "a process 0 waiting for its peer"));
+    assert!(
+        lonely_status.success(),
+        "SIGTERM ends a waiting process 0 with success, got {lonely_status}\n{}",
+        tail(&log)
+    );
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("dataflow peer: holding state"), "process 1 ran as a peer");
     assert!(text.matches("dataflow state rebuilt").count() >= 2, "process 0 rebuilt after the loss\n{}", tail(&log));
