@@ -70,12 +70,20 @@ impl Chart {
             W / 2.0,
             esc(&self.title)
         );
-        // Grid and tick labels at each decade (log) or at five even steps (linear).
+        // Grid and tick labels at each decade (log) or at round steps (linear: 1, 2 or 5 times a
+        // power of ten, about five of them).
         let ticks = |lo: f64, hi: f64, log: bool| -> Vec<f64> {
             if log {
                 (lo as i32..=hi as i32).map(|e| 10f64.powi(e)).collect()
             } else {
-                (0..=5).map(|i| lo + (hi - lo) * f64::from(i) / 5.0).collect()
+                let raw = (hi - lo) / 5.0;
+                let magnitude = 10f64.powf(raw.log10().floor());
+                let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|s| *s >= raw).unwrap_or(raw);
+                if !(step.is_finite() && step > 0.0) {
+                    return vec![lo, hi];
+                }
+                let first = (lo / step).ceil() as i64;
+                (first..).map(|i| i as f64 * step).take_while(|v| *v <= hi + step * 1e-9).collect()
             }
         };
         for v in ticks(x0, x1, self.log_x) {
@@ -186,5 +194,22 @@ mod tests {
         assert!(svg.contains("a &lt;b&gt;"));
         assert!(svg.contains(">1k<"), "{svg}");
         assert_eq!(svg.matches("<circle").count(), 2);
+    }
+
+    #[test]
+    fn linear_ticks_are_round() {
+        let chart = Chart {
+            title: "t".into(),
+            x_label: "processes".into(),
+            y_label: "bytes".into(),
+            series: vec![Series { name: "s".into(), color: "red", points: vec![(1.0, 293.0), (4.0, 92.0)] }],
+            log_x: false,
+            log_y: false,
+        };
+        let svg = chart.to_svg();
+        for label in [">0<", ">1<", ">2<", ">3<", ">4<", ">100<", ">200<", ">300<"] {
+            assert!(svg.contains(label), "{label} missing: {svg}");
+        }
+        assert!(!svg.contains(">0.88<"), "{svg}");
     }
 }
