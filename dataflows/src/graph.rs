@@ -32,7 +32,7 @@ use timely::dataflow::{InputHandleVec, Scope as TimelyScope};
 use crate::hashing::{IdMap, IdSet};
 use crate::model::{Deployment, Event, FilterTaxon, Id, InputBatch, Micros, Project, Score, Taxon};
 pub use owners::{ByKey, Coll, Time};
-use rows::{DetectionRow, ImageRow, OccurrenceRow, OptScore};
+use rows::{DetectionRow, ImageRow, OccurrenceRow, OptI64, OptScore};
 
 /// A row that owns stored counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -379,14 +379,14 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
     let image_detections = passed
         .clone()
         .flat_map(|(_t, p, item)| match item {
-            Owner::Image(i) => Some((i, Some(p))),
+            Owner::Image(i) => Some((i, OptI64::from(Some(p)))),
             Owner::Event(_) | Owner::Deployment(_) => None,
         })
-        .concat(valid.map(|(i, _o)| (i, None)))
+        .concat(valid.map(|(i, _o)| (i, OptI64::from(None))))
         .map(|key| (key, ()))
         .arrange_by_key_named("Arrange: image detections by project");
     let detection_counts = image_owners
-        .map(|((i, scope), owner)| ((i, scope.project()), owner))
+        .map(|((i, scope), owner)| ((i, OptI64::from(scope.project())), owner))
         .join_core(image_detections, |_key, owner, ()| Some((*owner, Field::Detections)));
 
     // Occurrence counts and the (deployment, determination) pairs behind taxa_count.
@@ -442,9 +442,12 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
 ///
 /// A plain `reduce` per owner rescans the owner's whole group on every change (125k images of
 /// a 1M-detection deployment for each new capture). Instead the candidates are reduced in a
-/// tree, as Materialize renders hierarchical min/max: images are hashed into 4,096 buckets per
-/// owner, each bucket keeps only its min and max, those fold into 64 buckets, then into one.
-/// A change rescans one leaf bucket and two small candidate lists.
+/// tree, as Materialize renders hierarchical min/max: images are hashed into 1,024 buckets per
+/// owner, each bucket keeps only its min and max, those fold into 32 buckets, then into one.
+/// A change rescans one leaf bucket and two small candidate lists. (With 4,096 leaf buckets,
+/// the candidates, 2 per bucket in two arrangements, were 241,000 records at 1M detections,
+/// a quarter of a record per detection; with 1,024 they are 57,000, and a result costs the
+/// same within the benchmark's noise.)
 fn capture_extremes<'s>(images: Coll<'s, (Id, ImageRow)>) -> Coll<'s, Output> {
     let leaves = images.flat_map(|(i, row)| {
         let ts = row.timestamp();
@@ -466,8 +469,8 @@ fn capture_extremes<'s>(images: Coll<'s, (Id, ImageRow)>) -> Coll<'s, Output> {
             })
             .map(move |((owner, bucket), ts)| ((owner, bucket >> shift), ts))
     };
-    let middle = level(leaves, "Reduce: capture extremes, 4096 buckets", 6);
-    let top = level(middle, "Reduce: capture extremes, 64 buckets", 6);
+    let middle = level(leaves, "Reduce: capture extremes, 1024 buckets", 5);
+    let top = level(middle, "Reduce: capture extremes, 32 buckets", 5);
     top.map(|((owner, _bucket), ts)| (owner, ts))
         .reduce_named("Reduce: capture extremes", |_owner, input: &[(&Micros, isize)], output| {
             if let (Some(first), Some(last)) = (input.first(), input.last()) {
@@ -478,8 +481,8 @@ fn capture_extremes<'s>(images: Coll<'s, (Id, ImageRow)>) -> Coll<'s, Output> {
         .map(|(owner, (field, value))| ((owner, field), value))
 }
 
-/// A 12-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly). The id's
-/// bits are read as unsigned so that the shift is logical and every bucket is in `0..4096`.
+/// A 10-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly). The id's
+/// bits are read as unsigned so that the shift is logical and every bucket is in `0..1024`.
 fn bucket_of(image: Id) -> u64 {
-    (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52
+    (image as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54
 }
