@@ -271,6 +271,21 @@ impl Engine {
         Ok(self.absorb(output))
     }
 
+    /// Advances every worker of every process by one empty dataflow time: `Ok` when they all
+    /// took part, [`EngineError::WorkerStopped`] when a worker (in a cluster, a process) is
+    /// gone. Changes no count. A cluster's process 0 calls it when idle, so that a lost
+    /// process is noticed without waiting for the next batch.
+    pub fn check(&mut self) -> Result<(), EngineError> {
+        let time = self.time;
+        self.time += 1;
+        let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
+        let empty = Arc::new(InputBatch::default());
+        commands.send(Command { time, batch: empty }).map_err(|_| EngineError::WorkerStopped)?;
+        let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
+        debug_assert!(report.output.is_empty(), "an empty time changed counts");
+        Ok(())
+    }
+
     /// Folds one time's consolidated output into `values` and reports the changed owners.
     fn absorb(&mut self, output: IdMap<Output, isize>) -> CountChanges {
         let touched: BTreeSet<Owner> = output.keys().map(|((owner, _field), _value)| *owner).collect();

@@ -222,6 +222,27 @@ impl Ingestor {
         self.dirty
     }
 
+    /// Whether the dataflow runs over several processes (one of which may be lost).
+    pub fn is_clustered(&self) -> bool {
+        self.counts && self.topology.processes() > 1
+    }
+
+    /// Checks that every process of the dataflow cluster still takes part (one empty dataflow
+    /// time); a lost one leaves the ingestor dirty and returns the error. Nothing to check
+    /// when the engine is already dirty or runs in this process alone.
+    pub fn check_cluster(&mut self) -> Result<(), IngestError> {
+        if self.dirty || !self.is_clustered() {
+            return Ok(());
+        }
+        let engine = self.engine_mut()?;
+        let checked = tokio::task::block_in_place(|| engine.check());
+        if let Err(e) = checked {
+            self.dirty = true;
+            return Err(store::StoreError::from(e).into());
+        }
+        Ok(())
+    }
+
     /// Reloads the engine from Postgres and writes every count that differs (SPEC §6: on
     /// start, and after a batch failed with the engine applied).
     /// Change-feed entries visible when it starts are covered by what it reads, and deleted.

@@ -157,6 +157,10 @@ pub async fn run(
         helpers.clone(),
     );
     let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
+    // A cluster's lost process is noticed while idle too, not only by the next batch.
+    let clustered = ingestor.is_clustered();
+    let mut cluster_check = tokio::time::interval(CLUSTER_CHECK_EVERY);
+    cluster_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     backoff = retry::reconnect().build();
     'connect: while !shutdown.is_cancelled() {
         let mut messages = match consumer
@@ -183,6 +187,10 @@ pub async fn run(
                 m = messages.next() => m,
                 _ = wake.notified() => {
                     drain_feed(&mut ingestor, &args.feed, &health, &wake).await;
+                    continue;
+                }
+                _ = cluster_check.tick(), if clustered => {
+                    check_cluster(&mut ingestor, &health).await;
                     continue;
                 }
                 _ = shutdown.cancelled() => break 'connect,
@@ -226,6 +234,26 @@ pub async fn run(
     health.set_not_ready("shutting down");
     info!("ingest stopped");
     Ok(())
+}
+
+/// How often an idle process 0 checks that every process of its dataflow cluster is there.
+const CLUSTER_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Checks the dataflow cluster (one empty dataflow time). When a process is gone: not ready,
+/// wait for the cluster to form again, rebuild from Postgres, ready again. Shutdown ends the
+/// wait (the loop then stops).
+async fn check_cluster(ingestor: &mut Ingestor, health: &Health) {
+    let Err(e) = ingestor.check_cluster() else { return };
+    warn!(error = %e, "a process of the dataflow cluster is gone: waiting for the cluster to form again, then rebuilding");
+    health.set_not_ready(format!("waiting for the dataflow cluster (a process was lost: {e}), then rebuilding"));
+    match ingestor.rebuild().await {
+        Ok(()) => health.set_ready(),
+        Err(IngestError::Stopped) => {}
+        Err(e) => {
+            warn!(error = %e, "rebuilding after losing a cluster process failed; trying again at the next check");
+            health.set_not_ready(format!("rebuilding the dataflow after losing a cluster process: {e}"));
+        }
+    }
 }
 
 /// Applies the change feed until the outbox is empty. A failure is logged and counted, and

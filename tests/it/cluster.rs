@@ -1,7 +1,8 @@
 //! `tally serve` as a timely cluster of two OS processes on loopback (SPEC §7): process 0
 //! ingests from NATS and writes Postgres, process 1 holds half of the dataflow's state. Then
-//! process 1 is killed: the next batch fails without a partial write and `/readyz` answers
-//! 503; once process 1 is started again, process 0 rebuilds from Postgres and ingests the rest.
+//! process 1 is killed: idle process 0 notices within seconds (`/readyz` 503), and results
+//! published meanwhile are not written; once process 1 is started again, process 0 rebuilds
+//! from Postgres and ingests the rest.
 //! In the end every count equals its SQL definition, nothing is lost or duplicated, and SIGTERM
 //! stops both processes cleanly, and a peer or a process 0 still waiting for the other as well.
 
@@ -119,20 +120,21 @@ async fn serve_as_two_processes_ingests_exactly_and_survives_losing_one() {
     assert_eq!(readyz(listen).await, Some(200), "ready while the cluster is whole\n{}", tail(&log));
     assert_counts_exact(&f.store).await;
 
-    // 2. Process 1 is lost: the next batch cannot be counted, so nothing of it is written, and
-    // process 0 is not ready.
+    // 2. Process 1 is lost: idle process 0 notices it by itself (not ready); the results
+    // published meanwhile cannot be counted, so nothing of them is written.
     let mut peer = peer;
     peer.kill().expect("kill process 1");
     peer.wait().expect("reap process 1");
-    for (reply, payload) in &results[2 * thirds..] {
-        assert!(f.publish(job, reply, payload.clone()).await);
-    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while readyz(listen).await != Some(503) {
         assert!(Instant::now() < deadline, "/readyz never reported the lost process\n{}", tail(&log));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (reply, payload) in &results[2 * thirds..] {
+        assert!(f.publish(job, reply, payload.clone()).await);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(readyz(listen).await, Some(503), "not ready while process 1 is gone\n{}", tail(&log));
     assert_eq!(saved_images(&f).await, 2 * thirds as i64, "no batch committed without its counts");
     assert_counts_exact(&f.store).await;
 
