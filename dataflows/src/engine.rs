@@ -157,7 +157,7 @@ impl fmt::Display for Topology {
 /// One batch for worker 0: the changes of one time.
 struct Command {
     time: Time,
-    batch: Arc<InputBatch>,
+    batch: InputBatch,
 }
 
 /// Worker 0's output for one time (every worker's output is exchanged to it).
@@ -257,14 +257,10 @@ impl Engine {
         if batch.is_empty() {
             return Ok(CountChanges::default());
         }
-        let time = self.time;
-        self.time += 1;
         self.known.apply(batch);
-        let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
-        commands.send(Command { time, batch: Arc::new(batch.clone()) }).map_err(|_| EngineError::WorkerStopped)?;
-        let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
+        let report = self.step(batch.clone())?;
         let mut output: IdMap<Output, isize> = IdMap::default();
-        for (record, diff) in report.output {
+        for (record, diff) in report {
             *output.entry(record).or_insert(0) += diff;
         }
         output.retain(|_, diff| *diff != 0);
@@ -276,14 +272,18 @@ impl Engine {
     /// gone. Changes no count. A cluster's process 0 calls it when idle, so that a lost
     /// process is noticed without waiting for the next batch.
     pub fn check(&mut self) -> Result<(), EngineError> {
+        let report = self.step(InputBatch::default())?;
+        debug_assert!(report.is_empty(), "an empty time changed counts");
+        Ok(())
+    }
+
+    /// Hands `batch` to worker 0 at the next time and waits for that time's output.
+    fn step(&mut self, batch: InputBatch) -> Result<Vec<(Output, isize)>, EngineError> {
         let time = self.time;
         self.time += 1;
         let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
-        let empty = Arc::new(InputBatch::default());
-        commands.send(Command { time, batch: empty }).map_err(|_| EngineError::WorkerStopped)?;
-        let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
-        debug_assert!(report.output.is_empty(), "an empty time changed counts");
-        Ok(())
+        commands.send(Command { time, batch }).map_err(|_| EngineError::WorkerStopped)?;
+        Ok(self.reports.recv().map_err(|_| EngineError::WorkerStopped)?.output)
     }
 
     /// Folds one time's consolidated output into `values` and reports the changed owners.
@@ -499,24 +499,29 @@ impl Peers {
     }
 }
 
+/// `processes` distinct free `127.0.0.1:port` addresses for a loopback cluster: the ports are
+/// held together while the OS picks them, then released for timely to bind.
+pub fn loopback_addresses(processes: usize) -> Result<Vec<String>, EngineError> {
+    let listeners = (0..processes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::Start(format!("cannot pick a loopback port: {e}")))?;
+    listeners
+        .iter()
+        .map(|l| {
+            let port = l.local_addr().map_err(|e| EngineError::Start(e.to_string()))?.port();
+            Ok(format!("127.0.0.1:{port}"))
+        })
+        .collect()
+}
+
 /// A timely cluster of `processes` processes with `threads` workers each, all inside this OS
 /// process and talking over TCP on 127.0.0.1 (free ports picked by the OS), as the tests and
 /// benchmarks run one. Returns process 0's engine and the other processes, which end when
 /// the engine is dropped.
 pub fn loopback(processes: usize, threads: usize) -> Result<(Engine, Peers), EngineError> {
     let processes = processes.max(1);
-    let mut addresses = Vec::with_capacity(processes);
-    {
-        // Held together so that the OS hands out distinct ports, released before timely binds.
-        let listeners = (0..processes)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Start(format!("cannot pick a loopback port: {e}")))?;
-        for listener in &listeners {
-            let port = listener.local_addr().map_err(|e| EngineError::Start(e.to_string()))?.port();
-            addresses.push(format!("127.0.0.1:{port}"));
-        }
-    }
+    let addresses = loopback_addresses(processes)?;
     let topology = |process| Topology::Cluster { threads, process, addresses: addresses.clone() };
     let threads = (1..processes)
         .map(|process| {

@@ -78,7 +78,8 @@ async fn serve_as_two_processes_ingests_exactly_and_survives_losing_one() {
     let dir = std::env::temp_dir().join(format!("tally-cluster-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let hostfile = dir.join("hosts");
-    std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port())).expect("hostfile");
+    let addresses = tally_dataflows::engine::loopback_addresses(2).expect("loopback ports");
+    std::fs::write(&hostfile, format!("{}\n", addresses.join("\n"))).expect("hostfile");
     let log = dir.join("serve.log");
     let listen = free_port();
     let leader_args: Vec<String> = [

@@ -77,7 +77,7 @@ impl Drop for Peers {
 /// Starts processes 1..`processes` as child processes on free loopback ports, then process 0's
 /// engine in this process (which waits until every peer has connected).
 pub fn start(processes: usize, workers: usize) -> anyhow::Result<(Engine, Peers)> {
-    let addresses = free_addresses(processes)?;
+    let addresses = engine::loopback_addresses(processes)?;
     let exe = std::env::current_exe().context("cannot find this executable to start dataflow peers")?;
     let mut peers = Peers { children: Vec::new() };
     for process in 1..processes {
@@ -92,13 +92,4 @@ pub fn start(processes: usize, workers: usize) -> anyhow::Result<(Engine, Peers)
     }
     let engine = Engine::start(Topology::Cluster { threads: workers, process: 0, addresses })?;
     Ok((engine, peers))
-}
-
-/// `processes` distinct free ports on 127.0.0.1 (held together while picked, then released).
-fn free_addresses(processes: usize) -> anyhow::Result<Vec<String>> {
-    let listeners = (0..processes)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot pick a loopback port")?;
-    listeners.iter().map(|l| Ok(format!("127.0.0.1:{}", l.local_addr()?.port()))).collect()
 }
