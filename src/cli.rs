@@ -88,3 +88,32 @@ fn block_on_then_leave(
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+    use crate::cluster::ClusterArgs;
+    use crate::config::DbArgs;
+
+    #[test]
+    fn a_dataflow_peer_needs_no_database_url_and_process_0_does() {
+        for command in ["serve", "rebuild"] {
+            let parsed = Cli::try_parse_from(["tally", command, "-n", "2", "-p", "1", "-h", "hosts"]);
+            assert!(parsed.is_ok(), "{command} as a peer without --database-url: {:?}", parsed.err());
+        }
+        let Ok(Cli { command: Command::Serve(config), .. }) =
+            Cli::try_parse_from(["tally", "serve", "-n", "2", "-p", "1", "-h", "hosts", "--database-url", ""])
+        else {
+            panic!("serve parses");
+        };
+        assert!(config.cluster.is_peer());
+        // Process 0 (or a lone process) given no URL is refused before connecting.
+        let err = DbArgs::for_url("").require_url().expect_err("an empty URL is refused");
+        assert!(err.to_string().contains("--database-url"), "{err}");
+        assert!(DbArgs::for_url("postgres://postgres@127.0.0.1/x").require_url().is_ok());
+        // -p without -n is a mistake, not a lone process.
+        assert!(ClusterArgs { processes: 1, process: 1, hostfile: None }.topology(1).is_err());
+    }
+}
