@@ -31,6 +31,11 @@ pub mod names {
     /// Counter of messages stored as dead letters, label `reason` (the dead letter's
     /// `reason_code`, a fixed set such as `invalid_json`, `unknown_pipeline`).
     pub const INGEST_DEAD_LETTERS: &str = "tally_ingest_dead_letters_total";
+    /// Counter of ingest pipeline events, label `event` = `overlapped` (a batch was saved
+    /// while the one before it committed) | `conflict` (a batch read what the committing one
+    /// wrote, and waited for it) | `abandoned` (a prepared batch rolled back because the one
+    /// before it failed or its commit waited for one of its locks).
+    pub const INGEST_PIPELINE: &str = "tally_ingest_pipeline_total";
     /// Counter of count rows written, label `table` = `main_sourceimage` | `main_event` |
     /// `main_deployment`.
     pub const COUNT_WRITES: &str = "tally_count_writes_total";
@@ -177,6 +182,11 @@ fn describe() {
     describe_histogram!(INGEST_BATCH_MESSAGES, Unit::Count, "Messages per ingest batch.");
     describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
     describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");
+    describe_counter!(
+        INGEST_PIPELINE,
+        Unit::Count,
+        "Ingest pipeline events: batches saved while the previous one committed, conflicts, abandoned batches."
+    );
     describe_counter!(COUNT_WRITES, Unit::Count, "Count rows written to Antenna's tables, by table.");
     describe_counter!(
         FEED_ROWS,

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod migrate;
 pub mod seed;
 pub mod sink;
+pub mod transaction;
 pub mod verify;
 
 use thiserror::Error;

@@ -330,7 +330,7 @@ pub async fn retry_due(
                 context: serde_json::json!({"source": "tally", "reply_subject": s.reply_subject}),
             })
             .collect();
-        save::write_job_logs(&tx, &logs).await?;
+        save::write_job_logs(tx.client(), &logs).await?;
         for (s, why) in &given_up {
             error!(job_id = s.job_id, reply_subject = %s.reply_subject, attempts = s.attempts + 1, reason = %why, "task ack given up; dead-lettered");
         }

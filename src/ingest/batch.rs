@@ -13,13 +13,13 @@
 //! commit's outcome is unknown, the reverse), so it is marked dirty and rebuilt from Postgres
 //! before the next batch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use metrics::{counter, histogram};
 use tally_dataflows::{CountChanges, Engine, Id, InputBatch, Known, Topology};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -28,10 +28,11 @@ use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
 use crate::ingest::decode::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::feed;
-use crate::ingest::save::{self, JobLogLine, RowCounts};
+use crate::ingest::save::{self, Footprint, JobLogLine, RowCounts};
 use crate::ingest::IngestError;
 use crate::jobs::logs::Level;
 use crate::metrics::names;
+use crate::store::transaction::OwnedTransaction;
 use crate::store::{self, sink::SinkReport, Store};
 
 /// One message as it came off the stream.
@@ -106,6 +107,66 @@ pub struct FeedReport {
 pub type AfterCommit =
     std::sync::Arc<dyn Fn(Store, Vec<Id>) -> BoxFuture<'static, Result<(), IngestError>> + Send + Sync>;
 
+/// What [`Ingestor::prepare`] made of a batch.
+#[derive(Debug)]
+pub enum Prepare {
+    /// Written, waiting for its commit.
+    Ready(Box<Prepared>),
+    /// Its plan depends on what the batch still committing wrote: nothing was written.
+    Conflict,
+}
+
+/// A batch written in an open transaction of its own, its counts included: commit it (on
+/// any task) once every batch before it has committed, then hand the outcome to
+/// [`Ingestor::settle`].
+pub struct Prepared {
+    tx: OwnedTransaction,
+    footprint: Footprint,
+    report: BatchReport,
+    django: DjangoCache,
+    after: Option<BoxFuture<'static, Result<(), IngestError>>>,
+    dataflow_rows: i64,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("footprint", &self.footprint).field("report", &self.report).finish()
+    }
+}
+
+impl Prepared {
+    /// What a batch prepared while this one commits must not depend on.
+    pub fn footprint(&self) -> &Footprint {
+        &self.footprint
+    }
+
+    /// The Postgres server process of its transaction.
+    pub fn backend_pid(&self) -> i32 {
+        self.tx.backend_pid()
+    }
+
+    /// Commits; then invalidates Django's query cache for the tables written and runs the
+    /// after-commit work. `Err`: the outcome of the commit is unknown or the work failed (the
+    /// messages go back to the stream, and their replay is a no-op if the commit happened).
+    pub async fn commit(self) -> Result<BatchReport, IngestError> {
+        let Prepared { tx, report, django, after, dataflow_rows, .. } = self;
+        let started = Instant::now();
+        tx.commit().await?;
+        django.invalidate(report.tables.iter().copied()).await;
+        if let Some(work) = after {
+            work.await?;
+        }
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "commit").record(started.elapsed().as_secs_f64());
+        record_metrics(&report.rows, &report.sink, dataflow_rows);
+        Ok(report)
+    }
+
+    /// Rolls back (the ingestor must then be told: [`Ingestor::settle`] with `None`).
+    pub async fn rollback(self) {
+        self.tx.rollback().await;
+    }
+}
+
 /// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
 pub struct Ingestor {
     store: Store,
@@ -123,6 +184,8 @@ pub struct Ingestor {
     django: DjangoCache,
     /// Cancelled at shutdown: a rebuild waiting for a cluster's lost process gives up.
     stop: CancellationToken,
+    /// Batches prepared and not settled yet (at most two: one committing, one prepared).
+    pending: usize,
 }
 
 impl Ingestor {
@@ -150,6 +213,7 @@ impl Ingestor {
             analyzer,
             django: DjangoCache::disabled(),
             stop,
+            pending: 0,
         };
         ingestor.rebuild().await?;
         Ok(ingestor)
@@ -172,6 +236,7 @@ impl Ingestor {
             analyzer,
             django: DjangoCache::disabled(),
             stop: CancellationToken::new(),
+            pending: 0,
         })
     }
 
@@ -247,6 +312,12 @@ impl Ingestor {
     /// start, and after a batch failed with the engine applied).
     /// Change-feed entries visible when it starts are covered by what it reads, and deleted.
     pub async fn rebuild(&mut self) -> Result<(), IngestError> {
+        if self.pending > 0 {
+            return Err(IngestError::Internal(format!(
+                "cannot rebuild the dataflow with {} prepared batch(es) not settled",
+                self.pending
+            )));
+        }
         // The old engine goes first: a cluster's other processes join the next engine only
         // once the previous one has ended (and process 0's port is free again).
         self.dirty = true;
@@ -348,13 +419,16 @@ impl Ingestor {
     /// Processes one batch. `Err` means a transient failure of the whole batch: nothing was
     /// committed, and every message should be retried later.
     pub async fn process(&mut self, batch: &[Incoming]) -> Result<BatchReport, IngestError> {
-        if self.dirty {
-            self.rebuild().await?;
-        }
+        let decoded = self.decode(batch);
+        self.process_decoded(batch, &decoded).await
+    }
+
+    /// Decodes and validates each message of a batch (rejections for the bad ones), off the
+    /// async threads: parsing a batch's JSON is milliseconds of CPU, and the gateway sharing
+    /// the runtime keeps answering meanwhile.
+    pub fn decode(&self, batch: &[Incoming]) -> Vec<Result<ResultMessage, Rejection>> {
         let started = Instant::now();
-        // Parsing a batch's JSON is milliseconds of CPU: off the async threads, so the gateway
-        // sharing the runtime keeps answering meanwhile.
-        let decoded: Vec<Result<ResultMessage, Rejection>> = tokio::task::block_in_place(|| {
+        let decoded = tokio::task::block_in_place(|| {
             batch
                 .iter()
                 .map(|m| {
@@ -367,86 +441,187 @@ impl Ingestor {
                 .collect()
         });
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
+        decoded
+    }
+
+    /// Processes a decoded batch on its own (nothing else uncommitted): one transaction, or,
+    /// when that fails for good, one per message, so that one bad message never fails the
+    /// others. `Err` means a transient failure of the whole batch.
+    pub async fn process_decoded(
+        &mut self,
+        batch: &[Incoming],
+        decoded: &[Result<ResultMessage, Rejection>],
+    ) -> Result<BatchReport, IngestError> {
+        if self.dirty {
+            self.rebuild().await?;
+        }
         let all: Vec<usize> = (0..batch.len()).collect();
-        match self.commit(batch, &decoded, &all).await {
+        match self.commit(batch, decoded, &all).await {
             Ok(report) => Ok(report),
             Err(e) if e.is_transient() || batch.len() == 1 && decoded[0].is_err() => Err(e),
             Err(e) => {
-                // Something in the batch fails for good (a value Postgres refuses, a constraint):
-                // find it by saving each message on its own, so that one bad message never fails
-                // the others.
                 warn!(error = %e, messages = batch.len(), "batch failed permanently; saving its messages one by one");
-                let mut report = BatchReport { outcomes: Vec::with_capacity(batch.len()), ..BatchReport::default() };
-                for i in 0..batch.len() {
-                    if self.dirty {
-                        self.rebuild().await?;
-                    }
-                    let one = match self.commit(batch, &decoded, &[i]).await {
-                        Ok(one) => one,
-                        Err(e) if e.is_transient() => return Err(e),
-                        Err(e) => {
-                            let failed: Vec<Result<ResultMessage, Rejection>> = vec![Err(Rejection::new(
-                                RejectReason::SaveFailed,
-                                format!("saving failed and retrying cannot help: {e}"),
-                            ))];
-                            if self.dirty {
-                                self.rebuild().await?;
-                            }
-                            self.commit(&batch[i..=i], &failed, &[0]).await?
-                        }
-                    };
-                    report.rows = add(report.rows, one.rows);
-                    report.tables.extend(one.tables);
-                    report.changed_owners += one.changed_owners;
-                    report.outcomes.extend(one.outcomes);
-                }
-                Ok(report)
+                self.process_one_by_one(batch, decoded).await
             }
         }
     }
 
-    /// Saves `decoded[i]` for `i` in `which` in one transaction.
+    /// Saves each message of a batch that failed for good in a transaction of its own (a
+    /// value Postgres refuses, a constraint), so that one bad message never fails the others;
+    /// a message that still fails for good is dead-lettered (`save_failed`). `Err` means a
+    /// transient failure.
+    pub async fn process_one_by_one(
+        &mut self,
+        batch: &[Incoming],
+        decoded: &[Result<ResultMessage, Rejection>],
+    ) -> Result<BatchReport, IngestError> {
+        let mut report = BatchReport { outcomes: Vec::with_capacity(batch.len()), ..BatchReport::default() };
+        for i in 0..batch.len() {
+            if self.dirty {
+                self.rebuild().await?;
+            }
+            let one = match self.commit(batch, decoded, &[i]).await {
+                Ok(one) => one,
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    let failed: Vec<Result<ResultMessage, Rejection>> = vec![Err(Rejection::new(
+                        RejectReason::SaveFailed,
+                        format!("saving failed and retrying cannot help: {e}"),
+                    ))];
+                    if self.dirty {
+                        self.rebuild().await?;
+                    }
+                    self.commit(&batch[i..=i], &failed, &[0]).await?
+                }
+            };
+            report.rows = add(report.rows, one.rows);
+            report.tables.extend(one.tables);
+            report.changed_owners += one.changed_owners;
+            report.outcomes.extend(one.outcomes);
+        }
+        Ok(report)
+    }
+
+    /// Saves `decoded[i]` for `i` in `which` in one transaction, and commits it.
     async fn commit(
         &mut self,
         batch: &[Incoming],
         decoded: &[Result<ResultMessage, Rejection>],
         which: &[usize],
     ) -> Result<BatchReport, IngestError> {
+        let Prepare::Ready(prepared) = self.prepare_which(batch, decoded, which, None).await? else {
+            return Err(IngestError::Internal("a batch conflicted with no batch in flight".into()));
+        };
+        let committed = prepared.commit().await;
+        self.settle(committed.as_ref().ok().map(|r| &r.rows));
+        committed
+    }
+
+    /// Writes a decoded batch in a transaction of its own, up to (not including) its commit,
+    /// while the batch with footprint `busy` may still be committing (ingest's pipeline):
+    /// rows, dead letters, job logs and progress, the dataflow step and the counts that
+    /// changed. Its plan must not depend on what the busy batch wrote: when what it read meets
+    /// `busy` ([`Footprint::meets`]), it rolls back at once and answers
+    /// [`Prepare::Conflict`] (wait for the busy batch, then prepare again).
+    ///
+    /// Every [`Prepared`] must be committed in order and its outcome handed to
+    /// [`Ingestor::settle`], or be given back to [`Ingestor::abandon`]. An error leaves the
+    /// ingestor dirty (rebuilt before the next batch) when the dataflow had been applied.
+    pub async fn prepare(
+        &mut self,
+        batch: &[Incoming],
+        decoded: &[Result<ResultMessage, Rejection>],
+        busy: Option<&Footprint>,
+    ) -> Result<Prepare, IngestError> {
+        if self.dirty && self.pending == 0 {
+            self.rebuild().await?;
+        }
+        let all: Vec<usize> = (0..batch.len()).collect();
+        self.prepare_which(batch, decoded, &all, busy).await
+    }
+
+    async fn prepare_which(
+        &mut self,
+        batch: &[Incoming],
+        decoded: &[Result<ResultMessage, Rejection>],
+        which: &[usize],
+        busy: Option<&Footprint>,
+    ) -> Result<Prepare, IngestError> {
+        if self.dirty {
+            return Err(IngestError::Internal("the dataflow must be rebuilt before the next batch".into()));
+        }
         let save_started = Instant::now();
-        let mut client = self.store.client().await?;
-        let tx = client.transaction().await.map_err(store::StoreError::from)?;
+        let tx = OwnedTransaction::begin(&self.store).await?;
         let valid: Vec<usize> = which.iter().copied().filter(|&i| decoded[i].is_ok()).collect();
         let messages: Vec<&ResultMessage> = valid.iter().filter_map(|&i| decoded[i].as_ref().ok()).collect();
         let none = Known::default();
         let known = self.engine.as_ref().map_or(&none, Engine::known);
-        let saved = save::save(&tx, known, &messages).await?;
+        let snapshot = save::read(tx.client(), known, &messages).await?;
+        let mut footprint = Footprint::of(&snapshot);
+        if busy.is_some_and(|busy| footprint.meets(busy)) {
+            tx.rollback().await;
+            counter!(names::INGEST_PIPELINE, "event" => "conflict").increment(1);
+            return Ok(Prepare::Conflict);
+        }
+        let saved = save::write(tx.client(), known, &snapshot, &messages).await?;
         let rejected = rejections(decoded, which, &valid, &saved.rejected);
         log_dead_letters(batch, &rejected, &self.prefix);
         let (letters, letter_logs) = dead_letters_of(batch, decoded, &rejected, &self.prefix);
-        dead_letters::insert_in(&tx, &letters).await?;
+        dead_letters::insert_in(tx.client(), &letters).await?;
         let mut logs: Vec<JobLogLine> = saved.job_logs.clone();
         logs.extend(letter_logs);
-        logs.extend(update_progress(&tx, &saved.progress_jobs).await?);
-        save::write_job_logs(&tx, &logs).await?;
+        let (progress_logs, finished) = update_progress(tx.client(), &saved.progress_jobs).await?;
+        logs.extend(progress_logs);
+        save::write_job_logs(tx.client(), &logs).await?;
+        // What a later batch must not plan against before this one commits: the images and
+        // occurrences read here, and the jobs this batch finishes.
+        footprint.jobs = finished;
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "save").record(save_started.elapsed().as_secs_f64());
 
         let changes = self.apply_dataflow(&saved.input)?;
-
-        let commit_started = Instant::now();
-        let sink = store::sink::write_changes_in(&tx, &changes).await?;
-        tx.commit().await.map_err(store::StoreError::from)?;
-        self.dirty = false;
-        let tables = written_tables(&saved.rows, &sink, !saved.progress_jobs.is_empty(), !logs.is_empty());
-        self.django.invalidate(tables.iter().copied()).await;
-        self.analyzer.committed(&saved.rows);
-        if let Some(work) = self.after_commit_work(&saved.input) {
-            work.await?;
+        let sink = store::sink::write_changes_in(tx.client(), &changes).await?;
+        // The engine now holds the batch; it is consistent with Postgres once the batch
+        // commits (settle), and dirty if it never does (settle with an error, or abandon).
+        if self.counts {
+            self.dirty = false;
         }
-        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "commit").record(commit_started.elapsed().as_secs_f64());
-
-        record_metrics(&saved.rows, &sink, self.dataflow_rows());
+        self.pending += 1;
+        let tables = written_tables(&saved.rows, &sink, !saved.progress_jobs.is_empty(), !logs.is_empty());
         let outcomes = outcomes(decoded, which, &valid, &rejected, &saved.inserted);
-        Ok(BatchReport { outcomes, rows: saved.rows, sink, changed_owners: changes.len(), tables })
+        let after = self.after_commit_work(&saved.input);
+        Ok(Prepare::Ready(Box::new(Prepared {
+            tx,
+            footprint,
+            report: BatchReport { outcomes, rows: saved.rows, sink, changed_owners: changes.len(), tables },
+            django: self.django.clone(),
+            after,
+            dataflow_rows: self.dataflow_rows(),
+        })))
+    }
+
+    /// Takes note of a prepared batch's commit: on success its rows count toward `ANALYZE`;
+    /// on failure the engine holds rows Postgres does not and is rebuilt before the next
+    /// batch.
+    /// `committed`: the rows of the batch if it committed, `None` if it did not.
+    pub fn settle(&mut self, committed: Option<&RowCounts>) {
+        self.pending = self.pending.saturating_sub(1);
+        match committed {
+            Some(rows) => self.analyzer.committed(rows),
+            None if self.counts => self.dirty = true,
+            None => {}
+        }
+    }
+
+    /// Rolls back a prepared batch that will not be committed (the batch before it failed,
+    /// or it had to make way for it); the engine, which holds its rows, is rebuilt before the
+    /// next batch.
+    pub async fn abandon(&mut self, prepared: Box<Prepared>) {
+        prepared.rollback().await;
+        self.pending = self.pending.saturating_sub(1);
+        if self.counts {
+            self.dirty = true;
+        }
+        counter!(names::INGEST_PIPELINE, "event" => "abandoned").increment(1);
     }
 
     /// Feeds the batch's rows to the engine (marking it dirty until the commit) and returns
@@ -547,10 +722,13 @@ fn dead_letters_of(
 }
 
 /// Updates the progress of `jobs` (SPEC §5); an `INFO` line for each job that it finished.
-async fn update_progress(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<JobLogLine>, IngestError> {
+/// Also returns the jobs it finished.
+async fn update_progress(tx: &Client, jobs: &[i64]) -> Result<(Vec<JobLogLine>, HashSet<i64>), IngestError> {
     let mut logs = Vec::new();
+    let mut finished = HashSet::new();
     for p in crate::jobs::progress::update(tx, jobs).await? {
         let Some(status) = p.finished else { continue };
+        finished.insert(p.job_id);
         let f = &p.figures;
         info!(job_id = p.job_id, status, processed = f.processed, failed = f.failed, "job finished");
         logs.push(JobLogLine {
@@ -563,7 +741,7 @@ async fn update_progress(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<JobLo
             context: serde_json::json!({"source": "tally"}),
         });
     }
-    Ok(logs)
+    Ok((logs, finished))
 }
 
 /// The metrics of a committed batch: rows inserted, counts written, rows the engine holds.

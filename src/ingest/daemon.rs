@@ -13,7 +13,8 @@ use async_nats::jetstream::{self, AckKind};
 use clap::Args;
 use futures_util::{FutureExt, StreamExt};
 use metrics::{counter, gauge, histogram};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -21,15 +22,17 @@ use crate::config::NatsArgs;
 use crate::duration::{parse_millis, parse_secs};
 use crate::http::Health;
 use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
-use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome};
+use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome, Prepare, Prepared};
 use crate::ingest::decode::{RejectReason, Rejection};
 use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::monitor;
 use crate::ingest::nats::{self, ConsumerArgs};
+use crate::ingest::save::{self, RowCounts};
 use crate::ingest::IngestError;
 use crate::metrics::names;
 use crate::results_stream::{self, FetchError};
 use crate::retry::{self, BackoffBuilder};
+use crate::store::transaction::waits_for;
 use crate::store::Store;
 
 /// Batching and limits of the ingest loop.
@@ -50,6 +53,11 @@ pub struct IngestArgs {
     /// seconds).
     #[arg(long, env = "TALLY_NAK_DELAY", value_parser = parse_secs, default_value = "2")]
     pub nak_delay: Duration,
+    /// Save each batch only after the batch before it has committed and been acked, instead
+    /// of while it commits (for comparison and as an escape hatch; the pipeline keeps every
+    /// guarantee).
+    #[arg(long, env = "TALLY_NO_PIPELINE")]
+    pub no_pipeline: bool,
     /// Timely worker threads of the count dataflow.
     #[arg(short = 'w', long, env = "TALLY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -156,7 +164,11 @@ pub async fn run(
         args.feed.feed_poll,
         helpers.clone(),
     );
-    let ctx = Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks };
+    let ctx =
+        Arc::new(Context { client: client.clone(), objects, args: args.clone(), health: Arc::clone(&health), hooks });
+    // The batch committing in the background (ingest's pipeline), and the acks of committed
+    // batches still being sent.
+    let mut pipeline = Pipeline::default();
     // A cluster's lost process is noticed while idle too, not only by the next batch.
     let clustered = ingestor.is_clustered();
     let mut cluster_check = tokio::time::interval(CLUSTER_CHECK_EVERY);
@@ -185,11 +197,18 @@ pub async fn run(
             // Wait for the first message of a batch (or shutdown).
             let first = tokio::select! {
                 m = messages.next() => m,
+                committed = pipeline.committed(), if pipeline.is_busy() => {
+                    ingestor.settle(committed.as_ref());
+                    continue;
+                }
                 _ = wake.notified() => {
+                    // Django's edits apply between committed batches, in the order read.
+                    pipeline.finish(&mut ingestor).await;
                     drain_feed(&mut ingestor, &args.feed, &health, &wake).await;
                     continue;
                 }
                 _ = cluster_check.tick(), if clustered => {
+                    pipeline.finish(&mut ingestor).await;
                     check_cluster(&mut ingestor, &health).await;
                     continue;
                 }
@@ -226,9 +245,12 @@ pub async fn run(
                     }
                 }
             }
-            handle_batch(&mut ingestor, &ctx, batch).await;
+            handle_batch(&mut ingestor, &ctx, batch, &mut pipeline).await;
         }
     }
+    // The batch in hand is committed and acked before the loop ends.
+    pipeline.finish(&mut ingestor).await;
+    pipeline.acks_sent().await;
     helpers.cancel();
     let _ = tokio::join!(monitor, retries, listener);
     health.set_not_ready("shutting down");
@@ -351,7 +373,7 @@ async fn settle_tasks(
 /// Applies the verdicts to the result messages; a claim check's object is deleted once the
 /// server confirmed the ack or term (a lost ack would bring the message back without it).
 async fn ack_results(
-    messages: &[&jetstream::Message],
+    messages: &[jetstream::Message],
     verdicts: &[Verdict],
     objects: &results_stream::Objects,
     delay: Duration,
@@ -408,20 +430,20 @@ fn record_outcomes(report: &BatchReport, messages: usize, started: Instant) -> u
 
 /// Claim checks and refusals first: returns the messages ingest can decode now, beside what
 /// it decodes; a message whose object cannot be read now is NAKed to wait.
-async fn resolve<'m>(
-    batch: &'m [jetstream::Message],
+async fn resolve(
+    batch: Vec<jetstream::Message>,
     objects: &results_stream::Objects,
     max_bytes: usize,
     delay: Duration,
-) -> (Vec<&'m jetstream::Message>, Vec<Incoming>) {
+) -> (Vec<jetstream::Message>, Vec<Incoming>) {
     let mut resolved = Vec::with_capacity(batch.len());
-    for m in batch {
+    for m in &batch {
         // Only a claim check waits here (for its object); the others resolve at once.
         resolved.push(incoming(m, objects, max_bytes).await);
     }
     let mut messages = Vec::with_capacity(batch.len());
     let mut work = Vec::with_capacity(batch.len());
-    for (m, r) in batch.iter().zip(resolved) {
+    for (m, r) in batch.into_iter().zip(resolved) {
         match r {
             Ok(i) => {
                 messages.push(m);
@@ -490,37 +512,209 @@ async fn incoming(
     })
 }
 
+/// How often a prepared batch that is waiting for the commit of the batch before it checks
+/// whether that commit waits for one of its locks (`pg_blocking_pids`). No lock ingest takes
+/// should make it, but if one does, the prepared batch rolls back (releasing its locks), the
+/// commit finishes, and the batch is saved again on its own.
+const PIPELINE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Ingest's pipeline: at most one batch committing (and then acking) in the background while
+/// the loop decodes, reads, saves and applies the next one.
+#[derive(Default)]
+struct Pipeline {
+    /// The batch committing: what the next batch must not read before it commits, and the
+    /// rows it committed (`None` if it did not).
+    committing: Option<Committed>,
+    /// Acks of committed batches still being sent.
+    acks: JoinSet<()>,
+}
+
+impl Pipeline {
+    fn is_busy(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// Waits for the committing batch's outcome (forever when there is none).
+    async fn committed(&mut self) -> Option<RowCounts> {
+        let Some(c) = self.committing.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = (&mut c.outcome).await.unwrap_or(None);
+        self.committing = None;
+        outcome
+    }
+
+    /// Waits for the committing batch, if any, and settles it with the ingestor.
+    async fn finish(&mut self, ingestor: &mut Ingestor) {
+        if self.is_busy() {
+            let committed = self.committed().await;
+            ingestor.settle(committed.as_ref());
+        }
+        while self.acks.try_join_next().is_some() {}
+    }
+
+    /// Waits until every committed batch's acks are sent.
+    async fn acks_sent(&mut self) {
+        while self.acks.join_next().await.is_some() {}
+    }
+
+    /// Commits `prepared` in the background, then acks its messages (or NAKs them if the
+    /// commit fails).
+    fn commit(&mut self, prepared: Box<Prepared>, batch: Committing, ctx: &Arc<Context>, store: &Store) {
+        let (tx, rx) = oneshot::channel();
+        self.committing = Some(Committed {
+            footprint: prepared.footprint().clone(),
+            backend_pid: prepared.backend_pid(),
+            outcome: rx,
+        });
+        let (ctx, store) = (Arc::clone(ctx), store.clone());
+        self.acks.spawn(async move {
+            match prepared.commit().await {
+                Ok(report) => {
+                    let _ = tx.send(Some(report.rows));
+                    acknowledge(&store, &ctx, batch, report).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(None);
+                    nak_all(&ctx, &batch.messages, &e).await;
+                }
+            }
+        });
+    }
+}
+
+/// The batch committing in the background.
+struct Committed {
+    /// What the next batch must not read before it commits.
+    footprint: save::Footprint,
+    /// The Postgres server process committing it.
+    backend_pid: i32,
+    /// Its rows once committed, `None` if the commit failed.
+    outcome: oneshot::Receiver<Option<RowCounts>>,
+}
+
+/// A batch's messages, between its save and its acks.
+struct Committing {
+    messages: Vec<jetstream::Message>,
+    work: Vec<Incoming>,
+    started: Instant,
+    oldest: Option<SystemTime>,
+}
+
 /// Processes one batch and acks it, whatever happens: no error escapes, a failure NAKs.
-async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstream::Message>) {
-    let Context { objects, args, health, hooks, .. } = ctx;
+///
+/// The batch is saved while the batch before it commits, unless what it reads meets what
+/// that one wrote (then it waits for it and reads again); it commits only after the batch
+/// before it has, and is then acked in the background. A failure of the batch before it
+/// rolls it back, and it is saved again on its own.
+async fn handle_batch(
+    ingestor: &mut Ingestor,
+    ctx: &Arc<Context>,
+    batch: Vec<jetstream::Message>,
+    pipeline: &mut Pipeline,
+) {
     let started = Instant::now();
-    let delay = args.nak_delay;
+    let delay = ctx.args.nak_delay;
     histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
     let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
 
-    let (messages, work) = resolve(&batch, objects, ingestor.max_bytes(), delay).await;
+    let (messages, work) = resolve(batch, &ctx.objects, ingestor.max_bytes(), delay).await;
     if work.is_empty() {
         return;
     }
+    if ctx.args.no_pipeline {
+        pipeline.finish(ingestor).await;
+        pipeline.acks_sent().await;
+    }
+    let decoded = ingestor.decode(&work);
+    let batch = Committing { messages, work, started, oldest };
 
-    let report = match ingestor.process(&work).await {
-        Ok(report) => report,
-        Err(e) => {
-            warn!(error = %e, messages = work.len(), transient = e.is_transient(), "batch not saved; NAKing for redelivery");
-            health.set_not_ready(format!("batch failed: {e}"));
-            counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(work.len() as u64);
-            futures_util::future::join_all(messages.iter().map(|m| m.ack_with(AckKind::Nak(Some(delay))))).await;
-            return;
+    // Saved beside the batch committing, if its reads allow.
+    if let Some(c) = &pipeline.committing {
+        let (busy, committing_pid) = (c.footprint.clone(), c.backend_pid);
+        if !ingestor.is_dirty() {
+            match ingestor.prepare(&batch.work, &decoded, Some(&busy)).await {
+                Ok(Prepare::Ready(prepared)) => {
+                    counter!(names::INGEST_PIPELINE, "event" => "overlapped").increment(1);
+                    debug!(messages = batch.work.len(), "batch saved while the batch before it committed");
+                    let before = loop {
+                        match tokio::time::timeout(PIPELINE_CHECK_EVERY, pipeline.committed()).await {
+                            Ok(outcome) => break Some(outcome),
+                            Err(_) if waits_for(ingestor.store(), committing_pid, prepared.backend_pid()).await => {
+                                break None
+                            }
+                            Err(_) => continue,
+                        }
+                    };
+                    match before {
+                        Some(Some(rows)) => {
+                            ingestor.settle(Some(&rows));
+                            pipeline.commit(prepared, batch, ctx, ingestor.store());
+                            return;
+                        }
+                        Some(None) => {
+                            // The batch before failed: the engine holds rows that were never
+                            // committed, so this one starts again from a rebuilt engine.
+                            ingestor.settle(None);
+                            ingestor.abandon(prepared).await;
+                        }
+                        None => {
+                            warn!("the commit of the batch before waits for a lock of this one; rolling this one back and saving it again after that commit");
+                            ingestor.abandon(prepared).await;
+                            let committed = pipeline.committed().await;
+                            ingestor.settle(committed.as_ref());
+                        }
+                    }
+                }
+                Ok(Prepare::Conflict) => debug!("batch reads what the batch committing wrote; waiting for that commit"),
+                Err(e) => {
+                    debug!(error = %e, "saving beside the batch committing failed; saving again after that commit")
+                }
+            }
         }
-    };
+        pipeline.finish(ingestor).await;
+    }
+
+    // Nothing else uncommitted: saved on its own.
+    match ingestor.prepare(&batch.work, &decoded, None).await {
+        Ok(Prepare::Ready(prepared)) => pipeline.commit(prepared, batch, ctx, ingestor.store()),
+        Ok(Prepare::Conflict) => unreachable_conflict(ctx, &batch.messages).await,
+        Err(e) if e.is_transient() => nak_all(ctx, &batch.messages, &e).await,
+        Err(e) => {
+            warn!(error = %e, messages = batch.work.len(), "batch failed permanently; saving its messages one by one");
+            match ingestor.process_one_by_one(&batch.work, &decoded).await {
+                Ok(report) => acknowledge(ingestor.store(), ctx, batch, report).await,
+                Err(e) => nak_all(ctx, &batch.messages, &e).await,
+            }
+        }
+    }
+}
+
+/// A conflict with no batch committing cannot happen; NAKed if it ever does.
+async fn unreachable_conflict(ctx: &Context, messages: &[jetstream::Message]) {
+    let e = IngestError::Internal("a batch conflicted with no batch committing".into());
+    nak_all(ctx, messages, &e).await;
+}
+
+/// NAKs every message of a batch that was not saved (redelivered after `--nak-delay`).
+async fn nak_all(ctx: &Context, messages: &[jetstream::Message], e: &IngestError) {
+    warn!(error = %e, messages = messages.len(), transient = e.is_transient(), "batch not saved; NAKing for redelivery");
+    ctx.health.set_not_ready(format!("batch failed: {e}"));
+    counter!(names::INGEST_MESSAGES, "outcome" => "retried").increment(messages.len() as u64);
+    let delay = ctx.args.nak_delay;
+    futures_util::future::join_all(messages.iter().map(|m| m.ack_with(AckKind::Nak(Some(delay))))).await;
+}
+
+/// Acks a committed batch: tasks first, then results.
+async fn acknowledge(store: &Store, ctx: &Context, batch: Committing, report: BatchReport) {
+    let Committing { messages, work, started, oldest } = batch;
+    let Context { objects, args, health, hooks, .. } = ctx;
     health.set_ready();
     if let Some(oldest) = oldest {
         if let Ok(lag) = SystemTime::now().duration_since(oldest) {
             gauge!(names::DATAFLOW_LAG_SECONDS).set(lag.as_secs_f64());
         }
     }
-
-    // Acks, only now that the rows and counts are committed: tasks first, then results.
     let ack_started = Instant::now();
     let saved: Vec<usize> = report
         .outcomes
@@ -529,10 +723,9 @@ async fn handle_batch(ingestor: &mut Ingestor, ctx: &Context, batch: Vec<jetstre
         .filter(|(_, o)| matches!(o, Outcome::Saved { .. }))
         .map(|(i, _)| i)
         .collect();
-    let (tasks, settlements, deferred_stored) =
-        settle_tasks(ingestor.store(), ctx, &report.outcomes, &saved, &work).await;
+    let (tasks, settlements, deferred_stored) = settle_tasks(store, ctx, &report.outcomes, &saved, &work).await;
     let verdicts = ack::verdicts(&report.outcomes, &settlements, deferred_stored);
-    let results = ack_results(&messages, &verdicts, objects, delay).await;
+    let results = ack_results(&messages, &verdicts, objects, args.nak_delay).await;
     let unacked = results.iter().filter(|r| r.is_err()).count();
     if unacked > 0 {
         warn!(unacked, "result acks failed; those results will be redelivered and found already saved");

@@ -104,7 +104,7 @@ pub async fn read(tx: &tokio_postgres::Transaction<'_>, limit: i64) -> Result<Re
     }
     for (table, ids) in by_table {
         let ids: Vec<i64> = ids.into_iter().collect();
-        bootstrap::read_by_id(tx, &table, &ids, &mut read.input).await?;
+        bootstrap::read_by_id(tx.client(), &table, &ids, &mut read.input).await?;
         read.rows.insert(table, ids.len() as u64);
     }
     Ok(read)

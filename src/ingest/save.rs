@@ -13,8 +13,10 @@
 //! events, deployments, projects and taxa the batch refers to (Django may have created them
 //! since the bootstrap; a row already mirrored produces no update).
 
+use std::collections::HashSet;
+
 use tally_dataflows::{InputBatch, Known};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 mod read;
 mod write;
@@ -81,10 +83,25 @@ pub const CLOSED_STATUSES: &[&str] =
     &[JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str(), JobState::Canceling.as_str()];
 
 /// Saves `messages` (each already decoded and validated) in `tx`: read, plan, write.
-pub async fn save(tx: &Transaction<'_>, known: &Known, messages: &[&ResultMessage]) -> Result<Saved, StoreError> {
-    let snapshot = read::snapshot(tx, known, messages).await?;
-    let plan = plan::plan(&snapshot, messages);
-    let written = write::write(tx, known, &snapshot, &plan).await?;
+pub async fn save(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Result<Saved, StoreError> {
+    let snapshot = read(tx, known, messages).await?;
+    write(tx, known, &snapshot, messages).await
+}
+
+/// The read phase alone: what exists of everything the plan of `messages` needs.
+pub async fn read(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Result<plan::Snapshot, StoreError> {
+    read::snapshot(tx, known, messages).await
+}
+
+/// The plan and write phases, from a snapshot [`read`] in the same transaction.
+pub async fn write(
+    tx: &Client,
+    known: &Known,
+    snapshot: &plan::Snapshot,
+    messages: &[&ResultMessage],
+) -> Result<Saved, StoreError> {
+    let plan = plan::plan(snapshot, messages);
+    let written = write::write(tx, known, snapshot, &plan).await?;
     Ok(Saved {
         rejected: plan.rejected,
         inserted: plan.inserted,
@@ -93,4 +110,39 @@ pub async fn save(tx: &Transaction<'_>, known: &Known, messages: &[&ResultMessag
         job_logs: plan.job_logs,
         progress_jobs: plan.progress_jobs,
     })
+}
+
+/// What a batch's plan depends on that another batch's writes can change: the images whose
+/// detections it read (rule 8 finds detections by value on them), the occurrences whose
+/// determination state it read, and the jobs whose status it read. Two batches whose
+/// footprints are disjoint plan the same whether or not the other has committed; one that
+/// meets an uncommitted batch's footprint must wait for that commit and read again
+/// (`Ingestor::prepare`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Footprint {
+    /// Images read.
+    pub images: HashSet<i64>,
+    /// Occurrences read.
+    pub occurrences: HashSet<i64>,
+    /// Jobs read (for a snapshot) or moved to a final status (for a written batch).
+    pub jobs: HashSet<i64>,
+}
+
+impl Footprint {
+    /// What a plan made from `snapshot` depends on (its jobs: every job whose status it read).
+    pub fn of(snapshot: &plan::Snapshot) -> Footprint {
+        Footprint {
+            images: snapshot.images.keys().copied().collect(),
+            occurrences: snapshot.occurrences.keys().copied().collect(),
+            jobs: snapshot.jobs.keys().copied().collect(),
+        }
+    }
+
+    /// Whether a plan with this footprint depends on what a batch with footprint `written`
+    /// (images and occurrences read, jobs finished) may change.
+    pub fn meets(&self, written: &Footprint) -> bool {
+        !self.images.is_disjoint(&written.images)
+            || !self.occurrences.is_disjoint(&written.occurrences)
+            || !self.jobs.is_disjoint(&written.jobs)
+    }
 }

@@ -249,7 +249,7 @@ async fn mark(
         )
         .await?;
     }
-    let update = progress::update(tx, &[id]).await?.into_iter().next();
+    let update = progress::update(tx.client(), &[id]).await?.into_iter().next();
     let (figures, finished) = update.map(|u| (u.figures, u.finished)).unwrap_or_default();
     if images.is_empty() && unknown == 0 && finished.is_none() {
         return Ok(Some(Marked { job_id: id, reason, images, unknown, finished, figures }));

@@ -8,18 +8,21 @@
 //! - `results`: captures = processed images that did not fail, detections and
 //!   classifications = the sums of rows actually inserted.
 //!
-//! The job row is locked (`FOR UPDATE`) in the ingest transaction, re-read, and only the
+//! The job row is locked (`FOR NO KEY UPDATE`) in the ingest transaction, re-read, and only the
 //! `process` and `results` stages are replaced, so another stage's newer value is never
 //! overwritten; stage progress never decreases. When every image is processed the job moves
 //! to SUCCESS, or FAILURE when more than half failed, through a guarded
 //! `UPDATE … WHERE status IN (CREATED, PENDING, STARTED, RETRY)`: finished and cancelled jobs
 //! are never resurrected. Replays insert no `job_image` row and no rows, so no counter drifts.
+//! `NO KEY UPDATE` serializes progress writers as `FOR UPDATE` would, but never blocks the
+//! foreign-key checks (`KEY SHARE`) that another batch's `COMMIT` runs on the job row: ingest's
+//! pipeline has one batch committing while the next one saves.
 
 use crate::jobs::state::JobState;
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use crate::store::StoreError;
 
@@ -82,7 +85,7 @@ pub struct ProgressUpdate {
 
 /// Recomputes and writes the progress of `jobs` (those not finished or cancelled), inside the
 /// caller's transaction.
-pub async fn update(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<ProgressUpdate>, StoreError> {
+pub async fn update(tx: &Client, jobs: &[i64]) -> Result<Vec<ProgressUpdate>, StoreError> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
@@ -93,7 +96,7 @@ pub async fn update(tx: &Transaction<'_>, jobs: &[i64]) -> Result<Vec<ProgressUp
     let rows = tx
         .query(
             "SELECT id, status, progress FROM jobs_job WHERE id = ANY($1) AND status = ANY($2)
-             ORDER BY id FOR UPDATE",
+             ORDER BY id FOR NO KEY UPDATE",
             &[&ids, &FINALIZABLE],
         )
         .await?;

@@ -234,7 +234,7 @@ fn apply(engine: &mut Engine, batch: &InputBatch) -> Result<(), StoreError> {
 /// turns its outbox entries into exact input differences this way (the engine diffs them
 /// against the rows it holds, so an unchanged row changes nothing).
 pub async fn read_by_id(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &tokio_postgres::Client,
     table: &str,
     ids: &[i64],
     batch: &mut InputBatch,
@@ -262,7 +262,7 @@ pub fn is_input(table: &str) -> bool {
 /// Ingest uses this to bring the engine the rows that Django may have created since the
 /// bootstrap (a new image, event or taxon) before it counts anything that refers to them.
 pub async fn read_rows(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &tokio_postgres::Client,
     table: &str,
     column: &str,
     ids: &[i64],

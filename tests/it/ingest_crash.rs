@@ -1,6 +1,8 @@
 //! Crash safety (SPEC §6) with the real daemon binary on private Postgres and NATS servers:
 //! `tally serve` is killed with SIGKILL at random points while results are being published
-//! (five times), Postgres and NATS are restarted mid-stream, and in the end no result is lost,
+//! (five times), Postgres and NATS are restarted mid-stream, while batches of 4 are saved
+//! beside the commit of the batch before (the pipeline) and replays meet their originals'
+//! batches still committing; and in the end no result is lost,
 //! no row is duplicated, every count equals its SQL definition, every result and task is
 //! acked, and SIGTERM stops the daemon cleanly.
 
@@ -23,7 +25,7 @@ struct Daemon {
 fn serve(f: &Fixture, db_url: &str, log: &std::path::Path) -> Daemon {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--ack-wait", "2", "--batch-size", "40", "--nak-delay", "1"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--ack-wait", "2", "--batch-size", "4", "--nak-delay", "1"])
         .args(["--database-url", db_url])
         .args(["--nats-url", &f.nats_args.nats_url])
         .args(["--results-stream", &f.nats_args.results_stream])
@@ -72,27 +74,39 @@ async fn no_result_is_lost_or_duplicated_across_crashes_and_restarts() {
     let (job, tasks) = f.job(&images).await;
     let log = pg.dir().join("tally-serve.log");
 
-    // Publish in the background at a steady pace, retrying while NATS is down.
+    // Publish in the background in bursts (8 results, then replays of half the previous
+    // burst's, under new message ids), retrying while NATS is down. With batches of 4, each
+    // burst is several batches, each saved while the one before it commits (the pipeline),
+    // and a replay often meets its original's batch still committing.
     let publisher = {
         let js = f.js.clone();
         let subject = f.subject(job);
         let payloads: Vec<(String, Vec<u8>)> =
             tasks.iter().map(|(image, reply)| (reply.clone(), f.factory.task_result(reply, *image))).collect();
         tokio::spawn(async move {
-            for (reply, payload) in payloads {
-                loop {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", reply.as_str());
-                    let sent = match js.publish_with_headers(subject.clone(), headers, payload.clone().into()).await {
-                        Ok(ack) => tokio::time::timeout(Duration::from_secs(2), ack).await.is_ok_and(|a| a.is_ok()),
-                        Err(_) => false,
-                    };
-                    if sent {
-                        break;
+            let bursts: Vec<&[(String, Vec<u8>)]> = payloads.chunks(8).collect();
+            for (k, burst) in bursts.iter().enumerate() {
+                let replays = k.checked_sub(1).map(|p| bursts[p]).unwrap_or_default();
+                let sends = burst
+                    .iter()
+                    .map(|(reply, payload)| (reply.clone(), payload))
+                    .chain(replays.iter().step_by(2).map(|(reply, payload)| (format!("replay-{reply}"), payload)));
+                for (msg_id, payload) in sends {
+                    loop {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", msg_id.as_str());
+                        let sent = match js.publish_with_headers(subject.clone(), headers, payload.clone().into()).await
+                        {
+                            Ok(ack) => tokio::time::timeout(Duration::from_secs(2), ack).await.is_ok_and(|a| a.is_ok()),
+                            Err(_) => false,
+                        };
+                        if sent {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
             }
         })
     };
@@ -181,7 +195,12 @@ async fn no_result_is_lost_or_duplicated_across_crashes_and_restarts() {
         lines("rebuilding it"),
         lines("dataflow state rebuilt"),
     );
+    eprintln!(
+        "daemon log: {} batches saved while the batch before committed",
+        lines("batch saved while the batch before")
+    );
     assert!(lines("committed batch") > 6, "the daemon committed batches between crashes");
+    assert!(lines("batch saved while the batch before") > 0, "the pipelined path ran between the crashes");
     assert!(log.contains("ingest stopped"), "graceful shutdown logged");
     f.cleanup().await;
 }

@@ -14,6 +14,7 @@ mod gateway;
 mod http;
 mod ingest;
 mod ingest_crash;
+mod ingest_pipeline;
 mod ingest_plans;
 mod ingest_rules;
 mod job_cli;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use tally_dataflows::{Id, InputBatch, Known, Occurrence, Score};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use crate::ingest::decode::{ResultBody, ResultMessage};
 use crate::ingest::determination::{Candidate, Identification};
@@ -15,11 +15,7 @@ use crate::store::StoreError;
 
 /// Reads everything the plan of `messages` needs. The rows of the messages rejected by rules
 /// 1 and 2 (checked here as the plan will) are not read.
-pub(super) async fn snapshot(
-    tx: &Transaction<'_>,
-    known: &Known,
-    messages: &[&ResultMessage],
-) -> Result<Snapshot, StoreError> {
+pub(super) async fn snapshot(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Result<Snapshot, StoreError> {
     let mut s = Snapshot::default();
     let slugs: Vec<String> = distinct(messages.iter().filter_map(|m| match &m.body {
         ResultBody::Response(r) => Some(r.pipeline.clone()),
@@ -56,7 +52,7 @@ pub(super) async fn snapshot(
 }
 
 /// The detections stored on `images` and their classifications.
-async fn read_detections(tx: &Transaction<'_>, images: &[i64], s: &mut Snapshot) -> Result<(), StoreError> {
+async fn read_detections(tx: &Client, images: &[i64], s: &mut Snapshot) -> Result<(), StoreError> {
     for row in tx
         .query(
             "SELECT id, source_image_id, bbox, detection_algorithm_id, occurrence_id, coalesce(path, '') = ''
@@ -90,7 +86,7 @@ async fn read_detections(tx: &Transaction<'_>, images: &[i64], s: &mut Snapshot)
     Ok(())
 }
 
-async fn load_pipelines(tx: &Transaction<'_>, slugs: &[String]) -> Result<HashMap<String, Pipeline>, StoreError> {
+async fn load_pipelines(tx: &Client, slugs: &[String]) -> Result<HashMap<String, Pipeline>, StoreError> {
     let mut pipelines: HashMap<String, Pipeline> = HashMap::new();
     for row in tx
         .query(
@@ -115,14 +111,14 @@ async fn load_pipelines(tx: &Transaction<'_>, slugs: &[String]) -> Result<HashMa
     Ok(pipelines)
 }
 
-async fn load_jobs(tx: &Transaction<'_>, ids: &[i64]) -> Result<HashMap<i64, String>, StoreError> {
+async fn load_jobs(tx: &Client, ids: &[i64]) -> Result<HashMap<i64, String>, StoreError> {
     let rows = tx.query("SELECT id, status FROM jobs_job WHERE id = ANY($1)", &[&ids]).await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// Reads the events, deployments and projects (with their filters) that the batch's images
 /// refer to and the engine has not seen.
-async fn read_owners(tx: &Transaction<'_>, known: &Known, input: &mut InputBatch) -> Result<(), StoreError> {
+async fn read_owners(tx: &Client, known: &Known, input: &mut InputBatch) -> Result<(), StoreError> {
     let missing = |ids: Vec<Option<Id>>, known: &dyn Fn(Id) -> bool| -> Vec<i64> {
         distinct(ids.into_iter().flatten().filter(|id| !known(*id)))
     };
@@ -145,7 +141,7 @@ async fn read_owners(tx: &Transaction<'_>, known: &Known, input: &mut InputBatch
 
 /// The taxon of every label that has one: an active taxon with that name, else one with it
 /// among its search names.
-async fn find_taxa(tx: &Transaction<'_>, labels: &[String]) -> Result<HashMap<String, i64>, StoreError> {
+async fn find_taxa(tx: &Client, labels: &[String]) -> Result<HashMap<String, i64>, StoreError> {
     let mut by_name: HashMap<String, i64> = HashMap::new();
     let mut by_search: HashMap<String, i64> = HashMap::new();
     if labels.is_empty() {
@@ -189,7 +185,7 @@ fn stored_box(v: &serde_json::Value) -> Option<[f64; 4]> {
 
 /// The stored occurrences of the snapshot's detections, with what rule 5 needs: the row,
 /// every classification of their detections, and the latest human identification.
-async fn read_occurrences(tx: &Transaction<'_>, s: &mut Snapshot) -> Result<(), StoreError> {
+async fn read_occurrences(tx: &Client, s: &mut Snapshot) -> Result<(), StoreError> {
     let ids: Vec<i64> = distinct(s.detections.iter().filter_map(|d| d.occurrence));
     if ids.is_empty() {
         return Ok(());

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use tally_dataflows::{InputBatch, Known};
-use tokio_postgres::Transaction;
+use tokio_postgres::Client;
 
 use super::JobLogLine;
 use crate::ingest::plan::{
@@ -24,12 +24,7 @@ pub(super) struct Written {
 }
 
 /// Writes `plan` (made from `snapshot`) in `tx`.
-pub(super) async fn write(
-    tx: &Transaction<'_>,
-    known: &Known,
-    snapshot: &Snapshot,
-    plan: &Plan,
-) -> Result<Written, StoreError> {
+pub(super) async fn write(tx: &Client, known: &Known, snapshot: &Snapshot, plan: &Plan) -> Result<Written, StoreError> {
     let (taxa, created) = insert_taxa(tx, &plan.taxa).await?;
     let ids = Ids {
         detections: allocate(tx, "main_detection", plan.detections.len()).await?,
@@ -51,19 +46,21 @@ pub(super) async fn write(
 
 /// Creates a taxon (rank UNKNOWN, no parents) for each label; returns their ids in order and
 /// how many were created.
-async fn insert_taxa(tx: &Transaction<'_>, labels: &[String]) -> Result<(Vec<i64>, u64), StoreError> {
+async fn insert_taxa(tx: &Client, labels: &[String]) -> Result<(Vec<i64>, u64), StoreError> {
     if labels.is_empty() {
         return Ok((Vec::new(), 0));
     }
     let mut ids: HashMap<String, i64> = HashMap::new();
     let mut created = 0;
     // A concurrent insert of the same name, or an inactive taxon of that name, resolves to the
-    // existing row.
+    // existing row. The no-op update names no key column, so it locks the row `NO KEY
+    // UPDATE`: never in the way of the foreign-key checks (`KEY SHARE`) of a batch committing
+    // meanwhile (naming `name`, a unique key, would lock it exclusively).
     for row in tx
         .query(
             "INSERT INTO main_taxon (created_at, updated_at, name, rank, active, author, notes, parents_json)
              SELECT now(), now(), n, 'UNKNOWN', true, '', '', '[]'::jsonb FROM UNNEST($1::text[]) AS n
-             ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+             ON CONFLICT (name) DO UPDATE SET updated_at = main_taxon.updated_at
              RETURNING id, name, (xmax = 0)",
             &[&labels],
         )
@@ -108,7 +105,7 @@ pub(super) fn bbox_json(b: [f64; 4]) -> String {
     serde_json::Value::from(b.to_vec()).to_string()
 }
 
-async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Result<Vec<i64>, StoreError> {
+async fn allocate(tx: &Client, table: &str, n: usize) -> Result<Vec<i64>, StoreError> {
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -121,7 +118,7 @@ async fn allocate(tx: &Transaction<'_>, table: &str, n: usize) -> Result<Vec<i64
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
-async fn insert_occurrences(tx: &Transaction<'_>, new: &[NewOccurrence], ids: &Ids) -> Result<(), StoreError> {
+async fn insert_occurrences(tx: &Client, new: &[NewOccurrence], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
@@ -142,7 +139,7 @@ async fn insert_occurrences(tx: &Transaction<'_>, new: &[NewOccurrence], ids: &I
     Ok(())
 }
 
-async fn insert_detections(tx: &Transaction<'_>, new: &[NewDetection], ids: &Ids) -> Result<(), StoreError> {
+async fn insert_detections(tx: &Client, new: &[NewDetection], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
@@ -167,7 +164,7 @@ async fn insert_detections(tx: &Transaction<'_>, new: &[NewDetection], ids: &Ids
 }
 
 /// Gives stored valid detections without an occurrence their new one.
-async fn attach_occurrences(tx: &Transaction<'_>, attach: &[(i64, usize)], ids: &Ids) -> Result<(), StoreError> {
+async fn attach_occurrences(tx: &Client, attach: &[(i64, usize)], ids: &Ids) -> Result<(), StoreError> {
     if attach.is_empty() {
         return Ok(());
     }
@@ -183,7 +180,7 @@ async fn attach_occurrences(tx: &Transaction<'_>, attach: &[(i64, usize)], ids: 
 }
 
 /// Fills in the crop path of stored detections that have none.
-async fn fill_paths(tx: &Transaction<'_>, fill: &[(i64, String)]) -> Result<(), StoreError> {
+async fn fill_paths(tx: &Client, fill: &[(i64, String)]) -> Result<(), StoreError> {
     if fill.is_empty() {
         return Ok(());
     }
@@ -197,7 +194,7 @@ async fn fill_paths(tx: &Transaction<'_>, fill: &[(i64, String)]) -> Result<(), 
     Ok(())
 }
 
-async fn insert_classifications(tx: &Transaction<'_>, new: &[NewClassification], ids: &Ids) -> Result<(), StoreError> {
+async fn insert_classifications(tx: &Client, new: &[NewClassification], ids: &Ids) -> Result<(), StoreError> {
     if new.is_empty() {
         return Ok(());
     }
@@ -244,7 +241,7 @@ async fn insert_classifications(tx: &Transaction<'_>, new: &[NewClassification],
     Ok(())
 }
 
-async fn write_determinations(tx: &Transaction<'_>, updates: &[OccurrenceUpdate], new: &Ids) -> Result<(), StoreError> {
+async fn write_determinations(tx: &Client, updates: &[OccurrenceUpdate], new: &Ids) -> Result<(), StoreError> {
     if updates.is_empty() {
         return Ok(());
     }
@@ -262,7 +259,7 @@ async fn write_determinations(tx: &Transaction<'_>, updates: &[OccurrenceUpdate]
     Ok(())
 }
 
-async fn write_job_images(tx: &Transaction<'_>, rows: &HashMap<(i64, i64), JobImage>) -> Result<(), StoreError> {
+async fn write_job_images(tx: &Client, rows: &HashMap<(i64, i64), JobImage>) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -298,7 +295,7 @@ async fn write_job_images(tx: &Transaction<'_>, rows: &HashMap<(i64, i64), JobIm
 /// Writes job log lines for the jobs that exist (`jobs_joblog.job_id` is NOT NULL and a
 /// foreign key), inside the batch transaction, with the one INSERT for `jobs_joblog`
 /// ([`crate::jobs::logs::insert`]).
-pub async fn write_job_logs(tx: &Transaction<'_>, lines: &[JobLogLine]) -> Result<u64, StoreError> {
+pub async fn write_job_logs(tx: &Client, lines: &[JobLogLine]) -> Result<u64, StoreError> {
     let mut rows = crate::jobs::logs::Rows::default();
     for l in lines {
         rows.push(l.job_id, l.level, &l.message, &l.context, None);

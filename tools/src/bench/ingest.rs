@@ -71,10 +71,11 @@ pub struct IngestBenchArgs {
     /// Result messages of the recompute strategy's drain run (it is slow).
     #[arg(long, default_value_t = 100)]
     pub recompute_messages: usize,
-    /// Publish rates of the paced runs, results/s, comma separated (the recompute strategy
-    /// has one paced run, at half its drain throughput when that is lower than them all).
-    #[arg(long, value_delimiter = ',', default_value = "1000,200")]
-    pub rate: Vec<f64>,
+    /// Publish rates of the paced runs, comma separated: results/s (`600`), or a share of the
+    /// strategy's own drain rate, its sustained rate (`80%`). The recompute strategy has one
+    /// paced run, at half its drain throughput when that is lower than them all.
+    #[arg(long, value_delimiter = ',', value_parser = RateSpec::parse, default_value = "50%,80%,100%")]
+    pub rate: Vec<RateSpec>,
     /// Length of each paced run in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub paced_seconds: f64,
@@ -94,6 +95,10 @@ pub struct IngestBenchArgs {
     /// Timely worker threads of the count dataflow.
     #[arg(short = 'w', long, default_value_t = 1)]
     pub workers: usize,
+    /// Ingest without its pipeline (each batch saved after the one before has committed and
+    /// been acked), for comparison.
+    #[arg(long)]
+    pub no_pipeline: bool,
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -111,6 +116,61 @@ pub struct IngestBenchArgs {
     #[arg(long)]
     pub plot: Option<PathBuf>,
 }
+
+/// A paced run's publish rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RateSpec {
+    /// Results per second.
+    PerSecond(f64),
+    /// This share of the strategy's drain rate (its sustained rate).
+    OfDrain(f64),
+}
+
+impl RateSpec {
+    /// `600` or `80%`.
+    pub fn parse(s: &str) -> Result<RateSpec, String> {
+        let s = s.trim();
+        let (number, share) = match s.strip_suffix('%') {
+            Some(n) => (n.trim(), true),
+            None => (s, false),
+        };
+        let v: f64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is neither results/s (600) nor a share of the drain rate (80%)"))?;
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("`{s}`: a rate must be positive"));
+        }
+        Ok(if share { RateSpec::OfDrain(v / 100.0) } else { RateSpec::PerSecond(v) })
+    }
+
+    /// Results/s, given the strategy's drain rate.
+    pub fn resolve(self, drain_rate: f64) -> f64 {
+        match self {
+            RateSpec::PerSecond(r) => r,
+            RateSpec::OfDrain(share) => share * drain_rate,
+        }
+    }
+
+    /// Results published at this rate for `seconds`, for sizing the world before any drain
+    /// rate is known (a share is taken of [`SIZING_RATE`]).
+    fn results_for(self, seconds: f64) -> usize {
+        (self.resolve(SIZING_RATE) * seconds).ceil().max(1.0) as usize
+    }
+}
+
+impl std::fmt::Display for RateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RateSpec::PerSecond(r) => write!(f, "{r}"),
+            RateSpec::OfDrain(s) => write!(f, "{}%", s * 100.0),
+        }
+    }
+}
+
+/// The drain rate assumed when sizing the world for paced runs at a share of it: above
+/// anything this machine sustains (a faster run would run out of captures and pace fewer
+/// results than asked, which the report shows as results).
+const SIZING_RATE: f64 = 2_500.0;
 
 /// `--strategy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -242,7 +302,7 @@ impl<'a> Bench<'a> {
         streams: &'a Mutex<Vec<String>>,
     ) -> anyhow::Result<Bench<'a>> {
         let template = format!("{base}_template");
-        let paced: usize = args.rate.iter().map(|r| (r * args.paced_seconds).ceil().max(1.0) as usize).sum();
+        let paced: usize = args.rate.iter().map(|r| r.results_for(args.paced_seconds)).sum();
         let drained = strategies
             .iter()
             .map(|s| if *s == CountStrategy::Recompute { args.recompute_messages } else { args.messages })
@@ -407,6 +467,7 @@ impl Run<'_> {
         let ingest_args = IngestArgs {
             batch_size: if strategy == CountStrategy::Recompute { 1 } else { args.batch_size },
             workers: args.workers,
+            no_pipeline: args.no_pipeline,
             consumer,
             max_result_bytes: 64 << 20,
             ..IngestArgs::default()
@@ -437,15 +498,16 @@ impl Run<'_> {
 
         // Paced: publish at a fixed rate while ingest runs; latency = ack − publish.
         let drain_rate = drained as f64 / drain_seconds.max(1e-9);
-        let rates: Vec<f64> = if strategy == CountStrategy::Recompute {
-            let lowest = args.rate.iter().copied().fold(f64::INFINITY, f64::min);
-            vec![lowest.min(drain_rate / 2.0)]
+        let rates: Vec<(RateSpec, f64)> = if strategy == CountStrategy::Recompute {
+            let lowest = args.rate.iter().map(|r| r.resolve(drain_rate)).fold(f64::INFINITY, f64::min);
+            let rate = lowest.min(drain_rate / 2.0);
+            vec![(RateSpec::PerSecond(rate), rate)]
         } else {
-            args.rate.clone()
+            args.rate.iter().map(|r| (*r, r.resolve(drain_rate))).collect()
         };
         let mut rest = rest;
         let mut paced = Vec::new();
-        for rate in rates {
+        for (spec, rate) in rates {
             let n = ((rate * args.paced_seconds).ceil() as usize).max(1).min(rest.len());
             let (these, later) = rest.split_at(n);
             rest = later;
@@ -455,7 +517,7 @@ impl Run<'_> {
                 publish::paced(&self.js, &self.nats_args, &self.bench.factory, &tasks, rate, &bar).await?;
             bar.finish_and_clear();
             let acked = ingest.wait_for(tasks.len(), &ProgressBar::hidden()).await?;
-            paced.push(Paced { rate, achieved, latency: Latency::of(&published, &acked) });
+            paced.push(Paced { spec, rate, achieved, latency: Latency::of(&published, &acked) });
         }
 
         let counts_exact = match strategy {
@@ -620,4 +682,21 @@ pub(crate) fn counter_bar(len: u64, what: &str) -> ProgressBar {
                 .progress_chars("=> "),
         )
         .with_message(what.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RateSpec;
+
+    #[test]
+    fn rates_are_results_per_second_or_a_share_of_the_drain() {
+        assert_eq!(RateSpec::parse("600"), Ok(RateSpec::PerSecond(600.0)));
+        assert_eq!(RateSpec::parse(" 80% "), Ok(RateSpec::OfDrain(0.8)));
+        assert_eq!(RateSpec::parse("80%").map(|r| r.resolve(1000.0)), Ok(800.0));
+        assert_eq!(RateSpec::parse("12.5").map(|r| r.resolve(1000.0)), Ok(12.5));
+        assert_eq!(RateSpec::OfDrain(0.5).to_string(), "50%");
+        for bad in ["", "%", "fast", "0", "-5", "0%", "NaN", "inf"] {
+            assert!(RateSpec::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
