@@ -239,3 +239,40 @@ async fn a_commit_waiting_for_the_next_batch_is_seen() {
         .expect("waiter");
     f.cleanup().await;
 }
+
+/// A batch whose dead letter writes a job-log line for a job (checked by a deferred foreign
+/// key at its COMMIT) commits while the next batch, saved beside it, holds that job's row
+/// for its progress: the progress lock (`FOR NO KEY UPDATE`) leaves the check's `KEY SHARE`
+/// alone (with `FOR UPDATE` the commit would wait for the next batch, which waits for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_waits_for_the_job_row_the_next_batch_holds() {
+    let mut f = Fixture::new("ingest_pipeline_job_lock", Flavor::Antenna, world(1, 1)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images).await;
+    let mut ingestor = Ingestor::start(
+        f.store.clone(),
+        Topology::local(1),
+        f.nats_args.results_subject_prefix.clone(),
+        256 << 20,
+        CancellationToken::new(),
+    )
+    .await
+    .expect("ingestor");
+    let rejected = vec![incoming(&f, job, b"not json".to_vec())];
+    let (image, reply) = &tasks[0];
+    let valid = vec![incoming(&f, job, f.factory.task_result(reply, *image))];
+    let pn = ready(prepare(&mut ingestor, &rejected, None).await);
+    let pm = ready(prepare(&mut ingestor, &valid, Some(&pn)).await);
+    let committed = tokio::time::timeout(Duration::from_secs(10), pn.commit())
+        .await
+        .expect("the dead letter's batch commits while the next one holds the job row")
+        .expect("commit");
+    ingestor.settle(Some(&committed.rows));
+    commit(&mut ingestor, pm).await;
+    let c = f.store.client().await.expect("client");
+    let letters: i64 = c.query_one("SELECT count(*) FROM tally.dead_letter", &[]).await.expect("q").get(0);
+    assert_eq!(letters, 1);
+    assert_eq!(rows(&f.store).await, expected(&f, &images[..1]));
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
