@@ -27,6 +27,7 @@
 /// NATS client's errors are one generic type per operation).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+pub mod bytesize;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -25,8 +25,12 @@ pub mod names {
     pub const INGEST_ANALYZES: &str = "tally_ingest_analyzes_total";
     /// Histogram of messages per ingest batch: shows whether batching is effective.
     pub const INGEST_BATCH_MESSAGES: &str = "tally_ingest_batch_messages";
-    /// Histogram of seconds per ingest batch, label `stage` = `decode` | `save` | `dataflow` |
-    /// `commit` | `ack` | `total`: says which stage to look at when ingest is slow.
+    /// Histogram of result bytes per ingest batch (claim checks at their object's size):
+    /// shows whether `--batch-bytes` or `--batch-size` ends batches.
+    pub const INGEST_BATCH_BYTES: &str = "tally_ingest_batch_bytes";
+    /// Histogram of seconds per ingest batch, label `stage` = `resolve` (reading claim-checked
+    /// results' objects) | `decode` | `save` | `dataflow` | `commit` | `ack` | `total`: says
+    /// which stage to look at when ingest is slow.
     pub const INGEST_BATCH_SECONDS: &str = "tally_ingest_batch_seconds";
     /// Counter of messages stored as dead letters, label `reason` (the dead letter's
     /// `reason_code`, a fixed set such as `invalid_json`, `unknown_pipeline`).
@@ -125,6 +129,10 @@ pub const SECONDS_BUCKETS: &[f64] =
 pub const BATCH_BUCKETS: &[f64] =
     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
 
+/// Bucket bounds for batch sizes in bytes, 64 KiB to 1 GiB.
+pub const BYTES_BUCKETS: &[f64] =
+    &[65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0, 134217728.0, 268435456.0, 1073741824.0];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the global Prometheus recorder on the first call and returns its handle; later
@@ -160,6 +168,7 @@ fn builder() -> PrometheusBuilder {
         (names::FEED_LAG_SECONDS, SECONDS_BUCKETS),
         (names::FEED_STEP_SECONDS, SECONDS_BUCKETS),
         (names::INGEST_BATCH_MESSAGES, BATCH_BUCKETS),
+        (names::INGEST_BATCH_BYTES, BYTES_BUCKETS),
     ] {
         // Only an empty bucket list is refused, and ours are non-empty constants.
         builder = builder
@@ -180,6 +189,11 @@ fn describe() {
         "Tables ingest analyzed because its inserts had doubled them (keeps cached foreign-key check plans on index scans)."
     );
     describe_histogram!(INGEST_BATCH_MESSAGES, Unit::Count, "Messages per ingest batch.");
+    describe_histogram!(
+        INGEST_BATCH_BYTES,
+        Unit::Bytes,
+        "Result bytes per ingest batch (claim checks at their object's size)."
+    );
     describe_histogram!(INGEST_BATCH_SECONDS, Unit::Seconds, "Seconds per ingest batch, by stage.");
     describe_counter!(INGEST_DEAD_LETTERS, Unit::Count, "Messages stored as dead letters, by reason code.");
     describe_counter!(

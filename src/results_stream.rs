@@ -206,8 +206,9 @@ pub async fn publish_all(
     answers
 }
 
-/// Sends one result (storing its object first when it is large) without waiting for the ack.
-async fn send(
+/// Sends one result (storing its object first when it does not fit in `max_payload`) without
+/// waiting for the ack; returns the ack to await and the object's name, if any.
+pub async fn send(
     js: &jetstream::Context,
     bucket: &Objects,
     max_payload: usize,
@@ -245,6 +246,16 @@ async fn send(
 /// The object a message refers to, if it is a claim check.
 pub fn object_of(headers: Option<&HeaderMap>) -> Option<String> {
     headers?.get(OBJECT_HEADER).map(|v| v.as_str().to_string()).filter(|v| !v.is_empty())
+}
+
+/// How many bytes of result a message brings: for a claim check, its object's size as its
+/// size header states it (0 when the header is missing or unreadable: the object is read
+/// anyway), else its payload's length.
+pub fn result_bytes(headers: Option<&HeaderMap>, payload: usize) -> usize {
+    if object_of(headers).is_none() {
+        return payload;
+    }
+    headers.and_then(|h| h.get(OBJECT_SIZE_HEADER)).and_then(|v| v.as_str().trim().parse().ok()).unwrap_or(0)
 }
 
 /// Why an object could not be read.
@@ -301,6 +312,18 @@ pub async fn delete_object(bucket: &Objects, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_check_counts_at_its_object_s_size() {
+        assert_eq!(result_bytes(None, 10), 10);
+        let mut headers = HeaderMap::new();
+        headers.insert(MSG_ID_HEADER, "x");
+        assert_eq!(result_bytes(Some(&headers), 10), 10, "not a claim check");
+        headers.insert(OBJECT_HEADER, "result-x");
+        assert_eq!(result_bytes(Some(&headers), 0), 0, "no size header: unknown");
+        headers.insert(OBJECT_SIZE_HEADER, "5000");
+        assert_eq!(result_bytes(Some(&headers), 0), 5000);
+    }
 
     #[test]
     fn header_values_with_line_breaks_are_refused_not_sent() {

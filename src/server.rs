@@ -343,6 +343,7 @@ async fn ingest(
             ingestor
         }
     };
+    ingestor.set_write_method(args.ingest.write_method);
     ingestor.set_django_cache(django).await;
     if shutdown.is_cancelled() {
         return Ok(());

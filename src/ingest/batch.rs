@@ -28,7 +28,7 @@ use crate::django_cache::DjangoCache;
 use crate::ingest::analyze::Analyzer;
 use crate::ingest::decode::{self, Envelope, RejectReason, Rejection, ResultMessage};
 use crate::ingest::feed;
-use crate::ingest::save::{self, Footprint, JobLogLine, RowCounts};
+use crate::ingest::save::{self, Footprint, JobLogLine, RowCounts, WriteMethod};
 use crate::ingest::IngestError;
 use crate::jobs::logs::Level;
 use crate::metrics::names;
@@ -186,6 +186,8 @@ pub struct Ingestor {
     stop: CancellationToken,
     /// Batches prepared and not settled yet (at most two: one committing, one prepared).
     pending: usize,
+    /// How new rows are sent to Postgres.
+    write_method: WriteMethod,
 }
 
 impl Ingestor {
@@ -214,6 +216,7 @@ impl Ingestor {
             django: DjangoCache::disabled(),
             stop,
             pending: 0,
+            write_method: WriteMethod::default(),
         };
         ingestor.rebuild().await?;
         Ok(ingestor)
@@ -237,7 +240,13 @@ impl Ingestor {
             django: DjangoCache::disabled(),
             stop: CancellationToken::new(),
             pending: 0,
+            write_method: WriteMethod::default(),
         })
+    }
+
+    /// Sends new rows to Postgres by `method` (binary `COPY` unless told otherwise).
+    pub fn set_write_method(&mut self, method: WriteMethod) {
+        self.write_method = method;
     }
 
     /// Runs `hook` after each batch commits, before its messages are acked.
@@ -563,7 +572,7 @@ impl Ingestor {
             counter!(names::INGEST_PIPELINE, "event" => "conflict").increment(1);
             return Ok(Prepare::Conflict);
         }
-        let saved = save::write(tx.client(), known, &snapshot, &messages).await?;
+        let saved = save::write(tx.client(), known, &snapshot, &messages, self.write_method).await?;
         let rejected = rejections(decoded, which, &valid, &saved.rejected);
         log_dead_letters(batch, &rejected, &self.prefix);
         let (letters, letter_logs) = dead_letters_of(batch, decoded, &rejected, &self.prefix);

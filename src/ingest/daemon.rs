@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bytesize::parse_bytes;
 use crate::config::NatsArgs;
 use crate::duration::{parse_millis, parse_secs};
 use crate::http::Health;
@@ -27,7 +28,7 @@ use crate::ingest::decode::{RejectReason, Rejection};
 use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::monitor;
 use crate::ingest::nats::{self, ConsumerArgs};
-use crate::ingest::save::{self, RowCounts};
+use crate::ingest::save::{self, RowCounts, WriteMethod};
 use crate::ingest::IngestError;
 use crate::metrics::names;
 use crate::results_stream::{self, FetchError};
@@ -41,13 +42,19 @@ pub struct IngestArgs {
     /// Results per batch (one transaction, one dataflow step), at most.
     #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
+    /// A batch stops taking results once their bodies (claim-checked ones at their object's
+    /// size) add up to this many bytes ("64MiB", bare numbers are bytes): bounds the memory a
+    /// batch of large results takes and the size of its statements. A result larger than
+    /// this is a batch of its own.
+    #[arg(long, env = "TALLY_BATCH_BYTES", value_parser = parse_bytes, default_value = "64MiB")]
+    pub batch_bytes: usize,
     /// How long to keep collecting after the first message of a batch arrives while the
     /// batch is not full (0: take what is there; a bare number is milliseconds).
     #[arg(long, alias = "batch-linger-ms", env = "TALLY_BATCH_LINGER_MS", value_parser = parse_millis, default_value = "5ms")]
     pub batch_linger: Duration,
     /// Largest result body accepted, in bytes; larger ones are dead-lettered. One result of
     /// ADC's 29,176-class model with 20 detections is ~50 MB (scores and logits).
-    #[arg(long, env = "TALLY_MAX_RESULT_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "TALLY_MAX_RESULT_BYTES", value_parser = parse_bytes, default_value = "256MiB")]
     pub max_result_bytes: usize,
     /// How long before a NAKed result (transient failure) is redelivered (a bare number is
     /// seconds).
@@ -58,6 +65,11 @@ pub struct IngestArgs {
     /// guarantee).
     #[arg(long, env = "TALLY_NO_PIPELINE")]
     pub no_pipeline: bool,
+    /// How new occurrences, detections and classifications are sent to Postgres: `copy`
+    /// (binary `COPY`) or `unnest` (`INSERT … SELECT FROM UNNEST`, the method before
+    /// 2026-12-07, kept for comparison). Both store the same rows.
+    #[arg(long, env = "TALLY_WRITE_METHOD", value_enum, default_value_t = WriteMethod::Copy)]
+    pub write_method: WriteMethod,
     /// Timely worker threads of the count dataflow.
     #[arg(short = 'w', long, env = "TALLY_WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -178,6 +190,7 @@ pub async fn run(
         let mut messages = match consumer
             .stream()
             .max_messages_per_batch(args.batch_size.max(1))
+            .max_bytes_per_batch(pull_bytes(args.batch_bytes, client.server_info().max_payload))
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()
@@ -214,6 +227,7 @@ pub async fn run(
                 }
                 _ = shutdown.cancelled() => break 'connect,
             };
+            let bytes_of = |m: &jetstream::Message| results_stream::result_bytes(m.headers.as_ref(), m.payload.len());
             let mut batch = match first {
                 Some(Ok(m)) => vec![m],
                 Some(Err(e)) => {
@@ -229,22 +243,26 @@ pub async fn run(
             backoff = retry::reconnect().build();
             let linger = tokio::time::sleep(args.batch_linger);
             tokio::pin!(linger);
-            while batch.len() < args.batch_size {
-                match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(m),
+            let mut bytes: usize = batch.iter().map(bytes_of).sum();
+            while batch.len() < args.batch_size && bytes < args.batch_bytes {
+                let m = match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => m,
                     Some(Some(Err(_))) | Some(None) => break,
                     None if args.batch_linger.is_zero() => break,
                     None => {
                         tokio::select! {
                             m = messages.next() => match m {
-                                Some(Ok(m)) => batch.push(m),
+                                Some(Ok(m)) => m,
                                 _ => break,
                             },
                             _ = &mut linger => break,
                         }
                     }
-                }
+                };
+                bytes += bytes_of(&m);
+                batch.push(m);
             }
+            histogram!(names::INGEST_BATCH_BYTES).record(bytes as f64);
             handle_batch(&mut ingestor, &ctx, batch, &mut pipeline).await;
         }
     }
@@ -256,6 +274,20 @@ pub async fn run(
     health.set_not_ready("shutting down");
     info!("ingest stopped");
     Ok(())
+}
+
+/// Bytes one pull request may bring, at most. NATS disconnects a client as a slow consumer
+/// once more than its `max_pending` (64 MiB by default) waits to be written to it, and a pull
+/// of 500 results of ADC's 2,497-class model sent inline (~0.85 MB each) is 400 MB at once:
+/// the connection dropped, the results delivered on it waited `--ack-wait` to come back, and
+/// came back the same way. The pull stream keeps up to 1.5 requests outstanding.
+const PULL_MAX_BYTES: usize = 16 << 20;
+
+/// The pull requests' byte limit: `--batch-bytes`, at most [`PULL_MAX_BYTES`], and always
+/// room for one message of the server's `max_payload` (a larger one could never be
+/// delivered).
+fn pull_bytes(batch_bytes: usize, max_payload: usize) -> usize {
+    batch_bytes.min(PULL_MAX_BYTES).max(max_payload + 64 * 1024)
 }
 
 /// How often an idle process 0 checks that every process of its dataflow cluster is there.
@@ -428,6 +460,9 @@ fn record_outcomes(report: &BatchReport, messages: usize, started: Instant) -> u
     dead
 }
 
+/// Objects of claim-check messages read at once while resolving a batch.
+const OBJECTS_AT_ONCE: usize = 4;
+
 /// Claim checks and refusals first: returns the messages ingest can decode now, beside what
 /// it decodes; a message whose object cannot be read now is NAKed to wait.
 async fn resolve(
@@ -436,11 +471,14 @@ async fn resolve(
     max_bytes: usize,
     delay: Duration,
 ) -> (Vec<jetstream::Message>, Vec<Incoming>) {
-    let mut resolved = Vec::with_capacity(batch.len());
-    for m in &batch {
-        // Only a claim check waits here (for its object); the others resolve at once.
-        resolved.push(incoming(m, objects, max_bytes).await);
+    let started = Instant::now();
+    // Only a claim check waits here (for its object, read from the object store in chunks);
+    // the others resolve at once. Objects are read a few at a time, in order.
+    let mut resolved: Vec<Result<Incoming, String>> = Vec::with_capacity(batch.len());
+    for some in batch.chunks(OBJECTS_AT_ONCE) {
+        resolved.extend(futures_util::future::join_all(some.iter().map(|m| incoming(m, objects, max_bytes))).await);
     }
+    histogram!(names::INGEST_BATCH_SECONDS, "stage" => "resolve").record(started.elapsed().as_secs_f64());
     let mut messages = Vec::with_capacity(batch.len());
     let mut work = Vec::with_capacity(batch.len());
     for (m, r) in batch.into_iter().zip(resolved) {
@@ -764,4 +802,17 @@ fn headers_json(h: &async_nats::HeaderMap) -> serde_json::Value {
         map.insert(name.to_string(), serde_json::Value::from(values));
     }
     serde_json::Value::Object(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pull_bytes;
+
+    #[test]
+    fn pull_requests_stay_under_the_slow_consumer_limit_and_fit_a_message() {
+        assert_eq!(pull_bytes(64 << 20, 1 << 20), 16 << 20);
+        assert_eq!(pull_bytes(4 << 20, 1 << 20), 4 << 20);
+        assert_eq!(pull_bytes(1000, 1 << 20), (1 << 20) + 65536);
+        assert_eq!(pull_bytes(64 << 20, 32 << 20), (32 << 20) + 65536);
+    }
 }

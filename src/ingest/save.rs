@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use tally_dataflows::{InputBatch, Known};
 use tokio_postgres::Client;
 
+mod copy;
 mod read;
 mod write;
 
@@ -82,10 +83,26 @@ pub struct Saved {
 pub const CLOSED_STATUSES: &[&str] =
     &[JobState::Success.as_str(), JobState::Failure.as_str(), JobState::Revoked.as_str(), JobState::Canceling.as_str()];
 
+/// How the write phase sends the new occurrences, detections and classifications (the bulk
+/// of a batch's bytes) to Postgres. Both store the same rows and values.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteMethod {
+    /// Binary `COPY … FROM STDIN` into each table.
+    #[default]
+    Copy,
+    /// One `INSERT … SELECT FROM UNNEST(…)` per table, the arrays sent as binary parameters.
+    Unnest,
+}
+
 /// Saves `messages` (each already decoded and validated) in `tx`: read, plan, write.
-pub async fn save(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Result<Saved, StoreError> {
+pub async fn save(
+    tx: &Client,
+    known: &Known,
+    messages: &[&ResultMessage],
+    method: WriteMethod,
+) -> Result<Saved, StoreError> {
     let snapshot = read(tx, known, messages).await?;
-    write(tx, known, &snapshot, messages).await
+    write(tx, known, &snapshot, messages, method).await
 }
 
 /// The read phase alone: what exists of everything the plan of `messages` needs.
@@ -99,9 +116,10 @@ pub async fn write(
     known: &Known,
     snapshot: &plan::Snapshot,
     messages: &[&ResultMessage],
+    method: WriteMethod,
 ) -> Result<Saved, StoreError> {
     let plan = plan::plan(snapshot, messages);
-    let written = write::write(tx, known, snapshot, &plan).await?;
+    let written = write::write(tx, known, snapshot, &plan, method).await?;
     Ok(Saved {
         rejected: plan.rejected,
         inserted: plan.inserted,

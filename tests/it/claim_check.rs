@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::ingest::{world, Fixture};
@@ -75,5 +76,104 @@ async fn a_claim_check_over_the_result_limit_is_dead_lettered_unread() {
     assert!(got[0].1.contains("over the limit of 1000 bytes"), "{got:?}");
     // Terminated and confirmed: its object is deleted.
     assert!(objects.store.get(&name).await.is_err(), "the object is deleted once the message is terminated");
+    fx.cleanup().await;
+}
+
+/// Large results make small batches: with `--batch-bytes` at about three results, no batch
+/// holds more than the results that reach it plus one, whether they came inline or by claim
+/// check (counted at their object's size), and every result is saved with exact counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_results_are_batched_by_bytes() {
+    let mut fx = Fixture::new("batch_bytes", Flavor::Antenna, world(1, 3)).await;
+    // ADC's smallest real species model: ~0.1 MB of JSON per detection, some results over
+    // NATS's 1 MiB max_payload (claim checks), the others inline.
+    fx.factory.score_len = 2_497;
+    fx.factory.mean_detections = 8.0;
+    let images = fx.world.images.clone();
+    let (job, tasks) = fx.job(&images).await;
+    let objects = results_stream::ensure_bucket(&fx.js, &fx.nats_args.results_object_bucket, Duration::from_secs(3600))
+        .await
+        .expect("bucket");
+    let bodies: Vec<Vec<u8>> = tasks.iter().map(|(image, reply)| fx.factory.task_result(reply, *image)).collect();
+    let sizes: Vec<usize> = bodies.iter().map(Vec::len).collect();
+    let items = tasks
+        .iter()
+        .zip(bodies)
+        .map(|((_, reply), body)| results_stream::Outgoing {
+            subject: fx.subject(job),
+            headers: vec![(MSG_ID_HEADER, reply.clone())],
+            payload: body.into(),
+        })
+        .collect();
+    let published = results_stream::publish_all(&fx.js, &objects, fx.client.server_info().max_payload, items).await;
+    let mut size_at: HashMap<u64, usize> = HashMap::new();
+    let mut claimed = 0;
+    for (p, size) in published.iter().zip(&sizes) {
+        let p = p.as_ref().expect("published");
+        claimed += usize::from(p.by_reference);
+        size_at.insert(p.sequence, *size);
+    }
+    assert!(claimed > 0 && claimed < tasks.len(), "{claimed} of {} results by claim check", tasks.len());
+    let budget = sizes.iter().sum::<usize>() / sizes.len() * 3;
+    let mut running = fx.start(IngestArgs { batch_bytes: budget, ..IngestArgs::default() }).await;
+    // Every batch, as the sizes of its results (by their sequence in the results stream).
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    while batches.iter().map(Vec::len).sum::<usize>() < tasks.len() {
+        let acked = tokio::time::timeout(Duration::from_secs(120), running.acked.recv())
+            .await
+            .expect("a batch within 2 minutes")
+            .expect("ingest runs");
+        assert_eq!(acked.dead_lettered, 0);
+        batches.push(
+            acked
+                .reply_subjects
+                .iter()
+                .map(|s| {
+                    let sequence: u64 = s.split('.').nth(5).and_then(|t| t.parse().ok()).expect("$JS.ACK subject");
+                    size_at[&sequence]
+                })
+                .collect(),
+        );
+    }
+    running.stop().await;
+    assert!(batches.len() >= tasks.len() / 4, "{} results in {} batches: {batches:?}", tasks.len(), batches.len());
+    for batch in &batches {
+        // A batch takes results while it holds less than the budget: all but its last fit.
+        let before_last: usize = batch[..batch.len() - 1].iter().sum();
+        assert!(before_last < budget, "batch {batch:?} went on past {budget} bytes");
+    }
+    common::ingest::assert_counts_exact(&fx.store).await;
+    fx.cleanup().await;
+}
+
+/// A backlog of large results sent inline (ADC's 2,497-class model, ~0.6 MB each, ~220 MB in
+/// all) is pulled in pieces the server can send. One pull of 500 of them overran the server's
+/// 64 MiB `max_pending` for the client, which was disconnected as a slow consumer; the
+/// results delivered on that connection came back only after `--ack-wait` (60 s), to be
+/// pulled the same way again (before the fix: 217 of 378 acked after 45 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_of_large_inline_results_is_pulled_without_a_slow_consumer() {
+    let mut fx = Fixture::new("large_backlog", Flavor::Antenna, world(1, 100)).await;
+    fx.factory.score_len = 2_497;
+    fx.factory.mean_detections = 6.0;
+    let images = fx.world.images.clone();
+    let (job, tasks) = fx.job(&images).await;
+    let max_payload = fx.client.server_info().max_payload;
+    let (mut inline, mut published) = (0, 0);
+    for (image, reply) in &tasks {
+        let body = fx.factory.task_result(reply, *image);
+        // Only what fits goes inline (the others would travel by claim check).
+        if body.len() + 1024 <= max_payload {
+            inline += body.len();
+            published += 1;
+            assert!(fx.publish(job, reply, body).await, "stored");
+        }
+    }
+    assert!(inline > 64 << 20, "{inline} bytes inline: more than the server's max_pending");
+    let mut running = fx.start(IngestArgs::default()).await;
+    // Well within the 60 s a result lost with a dropped connection waits to come back.
+    running.wait_for(published, 0, Duration::from_secs(45)).await;
+    running.stop().await;
+    common::ingest::assert_counts_exact(&fx.store).await;
     fx.cleanup().await;
 }

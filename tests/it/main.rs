@@ -26,3 +26,4 @@ mod startup;
 mod store;
 mod task_acks;
 mod worker_sim;
+mod write_methods;

@@ -1,13 +1,15 @@
-//! The write phase of a batch save: executes a [`Plan`] with one bulk statement per table
-//! (`INSERT … SELECT FROM UNNEST`), after creating its taxa and allocating the ids of its new
-//! rows, with every NOT NULL column supplied as Django would.
+//! The write phase of a batch save: executes a [`Plan`] with one bulk statement per table,
+//! after creating its taxa and allocating the ids of its new rows, with every NOT NULL column
+//! supplied as Django would. New occurrences, detections and classifications go in by binary
+//! `COPY` ([`super::copy`]) or by `INSERT … SELECT FROM UNNEST` (here), as [`WriteMethod`]
+//! says; the other statements are the same either way.
 
 use std::collections::HashMap;
 
 use tally_dataflows::{InputBatch, Known};
 use tokio_postgres::Client;
 
-use super::JobLogLine;
+use super::{JobLogLine, WriteMethod};
 use crate::ingest::plan::{
     distinct, Ids, JobImage, NewClassification, NewDetection, NewOccurrence, OccurrenceUpdate, Plan, Snapshot,
 };
@@ -24,18 +26,31 @@ pub(super) struct Written {
 }
 
 /// Writes `plan` (made from `snapshot`) in `tx`.
-pub(super) async fn write(tx: &Client, known: &Known, snapshot: &Snapshot, plan: &Plan) -> Result<Written, StoreError> {
+pub(super) async fn write(
+    tx: &Client,
+    known: &Known,
+    snapshot: &Snapshot,
+    plan: &Plan,
+    method: WriteMethod,
+) -> Result<Written, StoreError> {
     let (taxa, created) = insert_taxa(tx, &plan.taxa).await?;
     let ids = Ids {
         detections: allocate(tx, "main_detection", plan.detections.len()).await?,
         occurrences: allocate(tx, "main_occurrence", plan.occurrences.len()).await?,
         taxa,
     };
-    insert_occurrences(tx, &plan.occurrences, &ids).await?;
-    insert_detections(tx, &plan.detections, &ids).await?;
+    match method {
+        WriteMethod::Copy => {
+            super::copy::insert(tx, snapshot, &plan.occurrences, &plan.detections, &plan.classifications, &ids).await?
+        }
+        WriteMethod::Unnest => {
+            insert_occurrences(tx, &plan.occurrences, &ids).await?;
+            insert_detections(tx, &plan.detections, &ids).await?;
+            insert_classifications(tx, &plan.classifications, &ids).await?;
+        }
+    }
     attach_occurrences(tx, &plan.attach, &ids).await?;
     fill_paths(tx, &plan.fill_path).await?;
-    insert_classifications(tx, &plan.classifications, &ids).await?;
     write_determinations(tx, &plan.determinations, &ids).await?;
     write_job_images(tx, &plan.job_images).await?;
     let mut input = plan.input(snapshot, &ids);

@@ -295,6 +295,7 @@ impl Bench<'_> {
         let mut nats_args = NatsArgs::for_url(&self.args.nats_url);
         nats_args.results_stream = format!("TALLY_BENCH_FEED_{pid}_{}", phase.to_uppercase());
         nats_args.results_subject_prefix = format!("benchfeed{pid}{phase}.results");
+        nats_args.results_object_bucket = format!("TALLY_BENCH_FEED_OBJECTS_{pid}_{}", phase.to_uppercase());
         let ingest_args = IngestArgs {
             workers: self.args.workers,
             consumer: ConsumerArgs { ack_wait: Duration::from_secs(600), ..ConsumerArgs::default() },
@@ -304,6 +305,8 @@ impl Bench<'_> {
             format!("cannot connect to NATS at {} (is nats-server running with -js?)", self.args.nats_url)
         })?);
         self.register(&nats_args.results_stream);
+        // The object store bucket of large results is a stream of that name.
+        self.register(&format!("OBJ_{}", nats_args.results_object_bucket));
         // Results may be published before the loop has set the stream up.
         tally::ingest::nats::ensure_stream(&js, &nats_args, &ingest_args.consumer).await?;
         let s = spinner("serve: bootstrapping the dataflow from Postgres".into());
@@ -1180,12 +1183,16 @@ fn spawn_publisher(
 ) -> tokio::task::JoinHandle<anyhow::Result<Published>> {
     tokio::spawn(async move {
         let bar = ProgressBar::hidden();
+        let objects =
+            tally::results_stream::ensure_bucket(&js, &nats.results_object_bucket, Duration::from_secs(3600)).await?;
+        let max_payload = js.client().server_info().max_payload;
+        let to = publish::Target { js: &js, nats: &nats, objects: &objects, max_payload };
         let mut sent = HashMap::with_capacity(tasks.len());
         for chunk in tasks.chunks((rate.ceil() as usize).max(1)) {
             if stop.is_cancelled() {
                 return Ok(Published { sent, exhausted: false });
             }
-            let (published, _) = publish::paced(&js, &nats, &factory, chunk, rate, &bar).await?;
+            let (published, _) = publish::paced(&to, &factory, chunk, rate, &bar).await?;
             sent.extend(published);
         }
         Ok(Published { sent, exhausted: !stop.is_cancelled() })

@@ -39,6 +39,8 @@ use tally::config::{DbArgs, NatsArgs};
 use tally::http::Health;
 use tally::ingest::daemon::{Acked, Hooks, IngestArgs};
 use tally::ingest::nats::ConsumerArgs;
+use tally::ingest::save::WriteMethod;
+use tally::results_stream::{self, Objects};
 use tally::server::{self, Config, Counts, Running};
 use tally::store::seed::{self, PipelineSpec};
 use tally::store::verify::{self, Scope};
@@ -99,6 +101,9 @@ pub struct IngestBenchArgs {
     /// been acked), for comparison.
     #[arg(long)]
     pub no_pipeline: bool,
+    /// How ingest sends new rows to Postgres (`copy` or `unnest`), to compare the two.
+    #[arg(long, value_enum, default_value_t = WriteMethod::Copy)]
+    pub write_method: WriteMethod,
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -413,23 +418,31 @@ impl<'a> Bench<'a> {
         let mut nats_args = NatsArgs::for_url(&args.nats_url);
         nats_args.results_stream = format!("TALLY_BENCH_{}", suffix.to_uppercase());
         nats_args.results_subject_prefix = format!("bench{}.results", suffix.replace('_', ""));
+        nats_args.results_object_bucket = format!("TALLY_BENCH_OBJECTS_{}", suffix.to_uppercase());
         let consumer = ConsumerArgs { ack_wait: Duration::from_secs(600), ..ConsumerArgs::default() };
         let publisher = async_nats::connect(&args.nats_url).await.with_context(|| {
             format!("cannot connect to NATS at {} (is nats-server running with -js?)", args.nats_url)
         })?;
         let js = jetstream::new(publisher.clone());
         self.register(&nats_args.results_stream);
+        // The object store bucket is a stream of that name.
+        self.register(&format!("OBJ_{}", nats_args.results_object_bucket));
         tally::ingest::nats::ensure_stream(&js, &nats_args, &consumer).await?;
+        let objects = results_stream::ensure_bucket(&js, &nats_args.results_object_bucket, consumer.max_age()).await?;
+        let max_payload = publisher.server_info().max_payload;
         let mut run = Run {
             bench: self,
             database: name.to_string(),
             store: store.clone(),
             js: js.clone(),
             nats_args,
+            objects,
+            max_payload,
             jobs: Vec::new(),
         };
         let result = run.measure(strategy, consumer, metrics).await;
         let _ = js.delete_stream(&run.nats_args.results_stream).await;
+        let _ = js.delete_object_store(&run.nats_args.results_object_bucket).await;
         for job in &run.jobs {
             job.delete_stream(&js).await;
         }
@@ -445,10 +458,17 @@ struct Run<'a> {
     store: Store,
     js: jetstream::Context,
     nats_args: NatsArgs,
+    objects: Objects,
+    max_payload: usize,
     jobs: Vec<AsyncJob>,
 }
 
 impl Run<'_> {
+    /// Where its results are published.
+    fn target(&self) -> publish::Target<'_> {
+        publish::Target { js: &self.js, nats: &self.nats_args, objects: &self.objects, max_payload: self.max_payload }
+    }
+
     async fn measure(
         &mut self,
         strategy: CountStrategy,
@@ -462,12 +482,13 @@ impl Run<'_> {
 
         // Drain: publish everything first, then time ingest from start to the last ack.
         let tasks = self.tasks(drain_images).await?;
-        publish::all(&self.js, &self.nats_args, &self.bench.factory, &tasks).await?;
+        publish::all(&self.target(), &self.bench.factory, &tasks).await?;
         let before = ceiling::Rows::read(&self.store).await?;
         let ingest_args = IngestArgs {
             batch_size: if strategy == CountStrategy::Recompute { 1 } else { args.batch_size },
             workers: args.workers,
             no_pipeline: args.no_pipeline,
+            write_method: args.write_method,
             consumer,
             max_result_bytes: 64 << 20,
             ..IngestArgs::default()
@@ -513,8 +534,7 @@ impl Run<'_> {
             rest = later;
             let tasks = self.tasks(these).await?;
             let bar = counter_bar(tasks.len() as u64, "paced");
-            let (published, achieved) =
-                publish::paced(&self.js, &self.nats_args, &self.bench.factory, &tasks, rate, &bar).await?;
+            let (published, achieved) = publish::paced(&self.target(), &self.bench.factory, &tasks, rate, &bar).await?;
             bar.finish_and_clear();
             let acked = ingest.wait_for(tasks.len(), &ProgressBar::hidden()).await?;
             paced.push(Paced { spec, rate, achieved, latency: Latency::of(&published, &acked) });

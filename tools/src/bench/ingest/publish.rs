@@ -1,6 +1,7 @@
 //! Publishing results as workers do: to `<prefix>.{job}`, with `Nats-Msg-Id` = the task's
-//! reply subject, many in flight at once; either all at once (the drain run) or at a fixed
-//! rate, remembering when each was published (the paced run).
+//! reply subject, by claim check when a result does not fit in a NATS message (as the
+//! gateway sends them), many in flight at once; either all at once (the drain run) or at a
+//! fixed rate, remembering when each was published (the paced run).
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -14,37 +15,44 @@ use indicatif::ProgressBar;
 use crate::synth::jobs::Task;
 use crate::synth::results::ResultFactory;
 use tally::config::NatsArgs;
+use tally::results_stream::{self, Objects, Outgoing, MSG_ID_HEADER};
 
 /// Publishes in flight at once in the drain run.
 const IN_FLIGHT: usize = 256;
 
+/// Where and how results are published.
+pub struct Target<'a> {
+    /// JetStream.
+    pub js: &'a jetstream::Context,
+    /// The results stream's names.
+    pub nats: &'a NatsArgs,
+    /// The bucket of results too large for one message.
+    pub objects: &'a Objects,
+    /// The server's `max_payload`.
+    pub max_payload: usize,
+}
+
 /// Sends one result; the returned future resolves when JetStream has stored it.
-async fn send(
-    js: &jetstream::Context,
-    nats: &NatsArgs,
-    job: i64,
-    task: &Task,
-    payload: Vec<u8>,
-) -> anyhow::Result<PublishAckFuture> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", task.reply_subject.as_str());
-    js.publish_with_headers(nats.results_subject(job), headers, payload.into()).await.context("publishing a result")
+async fn send(to: &Target<'_>, job: i64, task: &Task, payload: Vec<u8>) -> anyhow::Result<PublishAckFuture> {
+    let item = Outgoing {
+        subject: to.nats.results_subject(job),
+        headers: vec![(MSG_ID_HEADER, task.reply_subject.clone())],
+        payload: payload.into(),
+    };
+    let (ack, _object) =
+        results_stream::send(to.js, to.objects, to.max_payload, item).await.context("publishing a result")?;
+    Ok(ack)
 }
 
 /// Publishes a result for every task and waits until JetStream stored them all.
-pub async fn all(
-    js: &jetstream::Context,
-    nats: &NatsArgs,
-    factory: &ResultFactory,
-    tasks: &[(i64, Task)],
-) -> anyhow::Result<()> {
+pub async fn all(to: &Target<'_>, factory: &ResultFactory, tasks: &[(i64, Task)]) -> anyhow::Result<()> {
     let bar = super::counter_bar(tasks.len() as u64, "publish");
     let results: Vec<anyhow::Result<()>> = stream::iter(tasks)
         .map(|(job, task)| {
             let bar = &bar;
             async move {
                 let payload = factory.task_result(&task.reply_subject, task.image);
-                let ack = send(js, nats, *job, task, payload).await?.await.context("result not stored")?;
+                let ack = send(to, *job, task, payload).await?.await.context("result not stored")?;
                 anyhow::ensure!(!ack.duplicate, "result for {} dropped as a duplicate", task.reply_subject);
                 bar.inc(1);
                 Ok(())
@@ -62,8 +70,7 @@ pub async fn all(
 /// publish instant (just before the publish is handed to the connection) and the rate
 /// achieved.
 pub async fn paced(
-    js: &jetstream::Context,
-    nats: &NatsArgs,
+    to: &Target<'_>,
     factory: &ResultFactory,
     tasks: &[(i64, Task)],
     rate: f64,
@@ -80,7 +87,7 @@ pub async fn paced(
         ticks.tick().await;
         last = Instant::now();
         published.insert(task.reply_subject.clone(), last);
-        let ack = send(js, nats, *job, task, payload).await?;
+        let ack = send(to, *job, task, payload).await?;
         stored.push(tokio::spawn(ack.into_future()));
         bar.inc(1);
     }

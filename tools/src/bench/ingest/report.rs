@@ -81,7 +81,7 @@ pub struct Paced {
 }
 
 /// The stages of `tally_ingest_batch_seconds`, in pipeline order.
-const STAGES: [&str; 6] = ["decode", "save", "dataflow", "commit", "ack", "total"];
+const STAGES: [&str; 7] = ["resolve", "decode", "save", "dataflow", "commit", "ack", "total"];
 
 /// Seconds per ingest stage over a run, from the `metrics` recorder.
 #[derive(Debug, Clone, Default)]
@@ -193,7 +193,7 @@ fn find(reports: &[StrategyReport], s: CountStrategy) -> Option<&StrategyReport>
 /// The markdown report.
 pub fn render(args: &IngestBenchArgs, setup: &str, reports: &[StrategyReport]) -> String {
     let mut out = format!(
-        "`tally-tools bench ingest --strategy {} --messages {} --recompute-messages {} --rate {} --paced-seconds {} --preload-detections {} --recompute-samples {} --score-len {} --batch-size {} -w {}{}`\n\n{setup}\n\n",
+        "`tally-tools bench ingest --strategy {} --messages {} --recompute-messages {} --rate {} --paced-seconds {} --preload-detections {} --recompute-samples {} --score-len {} --batch-size {} -w {} --write-method {}{}`\n\n{setup}\n\n",
         args.strategy.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         args.messages,
         args.recompute_messages,
@@ -204,6 +204,7 @@ pub fn render(args: &IngestBenchArgs, setup: &str, reports: &[StrategyReport]) -
         args.score_len,
         args.batch_size,
         args.workers,
+        args.write_method.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         if args.no_pipeline { " --no-pipeline" } else { "" },
     );
     out.push_str("| strategy | batch | drain: results | time | results/s | rows/s | counts = verify |\n");
@@ -254,17 +255,18 @@ pub fn render(args: &IngestBenchArgs, setup: &str, reports: &[StrategyReport]) -
     }
     out.push_str("\nWhere the drain's time went (`tally_ingest_batch_seconds{stage}`, summed over batches; % of the drain's wall time):\n\n");
     out.push_str(
-        "| strategy | batches (mean results) | decode | save | dataflow | commit | ack | waiting for messages |\n",
+        "| strategy | batches (mean results) | resolve (objects) | decode | save | dataflow | commit | ack | waiting for messages |\n",
     );
-    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in reports {
         let s = &r.stages;
         let cell = |v: f64| format!("{:.2} s ({:.0}%)", v, 100.0 * v / s.wall.max(1e-9));
         out.push_str(&format!(
-            "| {} | {} ({:.0}) | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} ({:.0}) | {} | {} | {} | {} | {} | {} | {} |\n",
             strategy_name(r.strategy),
             thousands(s.batches as i64),
             s.messages / s.batches.max(1.0),
+            cell(s.get("resolve")),
             cell(s.get("decode")),
             cell(s.get("save")),
             cell(s.get("dataflow")),
