@@ -167,6 +167,37 @@ impl Prepared {
     }
 }
 
+/// Decodes result messages: the subject prefix they are published under and the largest body
+/// accepted.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    prefix: String,
+    max_bytes: usize,
+}
+
+impl Decoder {
+    /// Decodes and validates each message of a batch (rejections for the bad ones), off the
+    /// async threads: parsing a batch's JSON is milliseconds of CPU (a second and more for
+    /// ADC's largest models), and the gateway sharing the runtime keeps answering meanwhile.
+    pub fn decode(&self, batch: &[Incoming]) -> Vec<Result<ResultMessage, Rejection>> {
+        let started = Instant::now();
+        let decoded = tokio::task::block_in_place(|| {
+            batch
+                .iter()
+                .map(|m| {
+                    if let Some(r) = &m.preset {
+                        return Err(r.clone());
+                    }
+                    let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
+                    decode::decode(&envelope, &m.payload)
+                })
+                .collect()
+        });
+        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
+        decoded
+    }
+}
+
 /// The ingest state: the store, the dataflow engine mirroring it, and the validation limits.
 pub struct Ingestor {
     store: Store,
@@ -432,25 +463,16 @@ impl Ingestor {
         self.process_decoded(batch, &decoded).await
     }
 
-    /// Decodes and validates each message of a batch (rejections for the bad ones), off the
-    /// async threads: parsing a batch's JSON is milliseconds of CPU, and the gateway sharing
-    /// the runtime keeps answering meanwhile.
+    /// Decodes and validates each message of a batch (rejections for the bad ones); see
+    /// [`Decoder::decode`].
     pub fn decode(&self, batch: &[Incoming]) -> Vec<Result<ResultMessage, Rejection>> {
-        let started = Instant::now();
-        let decoded = tokio::task::block_in_place(|| {
-            batch
-                .iter()
-                .map(|m| {
-                    if let Some(r) = &m.preset {
-                        return Err(r.clone());
-                    }
-                    let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
-                    decode::decode(&envelope, &m.payload)
-                })
-                .collect()
-        });
-        histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
-        decoded
+        self.decoder().decode(batch)
+    }
+
+    /// What decoding needs, for a task of its own (the daemon decodes the next batch while
+    /// this one is saved).
+    pub fn decoder(&self) -> Decoder {
+        Decoder { prefix: self.prefix.clone(), max_bytes: self.max_bytes }
     }
 
     /// Processes a decoded batch on its own (nothing else uncommitted): one transaction, or,

@@ -1,14 +1,17 @@
-//! The ingest loop of `tally serve`: pull a batch from the results consumer, process it
-//! ([`Ingestor::process`]), then ack: task acks (confirmed, concurrent) and result acks for
-//! saved messages, TERM for dead letters, NAK with a delay for a batch that failed
+//! The ingest loop of `tally serve`. A collector task pulls batches from the results
+//! consumer, reads claim-checked results back from the object store and decodes them, one
+//! batch ahead; the loop saves each batch while the one before commits
+//! ([`Ingestor::prepare`]), then acks it: task acks (confirmed, concurrent) and result acks
+//! for saved messages, TERM for dead letters, NAK with a delay for a batch that failed
 //! transiently. Any error of the pull stream rebuilds it with backoff; the durable consumer
-//! keeps the ack state, so nothing is lost. On shutdown the batch in hand is finished and
-//! acked; messages the pull stream had buffered but no batch had started are redelivered
-//! after the consumer's ack wait.
+//! keeps the ack state, so nothing is lost. On shutdown the batches in hand (the one being
+//! saved and the one collected ahead) are finished and acked; messages the pull stream had
+//! buffered but no batch had taken are redelivered after the consumer's ack wait.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use clap::Args;
 use futures_util::{FutureExt, StreamExt};
@@ -23,8 +26,8 @@ use crate::config::NatsArgs;
 use crate::duration::{parse_millis, parse_secs};
 use crate::http::Health;
 use crate::ingest::ack::{self, Deferral, Settlement, Verdict};
-use crate::ingest::batch::{BatchReport, Incoming, Ingestor, Outcome, Prepare, Prepared};
-use crate::ingest::decode::{RejectReason, Rejection};
+use crate::ingest::batch::{BatchReport, Decoder, Incoming, Ingestor, Outcome, Prepare, Prepared};
+use crate::ingest::decode::{RejectReason, Rejection, ResultMessage};
 use crate::ingest::feed::{self, FeedArgs};
 use crate::ingest::monitor;
 use crate::ingest::nats::{self, ConsumerArgs};
@@ -185,87 +188,53 @@ pub async fn run(
     let clustered = ingestor.is_clustered();
     let mut cluster_check = tokio::time::interval(CLUSTER_CHECK_EVERY);
     cluster_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    backoff = retry::reconnect().build();
-    'connect: while !shutdown.is_cancelled() {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(args.batch_size.max(1))
-            .max_bytes_per_batch(pull_bytes(args.batch_bytes, client.server_info().max_payload))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                counter!(names::NATS_PULL_ERRORS).increment(1);
-                health.set_not_ready(format!("nats pull: {e}"));
-                let pause = retry::pause(&mut backoff);
-                warn!(error = %e, retry_in = ?pause, "cannot open the pull stream");
-                tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
+    // Batches are pulled, resolved and decoded by a task of their own, one batch ahead of
+    // the one being saved.
+    let (ahead, mut batches) = mpsc::channel(1);
+    let collecting = shutdown.child_token();
+    let collector = Collector {
+        consumer,
+        client: client.clone(),
+        objects: ctx.objects.clone(),
+        args: args.clone(),
+        health: Arc::clone(&health),
+        decoder: ingestor.decoder(),
+        max_bytes: ingestor.max_bytes(),
+    };
+    let collector = tokio::spawn(collector.run(ahead, collecting.clone()));
+    loop {
+        // Wait for the next batch (or shutdown).
+        let batch = tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
+            committed = pipeline.committed(), if pipeline.is_busy() => {
+                ingestor.settle(committed.as_ref());
                 continue;
             }
-        };
-        loop {
-            // Wait for the first message of a batch (or shutdown).
-            let first = tokio::select! {
-                m = messages.next() => m,
-                committed = pipeline.committed(), if pipeline.is_busy() => {
-                    ingestor.settle(committed.as_ref());
-                    continue;
-                }
-                _ = wake.notified() => {
-                    // Django's edits apply between committed batches, in the order read.
-                    pipeline.finish(&mut ingestor).await;
-                    drain_feed(&mut ingestor, &args.feed, &health, &wake).await;
-                    continue;
-                }
-                _ = cluster_check.tick(), if clustered => {
-                    pipeline.finish(&mut ingestor).await;
-                    check_cluster(&mut ingestor, &health).await;
-                    continue;
-                }
-                _ = shutdown.cancelled() => break 'connect,
-            };
-            let bytes_of = |m: &jetstream::Message| results_stream::result_bytes(m.headers.as_ref(), m.payload.len());
-            let mut batch = match first {
-                Some(Ok(m)) => vec![m],
-                Some(Err(e)) => {
-                    counter!(names::NATS_PULL_ERRORS).increment(1);
-                    let pause = retry::pause(&mut backoff);
-                    warn!(error = %e, retry_in = ?pause, "pull stream failed; rebuilding it");
-                    health.set_not_ready(format!("nats pull: {e}"));
-                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break 'connect }
-                    continue 'connect;
-                }
-                None => continue 'connect,
-            };
-            backoff = retry::reconnect().build();
-            let linger = tokio::time::sleep(args.batch_linger);
-            tokio::pin!(linger);
-            let mut bytes: usize = batch.iter().map(bytes_of).sum();
-            while batch.len() < args.batch_size && bytes < args.batch_bytes {
-                let m = match messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => m,
-                    Some(Some(Err(_))) | Some(None) => break,
-                    None if args.batch_linger.is_zero() => break,
-                    None => {
-                        tokio::select! {
-                            m = messages.next() => match m {
-                                Some(Ok(m)) => m,
-                                _ => break,
-                            },
-                            _ = &mut linger => break,
-                        }
-                    }
-                };
-                bytes += bytes_of(&m);
-                batch.push(m);
+            _ = wake.notified() => {
+                // Django's edits apply between committed batches, in the order read.
+                pipeline.finish(&mut ingestor).await;
+                drain_feed(&mut ingestor, &args.feed, &health, &wake).await;
+                continue;
             }
-            histogram!(names::INGEST_BATCH_BYTES).record(bytes as f64);
-            handle_batch(&mut ingestor, &ctx, batch, &mut pipeline).await;
-        }
+            _ = cluster_check.tick(), if clustered => {
+                pipeline.finish(&mut ingestor).await;
+                check_cluster(&mut ingestor, &health).await;
+                continue;
+            }
+            _ = shutdown.cancelled() => break,
+        };
+        handle_batch(&mut ingestor, &ctx, batch, &mut pipeline).await;
     }
+    // A batch the collector has in hand is saved and acked too: it stops at its next wait for
+    // a first message, and the channel closes.
+    collecting.cancel();
+    while let Some(batch) = batches.recv().await {
+        handle_batch(&mut ingestor, &ctx, batch, &mut pipeline).await;
+    }
+    let _ = collector.await;
     // The batch in hand is committed and acked before the loop ends.
     pipeline.finish(&mut ingestor).await;
     pipeline.acks_sent().await;
@@ -274,6 +243,133 @@ pub async fn run(
     health.set_not_ready("shutting down");
     info!("ingest stopped");
     Ok(())
+}
+
+/// A batch pulled, resolved and decoded, ready to be saved.
+struct Collected {
+    /// The messages whose results could be read (the others were NAKed).
+    messages: Vec<jetstream::Message>,
+    /// What ingest decodes of each.
+    work: Vec<Incoming>,
+    /// Each decoded (or its rejection).
+    decoded: Vec<Result<ResultMessage, Rejection>>,
+    /// When it started to be resolved.
+    started: Instant,
+    /// When its oldest message was published.
+    oldest: Option<SystemTime>,
+}
+
+/// Pulls the results stream into batches and resolves and decodes each while the loop saves
+/// the one before: a batch's claim-checked objects and its JSON (a large share of the time
+/// with ADC's large models) no longer wait for the save before it.
+struct Collector {
+    consumer: PullConsumer,
+    client: async_nats::Client,
+    objects: results_stream::Objects,
+    args: IngestArgs,
+    health: Arc<Health>,
+    decoder: Decoder,
+    max_bytes: usize,
+}
+
+impl Collector {
+    /// Sends batches to `ahead` until `stop` is cancelled, waiting for room in it before it
+    /// starts a batch: a batch takes what arrived while the one before it waited, and at most
+    /// one batch waits.
+    async fn run(self, ahead: mpsc::Sender<Collected>, stop: CancellationToken) {
+        let args = &self.args;
+        let mut backoff = retry::reconnect().build();
+        'connect: while !stop.is_cancelled() {
+            let mut messages = match self
+                .consumer
+                .stream()
+                .max_messages_per_batch(args.batch_size.max(1))
+                .max_bytes_per_batch(pull_bytes(args.batch_bytes, self.client.server_info().max_payload))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    counter!(names::NATS_PULL_ERRORS).increment(1);
+                    self.health.set_not_ready(format!("nats pull: {e}"));
+                    let pause = retry::pause(&mut backoff);
+                    warn!(error = %e, retry_in = ?pause, "cannot open the pull stream");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => break }
+                    continue;
+                }
+            };
+            loop {
+                let slot = tokio::select! {
+                    slot = ahead.reserve() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break 'connect,
+                    },
+                    _ = stop.cancelled() => break 'connect,
+                };
+                // Wait for the first message of a batch (or shutdown).
+                let first = tokio::select! {
+                    m = messages.next() => m,
+                    _ = stop.cancelled() => break 'connect,
+                };
+                let mut batch = match first {
+                    Some(Ok(m)) => vec![m],
+                    Some(Err(e)) => {
+                        counter!(names::NATS_PULL_ERRORS).increment(1);
+                        let pause = retry::pause(&mut backoff);
+                        warn!(error = %e, retry_in = ?pause, "pull stream failed; rebuilding it");
+                        self.health.set_not_ready(format!("nats pull: {e}"));
+                        tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => break 'connect }
+                        continue 'connect;
+                    }
+                    None => continue 'connect,
+                };
+                backoff = retry::reconnect().build();
+                let bytes_of =
+                    |m: &jetstream::Message| results_stream::result_bytes(m.headers.as_ref(), m.payload.len());
+                let linger = tokio::time::sleep(args.batch_linger);
+                tokio::pin!(linger);
+                let mut bytes: usize = batch.iter().map(bytes_of).sum();
+                while batch.len() < args.batch_size && bytes < args.batch_bytes {
+                    let m = match messages.next().now_or_never() {
+                        Some(Some(Ok(m))) => m,
+                        Some(Some(Err(_))) | Some(None) => break,
+                        None if args.batch_linger.is_zero() => break,
+                        None => {
+                            tokio::select! {
+                                m = messages.next() => match m {
+                                    Some(Ok(m)) => m,
+                                    _ => break,
+                                },
+                                _ = &mut linger => break,
+                            }
+                        }
+                    };
+                    bytes += bytes_of(&m);
+                    batch.push(m);
+                }
+                histogram!(names::INGEST_BATCH_BYTES).record(bytes as f64);
+                histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
+                if let Some(collected) = self.resolve_and_decode(batch).await {
+                    slot.send(collected);
+                }
+            }
+        }
+    }
+
+    /// Resolves a batch's claim checks and refusals, then decodes it; `None` when no message
+    /// could be read now (all NAKed).
+    async fn resolve_and_decode(&self, batch: Vec<jetstream::Message>) -> Option<Collected> {
+        let started = Instant::now();
+        let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
+        let (messages, work) = resolve(batch, &self.objects, self.max_bytes, self.args.nak_delay).await;
+        if work.is_empty() {
+            return None;
+        }
+        let decoded = self.decoder.decode(&work);
+        Some(Collected { messages, work, decoded, started, oldest })
+    }
 }
 
 /// Bytes one pull request may bring, at most. NATS disconnects a client as a slow consumer
@@ -645,26 +741,12 @@ struct Committing {
 /// that one wrote (then it waits for it and reads again); it commits only after the batch
 /// before it has, and is then acked in the background. A failure of the batch before it
 /// rolls it back, and it is saved again on its own.
-async fn handle_batch(
-    ingestor: &mut Ingestor,
-    ctx: &Arc<Context>,
-    batch: Vec<jetstream::Message>,
-    pipeline: &mut Pipeline,
-) {
-    let started = Instant::now();
-    let delay = ctx.args.nak_delay;
-    histogram!(names::INGEST_BATCH_MESSAGES).record(batch.len() as f64);
-    let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
-
-    let (messages, work) = resolve(batch, &ctx.objects, ingestor.max_bytes(), delay).await;
-    if work.is_empty() {
-        return;
-    }
+async fn handle_batch(ingestor: &mut Ingestor, ctx: &Arc<Context>, batch: Collected, pipeline: &mut Pipeline) {
     if ctx.args.no_pipeline {
         pipeline.finish(ingestor).await;
         pipeline.acks_sent().await;
     }
-    let decoded = ingestor.decode(&work);
+    let Collected { messages, work, decoded, started, oldest } = batch;
     let batch = Committing { messages, work, started, oldest };
 
     // Saved beside the batch committing, if its reads allow.
