@@ -19,8 +19,6 @@ use common::ingest::{assert_counts_exact, expected, job_progress, rows, world, F
 use common::Flavor;
 use tally::ingest::batch::{Incoming, Ingestor, Prepare, Prepared};
 use tally::ingest::daemon::IngestArgs;
-use tally_dataflows::Topology;
-use tokio_util::sync::CancellationToken;
 
 /// ADC's smallest real species model.
 const SCORE_LEN: usize = 2_497;
@@ -92,15 +90,7 @@ async fn batches_saved_beside_a_commit_stay_exact() {
     let (job2, tasks2) = f.job(&images[12..]).await;
     let result =
         |f: &Fixture, job: i64, (image, reply): &(i64, String)| incoming(f, job, f.factory.task_result(reply, *image));
-    let mut ingestor = Ingestor::start(
-        f.store.clone(),
-        Topology::local(1),
-        f.nats_args.results_subject_prefix.clone(),
-        256 << 20,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("ingestor");
+    let mut ingestor = f.ingestor().await;
 
     // A (job 1, images 0–3) is written and not committed.
     let a: Vec<Incoming> = tasks1[0..4].iter().map(|t| result(&f, job1, t)).collect();
@@ -249,15 +239,7 @@ async fn a_commit_never_waits_for_the_job_row_the_next_batch_holds() {
     let mut f = Fixture::new("ingest_pipeline_job_lock", Flavor::Antenna, world(1, 1)).await;
     let images = f.world.images.clone();
     let (job, tasks) = f.job(&images).await;
-    let mut ingestor = Ingestor::start(
-        f.store.clone(),
-        Topology::local(1),
-        f.nats_args.results_subject_prefix.clone(),
-        256 << 20,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("ingestor");
+    let mut ingestor = f.ingestor().await;
     let rejected = vec![incoming(&f, job, b"not json".to_vec())];
     let (image, reply) = &tasks[0];
     let valid = vec![incoming(&f, job, f.factory.task_result(reply, *image))];

@@ -10,10 +10,8 @@ use crate::common;
 use common::ingest::{assert_counts_exact, world, Fixture};
 use common::Flavor;
 use serde_json::{json, Value};
-use tally::ingest::batch::{Incoming, Ingestor};
+use tally::ingest::batch::Incoming;
 use tally::ingest::save::WriteMethod;
-use tally_dataflows::Topology;
-use tokio_util::sync::CancellationToken;
 
 /// ADC's smallest real species model.
 const SCORE_LEN: usize = 2_497;
@@ -95,15 +93,7 @@ async fn saved_with(method: WriteMethod, label: &str) -> Fixture {
     f.factory.mean_detections = 6.0;
     let images = f.world.images.clone();
     let (job, tasks) = f.job(&images).await;
-    let mut ingestor = Ingestor::start(
-        f.store.clone(),
-        Topology::local(1),
-        f.nats_args.results_subject_prefix.clone(),
-        256 << 20,
-        CancellationToken::new(),
-    )
-    .await
-    .expect("ingestor");
+    let mut ingestor = f.ingestor().await;
     ingestor.set_write_method(method);
     for batch in batches(&f, job, &tasks) {
         let report = ingestor.process(&batch).await.expect("batch saved");

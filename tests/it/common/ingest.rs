@@ -125,6 +125,20 @@ impl Fixture {
         (job, tasks.into_iter().map(|t| (t.image, t.reply_subject)).collect())
     }
 
+    /// An ingestor over the fixture's database (bootstrapped, one local worker), for tests
+    /// that drive batches through it directly.
+    pub async fn ingestor(&self) -> tally::ingest::batch::Ingestor {
+        tally::ingest::batch::Ingestor::start(
+            self.store.clone(),
+            tally_dataflows::Topology::local(1),
+            self.nats_args.results_subject_prefix.clone(),
+            256 << 20,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .expect("ingestor")
+    }
+
     /// The subject results of `job` go to.
     pub fn subject(&self, job: i64) -> String {
         self.nats_args.results_subject(job)
