@@ -176,6 +176,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The largest result body accepted, in bytes (a claim-checked object over it is not read).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
     /// Decodes and validates each message of a batch (rejections for the bad ones), off the
     /// async threads: parsing a batch's JSON is milliseconds of CPU (a second and more for
     /// ADC's largest models), and the gateway sharing the runtime keeps answering meanwhile.

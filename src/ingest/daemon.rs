@@ -199,7 +199,6 @@ pub async fn run(
         args: args.clone(),
         health: Arc::clone(&health),
         decoder: ingestor.decoder(),
-        max_bytes: ingestor.max_bytes(),
     };
     let collector = tokio::spawn(collector.run(ahead, collecting.clone()));
     loop {
@@ -269,7 +268,6 @@ struct Collector {
     args: IngestArgs,
     health: Arc<Health>,
     decoder: Decoder,
-    max_bytes: usize,
 }
 
 impl Collector {
@@ -363,7 +361,7 @@ impl Collector {
     async fn resolve_and_decode(&self, batch: Vec<jetstream::Message>) -> Option<Collected> {
         let started = Instant::now();
         let oldest: Option<SystemTime> = batch.iter().filter_map(|m| m.info().ok().map(|i| published_at(&i))).min();
-        let (messages, work) = resolve(batch, &self.objects, self.max_bytes, self.args.nak_delay).await;
+        let (messages, work) = resolve(batch, &self.objects, self.decoder.max_bytes(), self.args.nak_delay).await;
         if work.is_empty() {
             return None;
         }
