@@ -46,6 +46,37 @@ pub struct DbArgs {
     /// capped at 30 s.
     #[arg(long, alias = "connect-backoff-ms", env = "TALLY_CONNECT_BACKOFF_MS", value_parser = parse_millis, default_value = "250ms")]
     pub connect_backoff: Duration,
+    /// How Postgres compresses the large values tally writes (TOAST): the scores and logits
+    /// of a classification are 233 KB each with ADC's 29,176-class model. `pglz`, Postgres'
+    /// default, spends ~4 ms of the server's CPU on each such array and then stores it
+    /// uncompressed anyway; `lz4` gives up on it at once. `server` keeps the server's
+    /// `default_toast_compression`. Only values tally writes are affected; readers (Django)
+    /// read both alike. Where the server was built without lz4, tally warns and keeps the
+    /// server's.
+    #[arg(long, env = "TALLY_TOAST_COMPRESSION", value_enum, default_value_t = ToastCompression::Lz4)]
+    pub toast_compression: ToastCompression,
+}
+
+/// The `default_toast_compression` of tally's sessions (`--toast-compression`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ToastCompression {
+    /// LZ4 (Postgres 14+ built `--with-lz4`, as Debian's and the official images are).
+    Lz4,
+    /// Postgres' own pglz.
+    Pglz,
+    /// Whatever the server's configuration says.
+    Server,
+}
+
+impl ToastCompression {
+    /// The setting's value, `None` for [`ToastCompression::Server`].
+    pub fn setting(self) -> Option<&'static str> {
+        match self {
+            ToastCompression::Lz4 => Some("lz4"),
+            ToastCompression::Pglz => Some("pglz"),
+            ToastCompression::Server => None,
+        }
+    }
 }
 
 impl DbArgs {

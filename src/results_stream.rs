@@ -4,8 +4,9 @@
 //! A result that fits in one NATS message (the server's `max_payload`, 1 MiB by default) is
 //! published as is to `<prefix>.{job}`. A larger one (ADC's global model sends ~1.2 MB of
 //! scores and logits per classification) travels by **claim check**: its bytes are put in the
-//! JetStream object store bucket `TALLY_RESULT_OBJECTS` (chunked by the object store), and the
-//! message carries only the header [`OBJECT_HEADER`] naming the object. Ingest reads the object
+//! JetStream object store bucket `TALLY_RESULT_OBJECTS` in chunks as large as one message
+//! allows ([`object_chunk_size`]), and the message carries only the header [`OBJECT_HEADER`]
+//! naming the object. Ingest reads the object
 //! back before decoding ([`fetch_object`]), so everything after that sees the whole result: its
 //! dead letter keeps the whole payload. Operators never raise `max_payload`.
 //!
@@ -46,6 +47,20 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// Bytes kept free of a message's `max_payload` for headers and framing, beside the payload.
 const HEADER_ROOM: usize = 1024;
+
+/// The smallest chunk an object is cut into, whatever the server's `max_payload` says.
+const MIN_CHUNK: usize = 4096;
+
+/// The chunk size of a result's object: as much of one message as headers leave free.
+///
+/// The object store's default, 128 KiB, cuts a 9 MB result of ADC's 29,176-class model into
+/// 69 messages, each stored, acked and later delivered on its own; near 1 MiB (the default
+/// `max_payload`) it is 9. `cargo run --release --example object_chunks` measures both. A
+/// server whose `max_payload` is under 128 KiB could not take the
+/// default chunks at all.
+pub fn object_chunk_size(max_payload: usize) -> usize {
+    max_payload.saturating_sub(HEADER_ROOM).max(MIN_CHUNK)
+}
 
 /// A result to publish.
 #[derive(Debug, Clone)]
@@ -222,7 +237,12 @@ pub async fn send(
         let name = format!("result-{}", nuid::next());
         let size = item.payload.len();
         let mut reader: &[u8] = &item.payload;
-        bucket.store.put(name.as_str(), &mut reader).await.map_err(|e| PublishError::Object {
+        let meta = object_store::ObjectMetadata {
+            name: name.clone(),
+            chunk_size: Some(object_chunk_size(max_payload)),
+            ..Default::default()
+        };
+        bucket.store.put(meta, &mut reader).await.map_err(|e| PublishError::Object {
             bucket: bucket.name.clone(),
             size,
             source: e,

@@ -11,8 +11,8 @@ use crate::config::DbArgs;
 use crate::retry::{self, BackoffBuilder};
 use crate::store::StoreError;
 
-/// A pool of Postgres sessions, each with the configured time zone and statement timeout, and
-/// `tally.origin = 'tally'`: the change feed's triggers skip tally's own writes, which reach
+/// A pool of Postgres sessions, each with the configured time zone, statement timeout and
+/// compression of large values (`--toast-compression`), and `tally.origin = 'tally'`: the change feed's triggers skip tally's own writes, which reach
 /// the dataflow in the transaction that makes them (migration V7).
 #[derive(Clone)]
 pub struct Store {
@@ -39,9 +39,13 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     loop {
         match config.connect(NoTls).await {
             Ok((client, connection)) => {
+                let handle = tokio::spawn(connection);
+                let compression = toast_compression(&client, args).await;
                 drop(client);
-                drop(connection);
-                break;
+                handle.abort();
+                let pool = pool(args, config, compression)?;
+                info!(attempts = attempt, "connected to the database");
+                return Ok(pool);
             }
             Err(e) => match backoff.next().filter(|_| !is_permanent(&e)) {
                 Some(delay) => {
@@ -53,24 +57,50 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
             },
         }
     }
-    let pool = pool(args, config)?;
-    info!(attempts = attempt, "connected to the database");
-    Ok(pool)
 }
 
 /// One attempt: the pool, once the database has answered one connection. The error is the
 /// driver's, so that [`is_permanent`] can tell whether another attempt may succeed.
 pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
     let config: tokio_postgres::Config = args.database_url.parse().map_err(ConnectError::Permanent)?;
-    match config.connect(NoTls).await {
+    let compression = match config.connect(NoTls).await {
         Ok((client, connection)) => {
+            let handle = tokio::spawn(connection);
+            let compression = toast_compression(&client, args).await;
             drop(client);
-            drop(connection);
+            handle.abort();
+            compression
         }
         Err(e) if is_permanent(&e) => return Err(ConnectError::Permanent(e)),
         Err(e) => return Err(ConnectError::Transient(e)),
+    };
+    pool(args, config, compression).map_err(ConnectError::Pool)
+}
+
+/// The `default_toast_compression` tally's sessions set: `--toast-compression` when the
+/// server accepts it; else none (the server's), with a warning.
+async fn toast_compression(client: &tokio_postgres::Client, args: &DbArgs) -> Option<&'static str> {
+    let wanted = args.toast_compression.setting()?;
+    let accepted = client
+        .query_opt(
+            "SELECT $1::text = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+            &[&wanted],
+        )
+        .await;
+    match accepted {
+        Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true) => Some(wanted),
+        Ok(_) => {
+            warn!(
+                toast_compression = wanted,
+                "the server does not offer this compression for large values (built without it?): keeping its default_toast_compression"
+            );
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the server's default_toast_compression choices: keeping its default");
+            None
+        }
     }
-    pool(args, config).map_err(ConnectError::Pool)
 }
 
 /// Why one connection attempt failed.
@@ -124,12 +154,15 @@ pub fn describe(url: &str) -> String {
     format!("{}/{}", hosts.join(","), config.get_dbname().unwrap_or(""))
 }
 
-fn pool(args: &DbArgs, config: tokio_postgres::Config) -> Result<Store, StoreError> {
-    let setup = format!(
+fn pool(args: &DbArgs, config: tokio_postgres::Config, compression: Option<&str>) -> Result<Store, StoreError> {
+    let mut setup = format!(
         "SET TIME ZONE '{}'; SET statement_timeout = {}; SET tally.origin = 'tally'",
         args.time_zone.replace('\'', "''"),
         args.statement_timeout.as_millis()
     );
+    if let Some(method) = compression {
+        setup.push_str(&format!("; SET default_toast_compression = '{method}'"));
+    }
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     let pool = Pool::builder(manager)
         .max_size(args.pool_size.max(1))

@@ -177,3 +177,57 @@ async fn a_backlog_of_large_inline_results_is_pulled_without_a_slow_consumer() {
     common::ingest::assert_counts_exact(&fx.store).await;
     fx.cleanup().await;
 }
+
+/// Stores `size` bytes by claim check through `results_stream::send` on `js` and returns the
+/// object's name and its info as the store reports it.
+async fn claim_checked(
+    js: &async_nats::jetstream::Context,
+    max_payload: usize,
+    size: usize,
+) -> (results_stream::Objects, String, async_nats::jetstream::object_store::ObjectInfo, Vec<u8>) {
+    let bucket = format!("TALLY_TEST_CHUNKS_{}", common::ingest::unique());
+    let objects = results_stream::ensure_bucket(js, &bucket, Duration::from_secs(600)).await.expect("bucket");
+    // Not a run of one byte: a chunk boundary in the wrong place would show.
+    let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let item = results_stream::Outgoing {
+        subject: format!("tally_test_chunks_{}", common::ingest::unique()),
+        headers: vec![],
+        payload: payload.clone().into(),
+    };
+    let (_ack, name) = results_stream::send(js, &objects, max_payload, item).await.expect("stored by claim check");
+    let name = name.expect("too large for one message: a claim check");
+    let info = objects.store.info(&name).await.expect("object info");
+    (objects, name, info, payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_cut_in_chunks_as_large_as_a_message_allows() {
+    let client = async_nats::connect(common::ingest::nats_url()).await.expect("NATS is required for this test");
+    let js = async_nats::jetstream::new(client.clone());
+    let max_payload = client.server_info().max_payload;
+    // A result of ADC's 29,176-class model is ~9 MB; 3 MB keeps the test quick.
+    let size = 3_000_000;
+    let (objects, name, info, payload) = claim_checked(&js, max_payload, size).await;
+    let chunk = results_stream::object_chunk_size(max_payload);
+    assert!(chunk > 128 * 1024 && chunk < max_payload, "chunk {chunk} for max_payload {max_payload}");
+    // The object store's default (128 KiB) would make 23 chunks of this object.
+    assert_eq!(info.chunks, size.div_ceil(chunk), "{info:?}");
+    let read = results_stream::fetch_object(&objects, &name, size).await.expect("read back");
+    assert_eq!(read.as_ref(), payload.as_slice());
+    js.delete_object_store(&objects.name).await.expect("delete bucket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_small_max_payload_still_takes_claim_checks() {
+    // 64 KiB: the object store's default 128 KiB chunks could not be published at all.
+    let nats = tokio::task::block_in_place(|| common::services::PrivateNats::with_max_payload(64 * 1024));
+    let client = async_nats::connect(nats.url()).await.expect("private NATS");
+    let max_payload = client.server_info().max_payload;
+    assert_eq!(max_payload, 64 * 1024);
+    let js = async_nats::jetstream::new(client);
+    let size = 300_000;
+    let (objects, name, info, payload) = claim_checked(&js, max_payload, size).await;
+    assert_eq!(info.chunks, size.div_ceil(results_stream::object_chunk_size(max_payload)), "{info:?}");
+    let read = results_stream::fetch_object(&objects, &name, size).await.expect("read back");
+    assert_eq!(read.as_ref(), payload.as_slice());
+}

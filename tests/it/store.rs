@@ -321,3 +321,37 @@ async fn unreachable_database_fails_after_bounded_retries() {
     let err = store::connect(&args).await.err().expect("nothing listens on port 1");
     assert!(matches!(err, StoreError::Unreachable { attempts: 3, .. }), "{err}");
 }
+
+/// Every session of the pool compresses the large values it writes as `--toast-compression`
+/// says (lz4 by default: pglz spends milliseconds of the server's CPU on each 29,176-class
+/// score array and then stores it uncompressed), and `server` leaves the server's choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_compress_large_values_as_configured() {
+    let (db, store) = TestDb::new("toast", Flavor::Empty).await;
+    let setting = |store: Store| async move {
+        let c = store.client().await.expect("session");
+        let row = c.query_one("SHOW default_toast_compression", &[]).await.expect("show");
+        row.get::<_, String>(0)
+    };
+    assert_eq!(setting(store).await, "lz4", "the default");
+    let server: String = {
+        let (c, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        c.query_one("SHOW default_toast_compression", &[]).await.expect("show").get(0)
+    };
+    for (flag, expected) in [("pglz", "pglz"), ("lz4", "lz4"), ("server", server.as_str())] {
+        let args: DbArgs =
+            tally::config::from_flags(&[&format!("--database-url={}", db.url), "--toast-compression", flag]);
+        let store = store::connect(&args).await.expect("connect");
+        assert_eq!(setting(store.clone()).await, expected, "--toast-compression {flag}");
+        // The setting is the session's, not a transaction's: a pooled session keeps it.
+        assert_eq!(setting(store).await, expected, "--toast-compression {flag}, again");
+    }
+    // Large scores written through a session are stored and read back whole.
+    let c = store::connect(&DbArgs::for_url(&db.url)).await.expect("connect").client().await.expect("session");
+    c.batch_execute("CREATE TABLE big (scores double precision[])").await.expect("table");
+    let scores: Vec<f64> = (0..29_176).map(|i| ((i * 7919) % 10007) as f64 / 1e7).collect();
+    c.execute("INSERT INTO big VALUES ($1)", &[&scores]).await.expect("insert");
+    let back: Vec<f64> = c.query_one("SELECT scores FROM big", &[]).await.expect("select").get(0);
+    assert_eq!(back, scores);
+}

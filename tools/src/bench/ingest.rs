@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::synth::jobs::{AsyncJob, Task, ANTENNA_MAX_ACK_PENDING};
 use crate::synth::preload::preload;
 use crate::synth::results::{ResultFactory, ResultKeys, World, WorldConfig};
-use tally::config::{DbArgs, NatsArgs};
+use tally::config::{DbArgs, NatsArgs, ToastCompression};
 use tally::http::Health;
 use tally::ingest::daemon::{Acked, Hooks, IngestArgs};
 use tally::ingest::nats::ConsumerArgs;
@@ -104,6 +104,10 @@ pub struct IngestBenchArgs {
     /// How ingest sends new rows to Postgres (`copy` or `unnest`), to compare the two.
     #[arg(long, value_enum, default_value_t = WriteMethod::Copy)]
     pub write_method: WriteMethod,
+    /// How the database under test compresses large values (`lz4`, `pglz`, `server`), to
+    /// compare them: with ADC's large models, classification arrays are 20–233 KB each.
+    #[arg(long, value_enum, default_value_t = ToastCompression::Lz4)]
+    pub toast_compression: ToastCompression,
     /// Seed of the synthetic data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -412,7 +416,11 @@ impl<'a> Bench<'a> {
         if args.log_statements {
             self.admin.batch_execute(&format!("ALTER DATABASE {name} SET log_min_duration_statement = 0")).await?;
         }
-        let store = store::connect(&DbArgs::for_url(&sibling(&args.database_url, name)?)).await?;
+        let db = DbArgs {
+            toast_compression: args.toast_compression,
+            ..DbArgs::for_url(&sibling(&args.database_url, name)?)
+        };
+        let store = store::connect(&db).await?;
 
         let suffix = format!("{}_{}", std::process::id(), strategy_name(strategy));
         let mut nats_args = NatsArgs::for_url(&args.nats_url);

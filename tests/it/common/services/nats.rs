@@ -19,18 +19,40 @@ pub struct PrivateNats {
     bin: PathBuf,
     /// The running server; `None` while stopped or killed.
     child: Mutex<Option<Child>>,
+    /// A configuration file (`-c`), for settings without a flag.
+    config: Option<PathBuf>,
 }
 
 impl PrivateNats {
     /// Spawns `nats-server -js` on a free port and waits until it answers with JetStream on.
     pub fn start() -> PrivateNats {
+        Self::start_with_config(None)
+    }
+
+    /// [`PrivateNats::start`] with a `max_payload` other than the default 1 MiB.
+    pub fn with_max_payload(bytes: usize) -> PrivateNats {
+        Self::start_with_config(Some(format!("max_payload: {bytes}\n")))
+    }
+
+    fn start_with_config(config: Option<String>) -> PrivateNats {
         let bin = find_executable("nats-server").unwrap_or_else(|| {
             panic!("nats-server not found in PATH or /usr/sbin: install it (apt-get install nats-server, or scripts/services)")
         });
         let dir = fresh_dir("nats");
+        let config = config.map(|text| {
+            let path = dir.join("nats.conf");
+            std::fs::write(&path, text).expect("write nats.conf");
+            path
+        });
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
-            let nats = PrivateNats { dir: dir.clone(), port: free_port(), bin: bin.clone(), child: Mutex::new(None) };
+            let nats = PrivateNats {
+                dir: dir.clone(),
+                port: free_port(),
+                bin: bin.clone(),
+                child: Mutex::new(None),
+                config: config.clone(),
+            };
             match nats.try_spawn() {
                 Ok(()) => return nats,
                 Err(e) => failures.push(e),
@@ -99,7 +121,11 @@ impl PrivateNats {
         assert!(guard.is_none(), "private NATS on port {} is already running", self.port);
         let log_path = self.dir.join("nats.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).expect("open nats.log");
-        let mut child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let mut child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&self.dir)
             .stdin(Stdio::null())

@@ -193,7 +193,7 @@ fn find(reports: &[StrategyReport], s: CountStrategy) -> Option<&StrategyReport>
 /// The markdown report.
 pub fn render(args: &IngestBenchArgs, setup: &str, reports: &[StrategyReport]) -> String {
     let mut out = format!(
-        "`tally-tools bench ingest --strategy {} --messages {} --recompute-messages {} --rate {} --paced-seconds {} --preload-detections {} --recompute-samples {} --score-len {} --batch-size {} -w {} --write-method {}{}`\n\n{setup}\n\n",
+        "`tally-tools bench ingest --strategy {} --messages {} --recompute-messages {} --rate {} --paced-seconds {} --preload-detections {} --recompute-samples {} --score-len {} --batch-size {} -w {} --write-method {} --toast-compression {}{}`\n\n{setup}\n\n",
         args.strategy.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         args.messages,
         args.recompute_messages,
@@ -205,6 +205,7 @@ pub fn render(args: &IngestBenchArgs, setup: &str, reports: &[StrategyReport]) -
         args.batch_size,
         args.workers,
         args.write_method.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+        args.toast_compression.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         if args.no_pipeline { " --no-pipeline" } else { "" },
     );
     out.push_str("| strategy | batch | drain: results | time | results/s | rows/s | counts = verify |\n");
