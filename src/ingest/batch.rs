@@ -186,20 +186,19 @@ impl Decoder {
     /// ADC's largest models), and the gateway sharing the runtime keeps answering meanwhile.
     pub fn decode(&self, batch: &[Incoming]) -> Vec<Result<ResultMessage, Rejection>> {
         let started = Instant::now();
-        let decoded = tokio::task::block_in_place(|| {
-            batch
-                .iter()
-                .map(|m| {
-                    if let Some(r) = &m.preset {
-                        return Err(r.clone());
-                    }
-                    let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
-                    decode::decode(&envelope, &m.payload)
-                })
-                .collect()
-        });
+        let decoded = tokio::task::block_in_place(|| batch.iter().map(|m| self.decode_one(m)).collect());
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "decode").record(started.elapsed().as_secs_f64());
         decoded
+    }
+
+    /// Decodes and validates one message, on the calling thread (CPU only: the caller keeps
+    /// it off the async threads, as [`Decoder::decode`] does).
+    pub fn decode_one(&self, m: &Incoming) -> Result<ResultMessage, Rejection> {
+        if let Some(r) = &m.preset {
+            return Err(r.clone());
+        }
+        let envelope = Envelope { subject: &m.subject, prefix: &self.prefix, max_bytes: self.max_bytes };
+        decode::decode(&envelope, &m.payload)
     }
 }
 

@@ -92,7 +92,7 @@ async fn toast_compression(client: &tokio_postgres::Client, args: &DbArgs) -> Op
         Ok(_) => {
             warn!(
                 toast_compression = wanted,
-                "the server does not offer this compression for large values (built without it?): keeping its default_toast_compression"
+                "the server does not offer this compression for large values (Postgres before 14, or built without lz4): keeping its own"
             );
             None
         }
