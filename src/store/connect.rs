@@ -12,8 +12,9 @@ use crate::retry::{self, BackoffBuilder};
 use crate::store::StoreError;
 
 /// A pool of Postgres sessions, each with the configured time zone, statement timeout and
-/// compression of large values (`--toast-compression`), and `tally.origin = 'tally'`: the change feed's triggers skip tally's own writes, which reach
-/// the dataflow in the transaction that makes them (migration V7).
+/// compression of large values (`--toast-compression`), and `tally.origin = 'tally'`: the
+/// change feed's triggers skip tally's own writes, which reach the dataflow in the
+/// transaction that makes them (migration V7).
 #[derive(Clone)]
 pub struct Store {
     /// The sessions.
@@ -77,16 +78,30 @@ pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
     pool(args, config, compression).map_err(ConnectError::Pool)
 }
 
+/// How long the first session may take to say which TOAST compressions the server offers.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The `default_toast_compression` tally's sessions set: `--toast-compression` when the
 /// server accepts it; else none (the server's), with a warning.
 async fn toast_compression(client: &tokio_postgres::Client, args: &DbArgs) -> Option<&'static str> {
     let wanted = args.toast_compression.setting()?;
-    let accepted = client
-        .query_opt(
-            "SELECT $1::text = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
-            &[&wanted],
-        )
-        .await;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&wanted];
+    let asked = client.query_opt(
+        "SELECT $1::text = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'",
+        &params,
+    );
+    // The probe session has no statement timeout yet: a server that accepts connections but
+    // does not answer must not hold the start here.
+    let accepted = match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            warn!(
+                seconds = PROBE_TIMEOUT.as_secs(),
+                "the server did not say which compressions it offers: keeping its default"
+            );
+            return None;
+        }
+    };
     match accepted {
         Ok(Some(row)) if row.get::<_, Option<bool>>(0) == Some(true) => Some(wanted),
         Ok(_) => {
