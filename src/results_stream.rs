@@ -6,9 +6,9 @@
 //! scores and logits per classification) travels by **claim check**: its bytes are put in the
 //! JetStream object store bucket `TALLY_RESULT_OBJECTS` in chunks as large as one message
 //! allows ([`object_chunk_size`]), and the message carries only the header [`OBJECT_HEADER`]
-//! naming the object. Ingest reads the object
-//! back before decoding ([`fetch_object`]), so everything after that sees the whole result: its
-//! dead letter keeps the whole payload. Operators never raise `max_payload`.
+//! naming the object. Ingest reads the object back before decoding ([`fetch_object`]), so
+//! everything after that sees the whole result: its dead letter keeps the whole payload.
+//! Operators never raise `max_payload`.
 //!
 //! Guarantees are those of a plain message: the message is published after its object is
 //! stored, with the same `Nats-Msg-Id`, so a duplicate publish is dropped by JetStream (and its
@@ -56,8 +56,7 @@ const MIN_CHUNK: usize = 4096;
 /// The object store's default, 128 KiB, cuts a 9 MB result of ADC's 29,176-class model into
 /// 69 messages, each stored, acked and later delivered on its own; near 1 MiB (the default
 /// `max_payload`) it is 9. `cargo run --release --example object_chunks` measures both. A
-/// server whose `max_payload` is under 128 KiB could not take the
-/// default chunks at all.
+/// server whose `max_payload` is under 128 KiB could not take the default chunks at all.
 pub fn object_chunk_size(max_payload: usize) -> usize {
     max_payload.saturating_sub(HEADER_ROOM).max(MIN_CHUNK)
 }

@@ -290,12 +290,10 @@ impl Collector {
             {
                 Ok(m) => m,
                 Err(e) => {
-                    counter!(names::NATS_PULL_ERRORS).increment(1);
-                    self.health.set_not_ready(format!("nats pull: {e}"));
-                    let pause = retry::pause(&mut backoff);
-                    warn!(error = %e, retry_in = ?pause, "cannot open the pull stream");
-                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => break }
-                    continue;
+                    if self.pause_after_pull_error(&e, "cannot open the pull stream", &mut backoff, &stop).await {
+                        continue;
+                    }
+                    break;
                 }
             };
             loop {
@@ -314,12 +312,13 @@ impl Collector {
                 let mut batch = match first {
                     Some(Ok(m)) => vec![m],
                     Some(Err(e)) => {
-                        counter!(names::NATS_PULL_ERRORS).increment(1);
-                        let pause = retry::pause(&mut backoff);
-                        warn!(error = %e, retry_in = ?pause, "pull stream failed; rebuilding it");
-                        self.health.set_not_ready(format!("nats pull: {e}"));
-                        tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.cancelled() => break 'connect }
-                        continue 'connect;
+                        if self
+                            .pause_after_pull_error(&e, "pull stream failed; rebuilding it", &mut backoff, &stop)
+                            .await
+                        {
+                            continue 'connect;
+                        }
+                        break 'connect;
                     }
                     None => continue 'connect,
                 };
@@ -353,6 +352,25 @@ impl Collector {
                     slot.send(collected);
                 }
             }
+        }
+    }
+
+    /// After the pull stream failed (`what`): counts and logs it, says so on `/readyz`, and
+    /// waits the next backoff delay. False when shutdown came first.
+    async fn pause_after_pull_error(
+        &self,
+        e: &(dyn std::fmt::Display + Sync),
+        what: &str,
+        backoff: &mut retry::ExponentialBackoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        counter!(names::NATS_PULL_ERRORS).increment(1);
+        self.health.set_not_ready(format!("nats pull: {e}"));
+        let pause = retry::pause(backoff);
+        warn!(error = %e, retry_in = ?pause, "{what}");
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => true,
+            _ = stop.cancelled() => false,
         }
     }
 

@@ -40,10 +40,7 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
     loop {
         match config.connect(NoTls).await {
             Ok((client, connection)) => {
-                let handle = tokio::spawn(connection);
-                let compression = toast_compression(&client, args).await;
-                drop(client);
-                handle.abort();
+                let compression = first_session(client, connection, args).await;
                 let pool = pool(args, config, compression)?;
                 info!(attempts = attempt, "connected to the database");
                 return Ok(pool);
@@ -65,17 +62,29 @@ pub async fn connect(args: &DbArgs) -> Result<Store, StoreError> {
 pub async fn connect_once(args: &DbArgs) -> Result<Store, ConnectError> {
     let config: tokio_postgres::Config = args.database_url.parse().map_err(ConnectError::Permanent)?;
     let compression = match config.connect(NoTls).await {
-        Ok((client, connection)) => {
-            let handle = tokio::spawn(connection);
-            let compression = toast_compression(&client, args).await;
-            drop(client);
-            handle.abort();
-            compression
-        }
+        Ok((client, connection)) => first_session(client, connection, args).await,
         Err(e) if is_permanent(&e) => return Err(ConnectError::Permanent(e)),
         Err(e) => return Err(ConnectError::Transient(e)),
     };
     pool(args, config, compression).map_err(ConnectError::Pool)
+}
+
+/// The first session, which showed that the database answers: asks it the TOAST compression
+/// the pool's sessions will set, then closes it.
+async fn first_session<S, T>(
+    client: tokio_postgres::Client,
+    connection: tokio_postgres::Connection<S, T>,
+    args: &DbArgs,
+) -> Option<&'static str>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let running = tokio::spawn(connection);
+    let compression = toast_compression(&client, args).await;
+    drop(client);
+    running.abort();
+    compression
 }
 
 /// How long the first session may take to say which TOAST compressions the server offers.

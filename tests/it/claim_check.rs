@@ -79,18 +79,30 @@ async fn a_claim_check_over_the_result_limit_is_dead_lettered_unread() {
     fx.cleanup().await;
 }
 
+/// A fixture on Antenna's schema whose results carry ADC's 2,497-class vectors, with
+/// `mean_detections` moths per image, and a job over its `images` images: the fixture, the
+/// job and its tasks.
+async fn adc_2497_job(
+    label: &str,
+    images: usize,
+    mean_detections: f64,
+) -> (Fixture, i64, Vec<(tally_dataflows::Id, String)>) {
+    let mut fx = Fixture::new(label, Flavor::Antenna, world(1, images)).await;
+    fx.factory.score_len = 2_497;
+    fx.factory.mean_detections = mean_detections;
+    let images = fx.world.images.clone();
+    let (job, tasks) = fx.job(&images).await;
+    (fx, job, tasks)
+}
+
 /// Large results make small batches: with `--batch-bytes` at about three results, no batch
 /// holds more than the results that reach it plus one, whether they came inline or by claim
 /// check (counted at their object's size), and every result is saved with exact counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_results_are_batched_by_bytes() {
-    let mut fx = Fixture::new("batch_bytes", Flavor::Antenna, world(1, 3)).await;
     // ADC's smallest real species model: ~0.1 MB of JSON per detection, some results over
     // NATS's 1 MiB max_payload (claim checks), the others inline.
-    fx.factory.score_len = 2_497;
-    fx.factory.mean_detections = 8.0;
-    let images = fx.world.images.clone();
-    let (job, tasks) = fx.job(&images).await;
+    let (fx, job, tasks) = adc_2497_job("batch_bytes", 3, 8.0).await;
     let objects = results_stream::ensure_bucket(&fx.js, &fx.nats_args.results_object_bucket, Duration::from_secs(3600))
         .await
         .expect("bucket");
@@ -153,11 +165,7 @@ async fn large_results_are_batched_by_bytes() {
 /// pulled the same way again (before the fix: 217 of 378 acked after 45 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backlog_of_large_inline_results_is_pulled_without_a_slow_consumer() {
-    let mut fx = Fixture::new("large_backlog", Flavor::Antenna, world(1, 100)).await;
-    fx.factory.score_len = 2_497;
-    fx.factory.mean_detections = 6.0;
-    let images = fx.world.images.clone();
-    let (job, tasks) = fx.job(&images).await;
+    let (fx, job, tasks) = adc_2497_job("large_backlog", 100, 6.0).await;
     let max_payload = fx.client.server_info().max_payload;
     let (mut inline, mut published) = (0, 0);
     for (image, reply) in &tasks {
