@@ -38,6 +38,7 @@ pub mod gateway;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod results_stream;
 pub mod retry;

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    tally::memory::return_large_frees();
     let cli = tally::cli::Cli::parse();
     tally::telemetry::init(&cli.log);
     match tally::cli::run(cli) {

@@ -24,9 +24,11 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use differential_dataflow::trace::ExertionLogic;
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::WorkerConfig;
 
@@ -139,7 +141,9 @@ impl Topology {
                 }
             }
         };
-        Ok(timely::Config { communication, worker: WorkerConfig::default() })
+        let mut worker = WorkerConfig::default();
+        worker.set::<ExertionLogic>("differential/default_exert_logic".to_string(), Arc::new(finish_merges));
+        Ok(timely::Config { communication, worker })
     }
 }
 
@@ -201,7 +205,7 @@ impl Known {
 /// The count engine: timely workers running the graph, and the current counts.
 pub struct Engine {
     /// The current value of every output field (absent means 0 / NULL).
-    values: IdMap<(Owner, Field), i64>,
+    values: Values,
     /// The time the next batch is applied at.
     time: Time,
     /// Ids of the small tables it holds.
@@ -237,7 +241,7 @@ impl Engine {
         let rows = Arc::new(AtomicI64::new(0));
         let guards = execute(&topology, Arc::clone(&rows), leader)?;
         Ok(Engine {
-            values: IdMap::default(),
+            values: Values::default(),
             time: 0,
             known: Known::default(),
             rows,
@@ -292,13 +296,13 @@ impl Engine {
         let before: Vec<OwnerCounts> = touched.iter().map(|owner| self.owner_counts(*owner)).collect();
         // Retractions first: a changed field retracts its old value and inserts the new one.
         for (((owner, field), value), diff) in &output {
-            if *diff < 0 && self.values.get(&(*owner, *field)) == Some(value) {
-                self.values.remove(&(*owner, *field));
+            if *diff < 0 && self.values.get(*owner, *field) == Some(*value) {
+                self.values.remove(*owner, *field);
             }
         }
         for (((owner, field), value), diff) in &output {
             if *diff > 0 {
-                self.values.insert((*owner, *field), *value);
+                self.values.insert(*owner, *field, *value);
             }
         }
         let mut changes = CountChanges::default();
@@ -319,7 +323,7 @@ impl Engine {
 
     /// An owner's current counts, `None` inside when the owner row does not exist.
     fn owner_counts(&self, owner: Owner) -> OwnerCounts {
-        let get = |field| self.values.get(&(owner, field)).copied();
+        let get = |field| self.values.get(owner, field);
         let exists = get(Field::Exists).is_some();
         let n = |field| get(field).unwrap_or(0);
         match owner {
@@ -347,19 +351,16 @@ impl Engine {
     /// Every existing owner's current counts.
     pub fn snapshot(&self) -> AllCounts {
         let mut all = AllCounts::default();
-        for (owner, field) in self.values.keys() {
-            if *field != Field::Exists {
-                continue;
-            }
-            match self.owner_counts(*owner) {
+        for owner in self.values.existing() {
+            match self.owner_counts(owner) {
                 OwnerCounts::Image(Some(c)) => {
-                    all.images.insert(owner_id(*owner), c);
+                    all.images.insert(owner_id(owner), c);
                 }
                 OwnerCounts::Event(Some(c)) => {
-                    all.events.insert(owner_id(*owner), c);
+                    all.events.insert(owner_id(owner), c);
                 }
                 OwnerCounts::Deployment(Some(c)) => {
-                    all.deployments.insert(owner_id(*owner), c);
+                    all.deployments.insert(owner_id(owner), c);
                 }
                 _ => {}
             }
@@ -453,7 +454,23 @@ fn execute(
             // Not the feeding worker: dropping `inputs` closes them here.
             return;
         };
-        while let Ok(Command { time, batch }) = commands.recv() {
+        loop {
+            let command = match commands.try_recv() {
+                Ok(command) => command,
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    // Idle: finish the merges arrangements have begun, then wait.
+                    if worker.activations().borrow().empty_for() == Some(Duration::ZERO) {
+                        worker.step();
+                        continue;
+                    }
+                    match commands.recv() {
+                        Ok(command) => command,
+                        Err(_) => return,
+                    }
+                }
+            };
+            let Command { time, batch } = command;
             inputs.send(&batch, time);
             inputs.advance_to(time + 1);
             worker.step_while(|| probe.less_than(&(time + 1)));
@@ -464,6 +481,76 @@ fn execute(
         }
     })
     .map_err(EngineError::Start)
+}
+
+/// The current value of every output field (absent means 0 / NULL).
+///
+/// Images are most owners (eight detections each on average) and have two fields, so they
+/// get a map of their own, 24 bytes an image instead of two 32-byte `(owner, field)` entries.
+#[derive(Default)]
+struct Values {
+    /// Per image: `[Exists, Detections]`, [`Values::ABSENT`] where a field has no value.
+    images: IdMap<Id, [i64; 2]>,
+    /// Every field of events and deployments.
+    others: IdMap<(Owner, Field), i64>,
+}
+
+impl Values {
+    /// No value. Counts are never negative and the timestamps are Postgres' (which cannot
+    /// be `i64::MIN` microseconds), so no output value is ever this.
+    const ABSENT: i64 = i64::MIN;
+
+    /// Where an image field sits in its pair, if it is one of an image's two.
+    fn image_slot(field: Field) -> Option<usize> {
+        match field {
+            Field::Exists => Some(0),
+            Field::Detections => Some(1),
+            _ => None,
+        }
+    }
+
+    fn get(&self, owner: Owner, field: Field) -> Option<i64> {
+        match (owner, Self::image_slot(field)) {
+            (Owner::Image(id), Some(slot)) => {
+                self.images.get(&id).map(|pair| pair[slot]).filter(|v| *v != Self::ABSENT)
+            }
+            _ => self.others.get(&(owner, field)).copied(),
+        }
+    }
+
+    fn insert(&mut self, owner: Owner, field: Field, value: i64) {
+        match (owner, Self::image_slot(field)) {
+            (Owner::Image(id), Some(slot)) if value != Self::ABSENT => {
+                self.images.entry(id).or_insert([Self::ABSENT; 2])[slot] = value;
+            }
+            _ => {
+                self.others.insert((owner, field), value);
+            }
+        }
+    }
+
+    fn remove(&mut self, owner: Owner, field: Field) {
+        match (owner, Self::image_slot(field)) {
+            (Owner::Image(id), Some(slot)) => {
+                if let Some(pair) = self.images.get_mut(&id) {
+                    pair[slot] = Self::ABSENT;
+                    if *pair == [Self::ABSENT; 2] {
+                        self.images.remove(&id);
+                    }
+                }
+            }
+            _ => {
+                self.others.remove(&(owner, field));
+            }
+        }
+    }
+
+    /// The owners whose `Exists` field is set.
+    fn existing(&self) -> impl Iterator<Item = Owner> + '_ {
+        let images = self.images.iter().filter(|(_, pair)| pair[0] != Self::ABSENT).map(|(id, _)| Owner::Image(*id));
+        let others = self.others.keys().filter(|(_, field)| *field == Field::Exists).map(|(owner, _)| *owner);
+        images.chain(others)
+    }
 }
 
 /// One owner's counts, typed by owner kind; `None` when the owner row does not exist.
@@ -531,4 +618,15 @@ pub fn loopback(processes: usize, threads: usize) -> Result<(Engine, Peers), Eng
         .collect();
     let engine = Engine::start(topology(0))?;
     Ok((engine, Peers { threads }))
+}
+
+/// Merge effort an arrangement spends per activation while one of its merges is in progress.
+const IDLE_MERGE_EFFORT: usize = 100_000;
+
+/// The arrangements' exertion logic: keep working while a merge is in progress (a spine
+/// level holds two batches), so that the inputs of a merge, and the output being built, do
+/// not stay in memory side by side until new updates happen to supply the fuel. It never
+/// starts a merge the spine would not have started: single batches stay as they are.
+fn finish_merges(levels: &[(usize, usize, usize)]) -> Option<usize> {
+    levels.iter().any(|(_level, batches, _length)| *batches > 1).then_some(IDLE_MERGE_EFFORT)
 }

@@ -19,13 +19,13 @@
 pub mod filter;
 pub mod owners;
 mod rows;
+pub mod spines;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use differential_dataflow::operators::arrange::upsert::arrange_from_upsert;
 use differential_dataflow::operators::{CountTotal, ThresholdTotal};
-use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::{InputHandleVec, Scope as TimelyScope};
 
@@ -33,6 +33,7 @@ use crate::hashing::{IdMap, IdSet};
 use crate::model::{Deployment, Event, FilterTaxon, Id, InputBatch, Micros, Project, Score, Taxon};
 pub use owners::{ByKey, Coll, Time};
 use rows::{DetectionRow, ImageRow, OccurrenceRow, OptI64, OptScore};
+use spines::ArrangeCompact;
 
 /// A row that owns stored counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -118,6 +119,7 @@ where
     });
     let filtered = projects
         .flat_map(|(k, p)| p.map(|p| (p, k)))
+        .arrange_by_key_named_compact("Arrange: owners by project")
         .join_core(rows, |p, k, row| Some((k.clone(), FilterScope::Filtered(*p, row.threshold))));
     unfiltered.concat(filtered)
 }
@@ -248,10 +250,8 @@ fn table<'s, R>(
 where
     R: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    let arranged = arrange_from_upsert::<ValBuilder<Id, R, Time, isize>, ValSpine<Id, R, Time, isize>, Id, R>(
-        input.to_stream(scope),
-        name,
-    );
+    let arranged =
+        arrange_from_upsert::<spines::Builder<Id, R>, spines::Spine<Id, R>, Id, R>(input.to_stream(scope), name);
     let rows = Arc::clone(rows);
     let collection =
         arranged.clone().as_collection(|id, row| (*id, row.clone())).inspect_batch(move |_time, updates| {
@@ -278,13 +278,13 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
     // P of every owner row, and the scope its counts are filtered under.
     let deployment_ids = deployments.clone().map(|(d, _)| d);
     let deployment_scopes = scopes(deployments.clone().map(|(d, row)| (d, row.project)), projects.clone())
-        .arrange_by_key_named("Arrange: deployment scopes");
+        .arrange_by_key_named_compact("Arrange: deployment scopes");
     let event_projects = owners::resolve(
         events.clone().map(|(e, row)| (e, (row.project, row.deployment))),
         deployments_by_id.clone(),
         deployment_ids.clone(),
     );
-    let event_scopes = scopes(event_projects, projects.clone()).arrange_by_key_named("Arrange: event scopes");
+    let event_scopes = scopes(event_projects, projects.clone()).arrange_by_key_named_compact("Arrange: event scopes");
     let image_projects = owners::resolve(
         images.clone().map(|(i, row)| (i, (row.project(), row.deployment()))),
         deployments_by_id,
@@ -298,22 +298,25 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
             images
                 .clone()
                 .flat_map(|(i, row)| row.event().map(|e| (e, i)))
+                .arrange_by_key_named_compact("Arrange: images by event")
                 .join_core(event_scopes.clone(), |e, i, scope| Some(((*i, *scope), Owner::Event(*e)))),
         )
         .concat(
             images
                 .clone()
                 .flat_map(|(i, row)| row.deployment().map(|d| (d, i)))
+                .arrange_by_key_named_compact("Arrange: images by deployment")
                 .join_core(deployment_scopes.clone(), |d, i, scope| Some(((*i, *scope), Owner::Deployment(*d)))),
         );
-    let image_demand = image_owners
-        .clone()
-        .flat_map(|((i, scope), _owner)| match scope {
+    let image_demand = spines::arrange_keys(
+        image_owners.clone().flat_map(|((i, scope), _owner)| match scope {
             FilterScope::Filtered(p, threshold) => Some((i, (p, threshold))),
             FilterScope::Unfiltered => None,
-        })
-        .distinct_total()
-        .arrange_by_key_named("Arrange: image demand");
+        }),
+        "Arrange: image demand, distinct",
+    )
+    .distinct_total()
+    .arrange_by_key_named_compact("Arrange: image demand");
 
     // Valid detections (the only ones the dataflow holds) as a multiset of (image, occurrence):
     // detection ids are never needed. Each is checked against the threshold of every project
@@ -323,7 +326,9 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
     let detection_items = valid
         .clone()
         .flat_map(|(i, o)| o.get().map(|o| (o, i)))
+        .arrange_by_key_named_compact("Arrange: detections by occurrence")
         .join_core(occurrences_by_id, |_o, i, row| Some((*i, (row.determination, row.score))))
+        .arrange_by_key_named_compact("Arrange: detection determinations by image")
         .join_core(image_demand, |i, (t, s), (p, threshold)| {
             passes_threshold(*s, *threshold).then_some(((*t, *p), Owner::Image(*i)))
         });
@@ -345,18 +350,23 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
         .concat(
             event_deployments.join_core(deployment_scopes, |d, e, scope| Some((*e, Target::Deployment(*d, *scope)))),
         )
-        .arrange_by_key_named("Arrange: occurrence targets");
-    let occurrence_hits = by_event.join_core(targets, |e, (d, t, s), target| {
-        let (owner, scope) = match target {
-            Target::Event(scope) => (Owner::Event(*e), scope),
-            Target::Deployment(td, scope) if d.get() == Some(*td) => (Owner::Deployment(*td), scope),
-            Target::Deployment(..) => return None,
-        };
-        match scope {
-            FilterScope::Unfiltered => Some((owner, *t, None)),
-            FilterScope::Filtered(p, threshold) => passes_threshold(*s, *threshold).then_some((owner, *t, Some(*p))),
-        }
-    });
+        .arrange_by_key_named_compact("Arrange: occurrence targets");
+    let occurrence_hits = by_event.arrange_by_key_named_compact("Arrange: occurrences by event").join_core(
+        targets,
+        |e, (d, t, s), target| {
+            let (owner, scope) = match target {
+                Target::Event(scope) => (Owner::Event(*e), scope),
+                Target::Deployment(td, scope) if d.get() == Some(*td) => (Owner::Deployment(*td), scope),
+                Target::Deployment(..) => return None,
+            };
+            match scope {
+                FilterScope::Unfiltered => Some((owner, *t, None)),
+                FilterScope::Filtered(p, threshold) => {
+                    passes_threshold(*s, *threshold).then_some((owner, *t, Some(*p)))
+                }
+            }
+        },
+    );
     let direct_hits =
         occurrence_hits.clone().flat_map(|(owner, t, p)| if p.is_none() { Some((owner, t)) } else { None });
     let occurrence_items = occurrence_hits.flat_map(|(owner, t, p)| p.map(|p| ((t, p), owner)));
@@ -372,7 +382,9 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
         items.clone().map(|(key, _)| key),
         filter::FilterInputs { taxa, include: include.clone(), exclude },
     );
-    let passed = items.join_core(verdicts, |(t, p), item, ()| Some((*t, *p, *item)));
+    let passed = items
+        .arrange_by_key_named_compact("Arrange: items by taxon and project")
+        .join_core(verdicts, |(t, p), item, ()| Some((*t, *p, *item)));
 
     // Detections per (image, scope): filtered ones per demanded project, all valid ones when
     // unfiltered; summed into each owner of the image under that owner's scope.
@@ -384,9 +396,10 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
         })
         .concat(valid.map(|(i, _o)| (i, OptI64::from(None))))
         .map(|key| (key, ()))
-        .arrange_by_key_named("Arrange: image detections by project");
+        .arrange_by_key_named_compact("Arrange: image detections by project");
     let detection_counts = image_owners
         .map(|((i, scope), owner)| ((i, OptI64::from(scope.project())), owner))
+        .arrange_by_key_named_compact("Arrange: image owners by project")
         .join_core(image_detections, |_key, owner, ()| Some((*owner, Field::Detections)));
 
     // Occurrence counts and the (deployment, determination) pairs behind taxa_count.
@@ -425,15 +438,14 @@ pub fn build<'s>(scope: TimelyScope<'s, Time>, inputs: &mut Inputs, rows: Arc<At
     });
     let event_counts = events.flat_map(|(_e, row)| row.deployment.map(|d| (Owner::Deployment(d), Field::Events)));
 
-    let counts = existing
+    let counted = existing
         .concat(captures)
         .concat(sizes)
         .concat(event_counts)
         .concat(detection_counts)
         .concat(occurrence_counts)
-        .concat(taxa_counts)
-        .count_total()
-        .map(|(key, n)| (key, n as i64));
+        .concat(taxa_counts);
+    let counts = spines::arrange_keys(counted, "Arrange: counted").count_total().map(|(key, n)| (key, n as i64));
 
     counts.concat(capture_extremes(images))
 }
@@ -457,28 +469,50 @@ fn capture_extremes<'s>(images: Coll<'s, (Id, ImageRow)>) -> Coll<'s, Output> {
         event.into_iter().chain(deployment)
     });
     let level = |candidates: Coll<'s, ((Owner, u64), Micros)>, name: &str, shift: u32| {
-        candidates
-            .reduce_named(name, |_key, input: &[(&Micros, isize)], output| {
-                // Values arrive sorted, with positive multiplicity.
-                if let (Some(first), Some(last)) = (input.first(), input.last()) {
-                    output.push((*first.0, 1isize));
-                    if last.0 != first.0 {
-                        output.push((*last.0, 1isize));
-                    }
-                }
-            })
-            .map(move |((owner, bucket), ts)| ((owner, bucket >> shift), ts))
-    };
-    let middle = level(leaves, "Reduce: capture extremes, 1024 buckets", 5);
-    let top = level(middle, "Reduce: capture extremes, 32 buckets", 5);
-    top.map(|((owner, _bucket), ts)| (owner, ts))
-        .reduce_named("Reduce: capture extremes", |_owner, input: &[(&Micros, isize)], output| {
+        reduce(candidates, name, |_key, input, output| {
+            // Values arrive sorted, with positive multiplicity.
             if let (Some(first), Some(last)) = (input.first(), input.last()) {
-                output.push(((Field::FirstCapture, *first.0), 1isize));
-                output.push(((Field::LastCapture, *last.0), 1isize));
+                output.push((*first.0, 1isize));
+                if last.0 != first.0 {
+                    output.push((*last.0, 1isize));
+                }
             }
         })
-        .map(|(owner, (field, value))| ((owner, field), value))
+        .map(move |((owner, bucket), ts)| ((owner, bucket >> shift), ts))
+    };
+    let middle = level(leaves, "capture extremes, 1024 buckets", 5);
+    let top = level(middle, "capture extremes, 32 buckets", 5);
+    reduce(top.map(|((owner, _bucket), ts)| (owner, ts)), "capture extremes", |_owner, input, output| {
+        if let (Some(first), Some(last)) = (input.first(), input.last()) {
+            output.push(((Field::FirstCapture, *first.0), 1isize));
+            output.push(((Field::LastCapture, *last.0), 1isize));
+        }
+    })
+    .map(|(owner, (field, value))| ((owner, field), value))
+}
+
+/// Differential's `reduce_named`, with its input and output arranged in [`spines`]' layout.
+fn reduce<'s, K, V, V2>(
+    input: Coll<'s, (K, V)>,
+    name: &str,
+    logic: impl FnMut(&K, &[(&V, isize)], &mut Vec<(V2, isize)>) + 'static,
+) -> Coll<'s, (K, V2)>
+where
+    K: differential_dataflow::ExchangeData + differential_dataflow::Hashable,
+    V: differential_dataflow::ExchangeData,
+    V2: differential_dataflow::ExchangeData,
+{
+    input
+        .arrange_by_key_named_compact(&format!("Arrange: {name}"))
+        .reduce_abelian::<_, spines::Builder<K, V2>, spines::Spine<K, V2>, _, _>(
+            &format!("Reduce: {name}"),
+            logic,
+            |updates, key, changes| {
+                updates.clear();
+                updates.extend(changes.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
+            },
+        )
+        .as_collection(|key, value| (key.clone(), value.clone()))
 }
 
 /// A 10-bit bucket of an image id (Fibonacci hashing spreads sequential ids evenly). The id's

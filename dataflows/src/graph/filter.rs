@@ -14,6 +14,7 @@ use differential_dataflow::operators::ThresholdTotal;
 
 use crate::graph::owners::{ByKey, Coll};
 use crate::graph::rows::OptI64;
+use crate::graph::spines::ArrangeCompact;
 use crate::model::{Id, Taxon};
 
 /// The inputs the filter reads.
@@ -61,5 +62,5 @@ pub(super) fn verdicts<'s>(demand: Coll<'s, (OptI64, Id)>, inputs: FilterInputs<
     named_ok
         .concat(unnamed_ok)
         .map(|(p, t)| ((OptI64::from(t), p), ()))
-        .arrange_by_key_named("Arrange: filter verdicts")
+        .arrange_by_key_named_compact("Arrange: filter verdicts")
 }

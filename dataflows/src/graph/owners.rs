@@ -4,8 +4,9 @@
 //! no fallback (SQL's `LEFT JOIN` yields NULL): `P` is NULL and nothing is filtered.
 
 use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::ValSpine;
 use differential_dataflow::VecCollection;
+
+use super::spines::{ArrangeCompact, Spine};
 
 use crate::model::{Deployment, Id};
 
@@ -16,7 +17,7 @@ pub type Time = u64;
 pub type Coll<'s, D> = VecCollection<'s, Time, D, isize>;
 
 /// A collection arranged by key, shareable between joins.
-pub type ByKey<'s, K, V> = Arranged<'s, TraceAgent<ValSpine<K, V, Time, isize>>>;
+pub type ByKey<'s, K, V> = Arranged<'s, TraceAgent<Spine<K, V>>>;
 
 /// An owner row as `(id, (own project, deployment))`.
 pub type OwnerRow = (Id, (Option<Id>, Option<Id>));
@@ -40,7 +41,10 @@ pub fn resolve<'s>(
         None => Some((id, None)),
     });
     let via_deployment = fallback.flat_map(|(deployment, id)| deployment.map(|d| (d, id)));
-    let found = via_deployment.clone().join_core(deployments, |_d, id, row| Some((*id, row.project)));
+    let found = via_deployment
+        .clone()
+        .arrange_by_key_named_compact("Arrange: owners by deployment")
+        .join_core(deployments, |_d, id, row| Some((*id, row.project)));
     let dangling = via_deployment.antijoin(deployment_ids).map(|(_d, id)| (id, None));
     own.concat(no_deployment).concat(found).concat(dangling)
 }
