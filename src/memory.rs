@@ -5,8 +5,9 @@
 //! request above its mmap threshold with a fresh mapping that `free` returns to the system,
 //! but by default the threshold rises to the size of every such block freed (up to 32 MiB),
 //! after which merged-away batches are freed into the heap and stay resident. Measured with
-//! `tally-tools bench dataflow --sizes 1000000` (docs/benchmarks.md): 379 B of resident
-//! memory per detection with the rising threshold, 204 B with a fixed 64 KiB one.
+//! `tally-tools bench dataflow --sizes 1000000` (docs/benchmarks.md, 2026-12-07): 371 B of
+//! resident memory per detection with a 32 MiB threshold, 190 B with a fixed 256 KiB one
+//! (and 188 B with 64 KiB, for a bulk load ~4% slower still).
 //! [`return_large_frees`] fixes the threshold, as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold`
 //! would; an operator's own setting of that tunable is left alone.
 
