@@ -22,6 +22,20 @@ pub fn return_large_frees() -> bool {
     !tuned && set_mmap_threshold(MMAP_THRESHOLD)
 }
 
+/// Hands the free memory inside the heap back to the system (glibc's `malloc_trim`), as after
+/// loading the whole database into the dataflow: that load goes through arrangements in
+/// chunks of 200,000 rows, and the many small blocks it frees stay resident otherwise (~300 MB
+/// kept against ~240 MB after trimming, loading 1.2M detections in such chunks; see
+/// docs/benchmarks.md, 2026-12-07). Does nothing with other C libraries.
+pub fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages to the system; it takes malloc's own
+    // locks and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn set_mmap_threshold(bytes: usize) -> bool {
     let Ok(bytes) = i32::try_from(bytes) else {

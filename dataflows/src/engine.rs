@@ -158,10 +158,12 @@ impl fmt::Display for Topology {
     }
 }
 
-/// One batch for worker 0: the changes of one time.
-struct Command {
-    time: Time,
-    batch: InputBatch,
+/// What worker 0 is asked to do.
+enum Command {
+    /// Apply the changes of one time.
+    Apply { time: Time, batch: Box<InputBatch> },
+    /// Finish the merges in progress in this worker's arrangements, then report.
+    Settle,
 }
 
 /// Worker 0's output for one time (every worker's output is exchanged to it).
@@ -281,12 +283,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Waits until worker 0 has finished the merges its arrangements have begun, which it
+    /// otherwise does on its own between batches. Changes no count; for measuring memory at
+    /// rest. (In a cluster, the other processes' workers finish theirs on their own.)
+    pub fn settle(&mut self) -> Result<(), EngineError> {
+        let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
+        commands.send(Command::Settle).map_err(|_| EngineError::WorkerStopped)?;
+        self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
+        Ok(())
+    }
+
     /// Hands `batch` to worker 0 at the next time and waits for that time's output.
     fn step(&mut self, batch: InputBatch) -> Result<Vec<(Output, isize)>, EngineError> {
         let time = self.time;
         self.time += 1;
         let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
-        commands.send(Command { time, batch }).map_err(|_| EngineError::WorkerStopped)?;
+        commands.send(Command::Apply { time, batch: Box::new(batch) }).map_err(|_| EngineError::WorkerStopped)?;
         Ok(self.reports.recv().map_err(|_| EngineError::WorkerStopped)?.output)
     }
 
@@ -470,7 +482,18 @@ fn execute(
                     }
                 }
             };
-            let Command { time, batch } = command;
+            let (time, batch) = match command {
+                Command::Apply { time, batch } => (time, *batch),
+                Command::Settle => {
+                    while worker.activations().borrow().empty_for() == Some(Duration::ZERO) {
+                        worker.step();
+                    }
+                    if reports.send(Report { output: Vec::new() }).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
             inputs.send(&batch, time);
             inputs.advance_to(time + 1);
             worker.step_while(|| probe.less_than(&(time + 1)));

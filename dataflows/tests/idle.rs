@@ -1,5 +1,5 @@
 //! An idle engine stops working: between batches worker 0 finishes the merges its
-//! arrangements have begun, then waits, using no CPU.
+//! arrangements have begun, then waits, using no CPU; `Engine::settle` waits for that.
 //!
 //! Alone in its own test binary, so that the only timely worker thread in the process is
 //! this engine's.
@@ -86,4 +86,13 @@ fn an_idle_engine_uses_no_cpu() {
     // And it still answers.
     let changes = engine.apply(&load(first, 1)).expect("one more image");
     assert_eq!(changes.images.len(), 1);
+    first += 1;
+
+    // `settle` returns once the merges are done: the worker is quiet at once.
+    engine.apply(&load(first, 8_000)).expect("load");
+    engine.settle().expect("settle");
+    let before = worker_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = worker_ticks() - before;
+    assert!(spent <= 2, "the settled worker spent {spent} clock ticks of CPU in 1 s");
 }

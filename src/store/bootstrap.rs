@@ -218,6 +218,8 @@ pub async fn bootstrap(store: &Store, engine: &mut Engine) -> Result<BootstrapRe
     bar.finish_and_clear();
     report.seconds = start.elapsed().as_secs_f64();
     info!(rows = report.rows, seconds = report.seconds, "bootstrap done");
+    // The load freed many blocks inside the heap; give them back.
+    crate::memory::trim();
     Ok(report)
 }
 

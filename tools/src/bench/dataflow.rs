@@ -80,7 +80,8 @@ struct SizeReport {
     filter_edit_us: f64,
     filter_edit_owners: usize,
     /// (e) resident memory growth per loaded detection, bytes, of each process (process 0,
-    /// which also holds the counts, first).
+    /// which also holds the counts, first), read once process 0's feeding worker has finished
+    /// the merges the load began (`Engine::settle`).
     bytes_per_detection: Vec<Option<f64>>,
 }
 
@@ -159,6 +160,11 @@ fn measure(size: u64, processes: usize, args: &DataflowArgs) -> anyhow::Result<S
         bar.set_position(loaded);
     }
     bar.finish_and_clear();
+    // Memory at rest: once worker 0 has finished the merges the load began (it would between
+    // batches anyway), so that the figure does not depend on where a merge happened to be.
+    engine.settle()?;
+    // As `tally serve` and `tally rebuild` do after loading the database.
+    tally::memory::trim();
     let rss_after = rss(&peers);
 
     // (a) single result messages, one dataflow time each.
