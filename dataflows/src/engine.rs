@@ -472,7 +472,7 @@ fn execute(
                 Err(TryRecvError::Disconnected) => return,
                 Err(TryRecvError::Empty) => {
                     // Idle: finish the merges arrangements have begun, then wait.
-                    if worker.activations().borrow().empty_for() == Some(Duration::ZERO) {
+                    if has_work(worker) {
                         worker.step();
                         continue;
                     }
@@ -485,7 +485,7 @@ fn execute(
             let (time, batch) = match command {
                 Command::Apply { time, batch } => (time, *batch),
                 Command::Settle => {
-                    while worker.activations().borrow().empty_for() == Some(Duration::ZERO) {
+                    while has_work(worker) {
                         worker.step();
                     }
                     if reports.send(Report { output: Vec::new() }).is_err() {
@@ -543,7 +543,7 @@ impl Values {
 
     fn insert(&mut self, owner: Owner, field: Field, value: i64) {
         match (owner, Self::image_slot(field)) {
-            (Owner::Image(id), Some(slot)) if value != Self::ABSENT => {
+            (Owner::Image(id), Some(slot)) => {
                 self.images.entry(id).or_insert([Self::ABSENT; 2])[slot] = value;
             }
             _ => {
@@ -641,6 +641,12 @@ pub fn loopback(processes: usize, threads: usize) -> Result<(Engine, Peers), Eng
         .collect();
     let engine = Engine::start(topology(0))?;
     Ok((engine, Peers { threads }))
+}
+
+/// Whether an operator of `worker` asked to be scheduled (an arrangement with a merge to
+/// finish, once the last batch's output is out).
+fn has_work(worker: &timely::worker::Worker) -> bool {
+    worker.activations().borrow().empty_for() == Some(Duration::ZERO)
 }
 
 /// Merge effort an arrangement spends per activation while one of its merges is in progress.
