@@ -118,6 +118,61 @@ fn bad_scores_are_rejected() {
 }
 
 #[test]
+fn vectors_with_spaces_exponents_and_negative_zero_decode() {
+    let mut v = example();
+    let text = serde_json::to_string(&v)
+        .expect("ser")
+        .replace("\"scores\":[0.01,0.81,0.18]", "\"scores\" : [ 1E-2 ,\n\t8.1e-1,1.8e+1 , -0.0 ,0 ]");
+    let m = decode(&envelope(), text.as_bytes()).expect("decodes");
+    let ResultBody::Response(r) = &m.body else { panic!("a response") };
+    assert_eq!(r.detections[0].classifications[1].scores, vec![0.01, 0.81, 18.0, -0.0, 0.0]);
+    v["result"]["detections"][0]["classifications"][1]["scores"] = serde_json::json!([12345.5, 1.0]);
+    let text = serde_json::to_string(&v).expect("ser");
+    assert!(decode(&envelope(), text.replace("12345.5", "1e308").as_bytes()).is_ok());
+    let text = text.replace("12345.5", "1e309");
+    assert_eq!(decode(&envelope(), text.as_bytes()).expect_err("overflow").code, RejectReason::BadScores);
+}
+
+#[test]
+fn vectors_that_are_not_arrays_of_numbers_are_the_wrong_shape() {
+    for bad in [
+        serde_json::json!("0.5"),
+        serde_json::json!({"0": 0.5}),
+        serde_json::json!([0.5, "0.5"]),
+        serde_json::json!([[0.5]]),
+        serde_json::json!([true]),
+        serde_json::json!(null),
+    ] {
+        let mut v = example();
+        v["result"]["detections"][0]["classifications"][1]["scores"] = bad.clone();
+        assert_eq!(code(&v), RejectReason::WrongShape, "{bad}");
+    }
+}
+
+proptest::proptest! {
+    /// Score and logit vectors of a real model's length decode to exactly the numbers sent
+    /// (written as `serde_json` and Python write them: the shortest text that reads back the
+    /// same), subnormal and extreme ones included.
+    #[test]
+    fn vectors_decode_to_the_numbers_sent(
+        scores in proptest::collection::vec(0.0f64..1.0, 1..3_000),
+        logits in proptest::collection::vec(-1e6f64..1e6, 1..3_000),
+        tiny in proptest::collection::vec(proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL, 1..50),
+    ) {
+        let mut v = example();
+        v["result"]["detections"][0]["classifications"][1]["scores"] = serde_json::json!(scores);
+        v["result"]["detections"][0]["classifications"][1]["logits"] = serde_json::json!(logits);
+        v["result"]["detections"][0]["classifications"][0]["scores"] = serde_json::json!(tiny);
+        let m = decode_value(&v).expect("decodes");
+        let ResultBody::Response(r) = &m.body else { panic!("a response") };
+        let c = &r.detections[0].classifications;
+        proptest::prop_assert_eq!(&c[1].scores, &scores);
+        proptest::prop_assert_eq!(c[1].logits.as_ref(), Some(&logits));
+        proptest::prop_assert_eq!(&c[0].scores, &tiny);
+    }
+}
+
+#[test]
 fn long_labels_are_rejected_and_255_characters_are_fine() {
     let mut v = example();
     v["result"]["detections"][0]["classifications"][1]["classification"] = serde_json::json!("é".repeat(255));
