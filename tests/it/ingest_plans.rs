@@ -76,6 +76,29 @@ async fn foreign_key_checks_stop_scanning_once_ingest_has_grown_the_tables() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // ... and main_classification without its score and logit arrays (whose statistics cost
+    // seconds of CPU with real vectors and no plan uses), its key columns included.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = |column: &'static str| {
+        let c = &c;
+        async move {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stats WHERE tablename = 'main_classification' AND attname = $1",
+                    &[&column],
+                )
+                .await
+                .expect("pg_stats")
+                .get(0);
+            n
+        }
+    };
+    while stats("detection_id").await == 0 {
+        assert!(Instant::now() < deadline, "ingest did not analyze main_classification after growing it from empty");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(stats("scores").await + stats("logits").await, 0, "the arrays were not analyzed");
+
     // One more batch: its foreign-key checks (one per classification on main_detection) use
     // the primary key, not a scan of the table.
     tokio::time::sleep(STATS_FLUSH).await;
