@@ -277,6 +277,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(error::json_rejections))
+        .layer(middleware::from_fn_with_state(Arc::clone(&gateway), error::forget_stale_statements))
         .with_state(gateway)
 }
 

@@ -15,7 +15,7 @@ pub mod verify;
 
 use thiserror::Error;
 
-pub use connect::{connect, sibling_database_url, Store};
+pub use connect::{connect, is_stale_statement, sibling_database_url, Store};
 
 /// Errors at the Postgres boundary.
 #[derive(Debug, Error)]

@@ -3,13 +3,17 @@
 //! Bodies follow Django REST framework's `{"detail": …}` except where Antenna's views answer
 //! with their own shapes (the two 503s of `/tasks` and `/result`), which workers may parse.
 
-use axum::extract::Request;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use thiserror::Error;
+
+use crate::gateway::Gateway;
 
 /// A request the gateway refuses or cannot serve now.
 #[derive(Debug, Error)]
@@ -51,10 +55,27 @@ pub enum GatewayError {
     Starting(&'static str),
 }
 
+/// Marks a response whose request failed on a kept prepared statement that a schema change
+/// made stale ([`crate::store::is_stale_statement`]); [`forget_stale_statements`] then has the
+/// pool prepare every statement afresh.
+#[derive(Clone, Copy, Debug)]
+pub struct StaleStatement;
+
 impl GatewayError {
     /// A database error (logged; the worker sees a generic 503).
     pub fn db(e: impl Into<crate::BoxError>) -> GatewayError {
         GatewayError::Database(e.into())
+    }
+
+    /// Whether this is a database error of a kept prepared statement made stale by a schema
+    /// change.
+    pub fn is_stale_statement(&self) -> bool {
+        match self {
+            GatewayError::Database(e) => {
+                e.downcast_ref::<tokio_postgres::Error>().is_some_and(crate::store::is_stale_statement)
+            }
+            _ => false,
+        }
     }
 
     /// The status this error answers with.
@@ -75,6 +96,17 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
+        let stale = self.is_stale_statement();
+        let mut response = self.response();
+        if stale {
+            response.extensions_mut().insert(StaleStatement);
+        }
+        response
+    }
+}
+
+impl GatewayError {
+    fn response(self) -> Response {
         match &self {
             GatewayError::Database(_) | GatewayError::TaskQueue(_) | GatewayError::ResultQueue { .. } => {
                 tracing::warn!(error = %self, "worker request failed")
@@ -116,6 +148,21 @@ impl IntoResponse for GatewayError {
             }
         }
     }
+}
+
+/// Middleware: after a request that failed on a stale prepared statement
+/// ([`StaleStatement`]), every pooled session's kept statements are forgotten, so that the
+/// next requests prepare them afresh: a migration costs one 503, not one per session for as
+/// long as the daemon runs.
+pub async fn forget_stale_statements(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.extensions().get::<StaleStatement>().is_some() {
+        if let Ok(store) = gateway.store() {
+            tracing::warn!("a schema change made the gateway's prepared statements stale; preparing them again");
+            store.forget_statements();
+        }
+    }
+    response
 }
 
 /// Paths the gateway does not serve.

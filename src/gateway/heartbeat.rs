@@ -116,6 +116,9 @@ pub async fn run(gateway: Arc<Gateway>, mut rx: mpsc::Receiver<Beat>, shutdown: 
                         }
                         Err(e) => {
                             warn!(?beat, error = %e, "cannot mark processing services seen");
+                            if e.is_stale_statement() {
+                                store.forget_statements();
+                            }
                             "failed"
                         }
                     },
@@ -133,7 +136,12 @@ pub async fn run(gateway: Arc<Gateway>, mut rx: mpsc::Receiver<Beat>, shutdown: 
                             gateway.django_cache().invalidate(["ml_processingservice"]).await;
                             metrics::counter!(names::GATEWAY_SERVICES_OFFLINE).increment(n);
                         }
-                        Err(e) => warn!(error = %e, "cannot mark unseen processing services offline"),
+                        Err(e) => {
+                            warn!(error = %e, "cannot mark unseen processing services offline");
+                            if e.is_stale_statement() {
+                                store.forget_statements();
+                            }
+                        }
                     }
                 }
             }

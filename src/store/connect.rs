@@ -28,6 +28,22 @@ impl Store {
     pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }
+
+    /// Forgets the statements every session of the pool has prepared and kept
+    /// (`prepare_cached`): after a schema change made one of them stale
+    /// ([`is_stale_statement`]), each is prepared again at its next use.
+    pub fn forget_statements(&self) {
+        self.pool.manager().statement_caches.clear();
+    }
+}
+
+/// Whether `e` comes from a kept prepared statement that a schema change made stale: the type
+/// of a column it returns changed since it was prepared (a Django migration altering
+/// `jobs_job.status`, say), which Postgres refuses with "cached plan must not change result
+/// type" (SQLSTATE 0A000) at every use until it is prepared again.
+pub fn is_stale_statement(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
+        && e.as_db_error().is_some_and(|d| d.message().contains("cached plan must not change result type"))
 }
 
 /// Opens the pool, first waiting for the database to answer: up to `connect_attempts`

@@ -973,3 +973,30 @@ async fn hostile_input_gets_drf_answers_and_touches_nothing() {
     assert_eq!(tasks_of(&w.tasks(job, 2).await).len(), 2);
     b.stop().await;
 }
+
+/// The gateway keeps its statements prepared per pooled session. A Django migration that
+/// changes the type of a column one of them returns makes its next use fail ("cached plan
+/// must not change result type"); that answer is one 503, after which every session's
+/// statements are prepared afresh and requests succeed again (before, every session that
+/// had cached the statement answered 503 until `tally serve` restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_changing_a_column_type_costs_at_most_one_failed_request() {
+    let mut b = Bench::new("gw_migration", args()).await;
+    let pending = b.job(&[1], "PENDING", PIPELINE).await;
+    let w = b.worker();
+    // Warm every session the pool hands out: each caches the job statement.
+    for _ in 0..40 {
+        let r = w.tasks(pending, 1).await;
+        assert_eq!((r.status, r.json()), (200, json!({"tasks": []})), "{}", r.body);
+    }
+    let c = b.fx.store.client().await.expect("client");
+    c.batch_execute("ALTER TABLE jobs_job ALTER COLUMN status TYPE text").await.expect("alter");
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(w.tasks(pending, 1).await.status);
+    }
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    assert!(failed <= 1, "after the migration: {statuses:?}");
+    assert!(statuses[1..].iter().all(|s| *s == 200), "after the migration: {statuses:?}");
+    b.stop().await;
+}

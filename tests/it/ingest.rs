@@ -103,3 +103,48 @@ async fn end_to_end_on_an_empty_database() {
 async fn end_to_end_on_antenna_s_schema() {
     end_to_end(Flavor::Antenna).await;
 }
+
+/// A Django migration that changes the type of columns ingest reads, while ingest runs: every
+/// result is still saved, once, with exact counts and progress, and none is dead-lettered.
+/// (Statements prepared once and kept per session, tried on 2026-12-07, failed this: the
+/// first use after the change fails with "cached plan must not change result type", and the
+/// result was dead-lettered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_changing_column_types_under_ingest_loses_nothing() {
+    let mut f = Fixture::new("ingest_schema_change", Flavor::Antenna, world(1, 5)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images).await;
+    let (first, second) = tasks.split_at(tasks.len() / 2);
+    let args = IngestArgs { batch_size: 3, nak_delay: Duration::from_millis(200), ..IngestArgs::default() };
+    let mut running = f.start(args).await;
+    for (image, reply) in first {
+        assert!(f.publish(job, reply, f.factory.task_result(reply, *image)).await);
+    }
+    running.wait_for(first.len(), 0, Duration::from_secs(60)).await;
+
+    // As a migration would: columns ingest reads change type under its statements.
+    let c = f.store.client().await.expect("client");
+    c.batch_execute(
+        "ALTER TABLE jobs_job ALTER COLUMN status TYPE text;
+         ALTER TABLE main_detection ALTER COLUMN path TYPE text;",
+    )
+    .await
+    .expect("alter");
+    for (image, reply) in second {
+        assert!(f.publish(job, reply, f.factory.task_result(reply, *image)).await);
+    }
+    running.wait_for(tasks.len(), 0, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    assert_eq!(rows(&f.store).await, expected(&f, &images), "every result saved once");
+    assert_counts_exact(&f.store).await;
+    let dead: i64 = c.query_one("SELECT count(*) FROM tally.dead_letter", &[]).await.expect("q").get(0);
+    assert_eq!(dead, 0, "a schema change is no reason to dead-letter a result");
+    let e = expected(&f, &images);
+    assert_eq!(
+        job_progress(&f.store, job).await,
+        ("SUCCESS".to_string(), images.len() as i64, 0, e.detections, e.classifications)
+    );
+    assert_eq!(f.consumer_state(&f.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+    f.cleanup().await;
+}
