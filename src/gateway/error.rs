@@ -106,6 +106,7 @@ impl IntoResponse for GatewayError {
 }
 
 impl GatewayError {
+    /// The response, in Antenna's shapes (logged as it is made).
     fn response(self) -> Response {
         match &self {
             GatewayError::Database(_) | GatewayError::TaskQueue(_) | GatewayError::ResultQueue { .. } => {

@@ -15,7 +15,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::ingest::{assert_counts_exact, expected, job_progress, rows, world, Fixture};
+use common::ingest::{assert_counts_exact, assert_job_saved_exactly, expected, rows, world, Fixture};
 use common::Flavor;
 use tally::ingest::batch::{Incoming, Ingestor, Prepare, Prepared};
 use tally::ingest::daemon::IngestArgs;
@@ -186,14 +186,7 @@ async fn the_daemon_pipeline_saves_replays_exactly() {
     let mut running = f.start(args).await;
     running.wait_for(published, 0, Duration::from_secs(120)).await;
     running.stop().await;
-    assert_eq!(rows(&f.store).await, expected(&f, &images), "no duplicate row across pipelined batches");
-    assert_counts_exact(&f.store).await;
-    let e = expected(&f, &images);
-    assert_eq!(
-        job_progress(&f.store, job).await,
-        ("SUCCESS".to_string(), images.len() as i64, 0, e.detections, e.classifications)
-    );
-    assert_eq!(f.consumer_state(&f.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+    assert_job_saved_exactly(&f, job, &images, "no duplicate row across pipelined batches").await;
     f.cleanup().await;
 }
 

@@ -331,6 +331,21 @@ pub async fn assert_counts_exact(store: &Store) {
     assert!(!v.expected.events.is_empty());
 }
 
+/// Panics unless every image of `job` (`images`, all of the fixture's) was saved through
+/// ingest exactly: the rows their payloads make (`what`, the message when they differ),
+/// every count equal to its SQL definition, the job finished as `SUCCESS` with exact
+/// progress, and every result acked.
+pub async fn assert_job_saved_exactly(f: &Fixture, job: i64, images: &[i64], what: &str) {
+    assert_eq!(rows(&f.store).await, expected(f, images), "{what}");
+    assert_counts_exact(&f.store).await;
+    let e = expected(f, images);
+    assert_eq!(
+        job_progress(&f.store, job).await,
+        ("SUCCESS".to_string(), images.len() as i64, 0, e.detections, e.classifications)
+    );
+    assert_eq!(f.consumer_state(&f.nats_args.results_stream, "tally-ingest").await, (0, 0), "every result acked");
+}
+
 /// A job's `progress` as Antenna's `MLJob.run` leaves it after collecting `total` images.
 pub fn antenna_progress(total: usize) -> serde_json::Value {
     let empty =
