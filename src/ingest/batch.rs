@@ -429,7 +429,7 @@ impl Ingestor {
         self.dirty = true;
         let engine = self.engine_mut()?;
         let changes = tokio::task::block_in_place(|| engine.apply(&read.input)).map_err(store::StoreError::from)?;
-        let sink = store::sink::write_changes_in(&tx, &changes).await?;
+        let sink = store::sink::write_changes_in(&*tx, &changes).await?;
         feed::consume(&tx, &read.seqs).await?;
         tx.commit().await.map_err(store::StoreError::from)?;
         self.dirty = false;
@@ -614,7 +614,8 @@ impl Ingestor {
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "save").record(save_started.elapsed().as_secs_f64());
 
         let changes = self.apply_dataflow(&saved.input)?;
-        let sink = store::sink::write_changes_in(tx.client(), &changes).await?;
+        let session: &tokio_postgres::Client = tx.client();
+        let sink = store::sink::write_changes_in(session, &changes).await?;
         // The engine now holds the batch; it is consistent with Postgres once the batch
         // commits (settle), and dirty if it never does (settle with an error, or abandon).
         if self.counts {

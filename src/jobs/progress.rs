@@ -22,6 +22,7 @@ use crate::jobs::state::JobState;
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use crate::store::StoreError;
@@ -94,19 +95,19 @@ pub async fn update(tx: &Client, jobs: &[i64]) -> Result<Vec<ProgressUpdate>, St
     ids.dedup();
     // Lock in id order, so two writers can never deadlock on each other's rows.
     let rows = tx
-        .query(
-            "SELECT id, status, progress FROM jobs_job WHERE id = ANY($1) AND status = ANY($2)
+        .query_typed(
+            "SELECT id, status, progress FROM jobs_job WHERE id = ANY($1::int8[]) AND status = ANY($2::text[])
              ORDER BY id FOR NO KEY UPDATE",
-            &[&ids, &FINALIZABLE],
+            &[(&ids, Type::INT8_ARRAY), (&FINALIZABLE, Type::TEXT_ARRAY)],
         )
         .await?;
     let mut sums: HashMap<i64, Figures> = HashMap::new();
     for r in tx
-        .query(
+        .query_typed(
             "SELECT job_id, count(*), count(*) FILTER (WHERE failed), coalesce(sum(detections), 0)::int8,
                     coalesce(sum(classifications), 0)::int8
-             FROM tally.job_image WHERE job_id = ANY($1) GROUP BY job_id",
-            &[&ids],
+             FROM tally.job_image WHERE job_id = ANY($1::int8[]) GROUP BY job_id",
+            &[(&ids, Type::INT8_ARRAY)],
         )
         .await?
     {
@@ -129,7 +130,11 @@ pub async fn update(tx: &Client, jobs: &[i64]) -> Result<Vec<ProgressUpdate>, St
         figures.total = total_images(&progress);
         let finished = figures.complete().then(|| figures.final_status());
         apply(&mut progress, &figures, finished);
-        tx.execute("UPDATE jobs_job SET progress = $2, updated_at = now() WHERE id = $1", &[&id, &progress]).await?;
+        tx.execute_typed(
+            "UPDATE jobs_job SET progress = $2::jsonb, updated_at = now() WHERE id = $1::int8",
+            &[(&id, Type::INT8), (&progress, Type::JSONB)],
+        )
+        .await?;
         let mut moved = None;
         if let Some(status) = finished {
             let n = tx

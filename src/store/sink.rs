@@ -7,8 +7,9 @@
 //! are written, never an input column. `main_event.calculated_fields_updated_at` is set to
 //! `now()` on every event row written, as Django does when it recomputes.
 
-use deadpool_postgres::GenericClient;
 use tally_dataflows::{AllCounts, CountChanges, Micros};
+use tokio_postgres::types::Type;
+use tokio_postgres::GenericClient;
 
 use crate::store::{Store, StoreError};
 
@@ -103,7 +104,7 @@ fn int4(n: i64) -> i32 {
 pub async fn write_changes(store: &Store, changes: &CountChanges) -> Result<SinkReport, StoreError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await?;
-    let report = write_changes_in(&tx, changes).await?;
+    let report = write_changes_in(&*tx, changes).await?;
     tx.commit().await?;
     Ok(report)
 }
@@ -116,7 +117,8 @@ pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -
     let images: Vec<_> = changes.images.iter().filter_map(|(id, c)| c.map(|c| ((*id), int4(c.detections)))).collect();
     if !images.is_empty() {
         let (ids, detections): (Vec<i64>, Vec<i32>) = images.into_iter().unzip();
-        report.images = tx.execute(UPDATE_IMAGES, &[&ids, &detections]).await?;
+        report.images =
+            tx.execute_typed(UPDATE_IMAGES, &[(&ids, Type::INT8_ARRAY), (&detections, Type::INT4_ARRAY)]).await?;
     }
 
     let events: Vec<_> = changes.events.iter().filter_map(|(id, c)| c.map(|c| ((*id), c))).collect();
@@ -127,7 +129,19 @@ pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -
         let occurrences: Vec<i32> = events.iter().map(|(_, c)| int4(c.occurrences)).collect();
         let first: Vec<Option<Micros>> = events.iter().map(|(_, c)| c.start).collect();
         let last: Vec<Option<Micros>> = events.iter().map(|(_, c)| c.end).collect();
-        report.events = tx.execute(UPDATE_EVENTS, &[&ids, &captures, &detections, &occurrences, &first, &last]).await?;
+        report.events = tx
+            .execute_typed(
+                UPDATE_EVENTS,
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&captures, Type::INT4_ARRAY),
+                    (&detections, Type::INT4_ARRAY),
+                    (&occurrences, Type::INT4_ARRAY),
+                    (&first, Type::INT8_ARRAY),
+                    (&last, Type::INT8_ARRAY),
+                ],
+            )
+            .await?;
     }
 
     let deployments: Vec<_> = changes.deployments.iter().filter_map(|(id, c)| c.map(|c| ((*id), c))).collect();
@@ -142,9 +156,19 @@ pub async fn write_changes_in(tx: &impl GenericClient, changes: &CountChanges) -
         let first: Vec<Option<Micros>> = deployments.iter().map(|(_, c)| c.first_capture).collect();
         let last: Vec<Option<Micros>> = deployments.iter().map(|(_, c)| c.last_capture).collect();
         report.deployments = tx
-            .execute(
+            .execute_typed(
                 UPDATE_DEPLOYMENTS,
-                &[&ids, &events, &captures, &size, &detections, &occurrences, &taxa, &first, &last],
+                &[
+                    (&ids, Type::INT8_ARRAY),
+                    (&events, Type::INT4_ARRAY),
+                    (&captures, Type::INT4_ARRAY),
+                    (&size, Type::INT8_ARRAY),
+                    (&detections, Type::INT4_ARRAY),
+                    (&occurrences, Type::INT4_ARRAY),
+                    (&taxa, Type::INT4_ARRAY),
+                    (&first, Type::INT8_ARRAY),
+                    (&last, Type::INT8_ARRAY),
+                ],
             )
             .await?;
     }

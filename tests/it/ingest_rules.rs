@@ -266,6 +266,84 @@ async fn taxa_identifications_and_error_results() {
     f.cleanup().await;
 }
 
+/// Rule 4's lookup: an active taxon's name wins over any search name; among search names, the
+/// lowest id; inactive taxa are passed over both ways. Labels of both kinds share one batch,
+/// so the name lookup and the search-name lookup of the unmatched labels run together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_find_names_before_search_names() {
+    let mut f = Fixture::new("ingest_taxa_order", Flavor::Antenna, world(1, 3)).await;
+    let images = f.world.images.clone();
+    let (job, tasks) = f.job(&images[0..1]).await;
+    let sp = f.world.species.clone();
+    let c = f.store.client().await.expect("client");
+    let id_of = |name: String| {
+        let c = &c;
+        async move {
+            c.query_one("SELECT id FROM main_taxon WHERE name = $1", &[&name]).await.expect("taxon").get::<_, i64>(0)
+        }
+    };
+    let (named, shadow, low, high, inactive) = (
+        id_of(sp[1].clone()).await,
+        id_of(sp[2].clone()).await,
+        id_of(sp[3].clone()).await,
+        id_of(sp[4].clone()).await,
+        id_of(sp[5].clone()).await,
+    );
+    assert!(low < high, "the world's species are created in order");
+    // sp[1] is also a search name of sp[2]: the name must win.
+    // "Shared alias" is a search name of sp[3] and sp[4]: the lower id must win.
+    // sp[5] is inactive, with "Dormant alias" among its search names; sp[3] has it too.
+    for (id, names) in [
+        (shadow, vec![sp[1].clone()]),
+        (low, vec!["Shared alias".into(), "Dormant alias".into()]),
+        (high, vec!["Shared alias".into()]),
+        (inactive, vec!["Dormant alias".into()]),
+    ] {
+        c.execute("UPDATE main_taxon SET search_names = $2::text[]::varchar[] WHERE id = $1", &[&id, &names])
+            .await
+            .expect("search names");
+    }
+    c.execute("UPDATE main_taxon SET active = false WHERE id = $1", &[&inactive]).await.expect("inactive");
+    let mut running = f.start(IngestArgs::default()).await;
+    let w = tasks[0].0;
+    let labels = [sp[1].clone(), "Shared alias".to_string(), sp[5].clone(), "Dormant alias".to_string()];
+    let detections = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| detection(w, Some([0.0, 0.0, 10.0 + i as f64, 10.0]), vec![species(l, 0.9)]))
+        .collect();
+    f.publish(job, "t1", result(&tasks[0].1, &[w], detections)).await;
+    running.wait_for(1, 0, Duration::from_secs(30)).await;
+    running.stop().await;
+    let taxon_of_box = |x2: f64| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT cl.taxon_id FROM main_classification cl JOIN main_detection d ON d.id = cl.detection_id
+                 WHERE d.source_image_id = $1 AND d.bbox = jsonb_build_array(0.0, 0.0, $2::float8, 10.0)",
+                &[&w, &x2],
+            )
+            .await
+            .expect("classification")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(taxon_of_box(10.0).await, named, "a name wins over another taxon's search name");
+    assert_eq!(taxon_of_box(11.0).await, low, "among search names, the lowest id");
+    // Not found among active taxa, the label is created as a new taxon; names are unique, so
+    // that insert resolves to the inactive row, which stays as it was.
+    assert_eq!(taxon_of_box(12.0).await, inactive, "an inactive taxon's name: the unknown-label insert finds its row");
+    let (rank, active): (String, bool) = c
+        .query_one("SELECT rank, active FROM main_taxon WHERE id = $1", &[&inactive])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("rank");
+    assert!(rank != "UNKNOWN" && !active, "the inactive taxon is left as it was");
+    assert_eq!(taxon_of_box(13.0).await, low, "an inactive taxon's search name is not a match");
+    assert_exact(&f).await;
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_dead_lettered_and_the_rest_of_the_batch_is_saved() {
     let mut f = Fixture::new("ingest_bad", Flavor::Empty, world(1, 10)).await;

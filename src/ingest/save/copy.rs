@@ -101,9 +101,9 @@ impl Times {
                 .chain(classifications.iter().filter_map(|c| c.time.clone())),
         );
         let row = tx
-            .query_one(
+            .query_typed_one(
                 "SELECT now(), ARRAY(SELECT t::timestamptz FROM UNNEST($1::text[]) WITH ORDINALITY AS u(t, n) ORDER BY n)",
-                &[&texts],
+                &[(&texts, Type::TEXT_ARRAY)],
             )
             .await?;
         let values: Vec<Timestamptz> = row.try_get(1)?;

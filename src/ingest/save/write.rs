@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use tally_dataflows::{InputBatch, Known};
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::{JobLogLine, WriteMethod};
@@ -72,12 +73,12 @@ async fn insert_taxa(tx: &Client, labels: &[String]) -> Result<(Vec<i64>, u64), 
     // UPDATE`: never in the way of the foreign-key checks (`KEY SHARE`) of a batch committing
     // meanwhile (naming `name`, a unique key, would lock it exclusively).
     for row in tx
-        .query(
+        .query_typed(
             "INSERT INTO main_taxon (created_at, updated_at, name, rank, active, author, notes, parents_json)
              SELECT now(), now(), n, 'UNKNOWN', true, '', '', '[]'::jsonb FROM UNNEST($1::text[]) AS n
              ON CONFLICT (name) DO UPDATE SET updated_at = main_taxon.updated_at
              RETURNING id, name, (xmax = 0)",
-            &[&labels],
+            &[(&labels, Type::TEXT_ARRAY)],
         )
         .await?
     {
@@ -125,12 +126,12 @@ async fn allocate(tx: &Client, table: &str, n: usize) -> Result<Vec<i64>, StoreE
         return Ok(Vec::new());
     }
     let rows = tx
-        .query(
+        .query_typed(
             // The sequence is looked up once, not per row: `pg_get_serial_sequence` is a
             // catalog lookup that made each id cost ~10 µs instead of ~1.5 µs.
             "WITH s AS MATERIALIZED (SELECT pg_get_serial_sequence($1, 'id')::regclass AS seq)
              SELECT nextval(s.seq) FROM s, generate_series(1, $2::int8)",
-            &[&table, &(n as i64)],
+            &[(&table, Type::TEXT), (&(n as i64), Type::INT8)],
         )
         .await?;
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
@@ -145,13 +146,20 @@ async fn insert_occurrences(tx: &Client, new: &[NewOccurrence], ids: &Ids) -> Re
     let projects: Vec<Option<i64>> = new.iter().map(|o| o.project).collect();
     let taxa: Vec<Option<i64>> = new.iter().map(|o| o.determination.and_then(|d| d.0).map(|t| ids.taxon(t))).collect();
     let scores: Vec<Option<f64>> = new.iter().map(|o| o.determination.and_then(|d| d.1)).collect();
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO main_occurrence (id, created_at, updated_at, event_id, deployment_id, project_id,
                                       determination_id, determination_score)
          SELECT u.id, now(), now(), u.event, u.deployment, u.project, u.taxon, u.score
          FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::float8[])
               AS u(id, event, deployment, project, taxon, score)",
-        &[&ids.occurrences, &events, &deployments, &projects, &taxa, &scores],
+        &[
+            (&ids.occurrences, Type::INT8_ARRAY),
+            (&events, Type::INT8_ARRAY),
+            (&deployments, Type::INT8_ARRAY),
+            (&projects, Type::INT8_ARRAY),
+            (&taxa, Type::INT8_ARRAY),
+            (&scores, Type::FLOAT8_ARRAY),
+        ],
     )
     .await?;
     Ok(())
@@ -167,7 +175,7 @@ async fn insert_detections(tx: &Client, new: &[NewDetection], ids: &Ids) -> Resu
     let occurrences: Vec<Option<i64>> = new.iter().map(|d| d.occurrence.map(|n| ids.occurrences[n])).collect();
     let images: Vec<i64> = new.iter().map(|d| d.image).collect();
     let algorithms: Vec<i64> = new.iter().map(|d| d.algorithm).collect();
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO main_detection (id, created_at, updated_at, bbox, \"timestamp\", path, detection_time,
                                      occurrence_id, source_image_id, detection_algorithm_id)
          SELECT u.id, now(), now(), u.bbox::jsonb,
@@ -175,7 +183,15 @@ async fn insert_detections(tx: &Client, new: &[NewDetection], ids: &Ids) -> Resu
                 u.path, u.time::timestamptz, u.occ, u.image, u.alg
          FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[])
               AS u(id, bbox, path, time, occ, image, alg)",
-        &[&ids.detections, &bboxes, &paths, &times, &occurrences, &images, &algorithms],
+        &[
+            (&ids.detections, Type::INT8_ARRAY),
+            (&bboxes, Type::TEXT_ARRAY),
+            (&paths, Type::TEXT_ARRAY),
+            (&times, Type::TEXT_ARRAY),
+            (&occurrences, Type::INT8_ARRAY),
+            (&images, Type::INT8_ARRAY),
+            (&algorithms, Type::INT8_ARRAY),
+        ],
     )
     .await?;
     Ok(())
@@ -188,10 +204,10 @@ async fn attach_occurrences(tx: &Client, attach: &[(i64, usize)], ids: &Ids) -> 
     }
     let detections: Vec<i64> = attach.iter().map(|(d, _)| *d).collect();
     let occurrences: Vec<i64> = attach.iter().map(|(_, n)| ids.occurrences[*n]).collect();
-    tx.execute(
+    tx.execute_typed(
         "UPDATE main_detection d SET occurrence_id = u.occ, updated_at = now()
          FROM UNNEST($1::int8[], $2::int8[]) AS u(id, occ) WHERE d.id = u.id",
-        &[&detections, &occurrences],
+        &[(&detections, Type::INT8_ARRAY), (&occurrences, Type::INT8_ARRAY)],
     )
     .await?;
     Ok(())
@@ -203,10 +219,10 @@ async fn fill_paths(tx: &Client, fill: &[(i64, String)]) -> Result<(), StoreErro
         return Ok(());
     }
     let (ids, paths): (Vec<i64>, Vec<&str>) = fill.iter().map(|(id, p)| (*id, p.as_str())).unzip();
-    tx.execute(
+    tx.execute_typed(
         "UPDATE main_detection d SET path = u.path FROM UNNEST($1::int8[], $2::text[]) AS u(id, path)
          WHERE d.id = u.id AND coalesce(d.path, '') = ''",
-        &[&ids, &paths],
+        &[(&ids, Type::INT8_ARRAY), (&paths, Type::TEXT_ARRAY)],
     )
     .await?;
     Ok(())
@@ -231,7 +247,7 @@ async fn insert_classifications(tx: &Client, new: &[NewClassification], ids: &Id
     let terminal: Vec<bool> = new.iter().map(|c| c.terminal).collect();
     // Score vectors travel as one binary array each (see FlatVectors): as text they cost
     // Postgres a float parse per element, which dominated the save of long vectors.
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO main_classification (created_at, updated_at, score, \"timestamp\", algorithm_id, detection_id,
                                           taxon_id, category_map_id, logits, scores, terminal)
          SELECT now(), now(), u.score, coalesce(u.time::timestamptz, now()), u.alg, u.det, u.taxon, u.cmap,
@@ -240,19 +256,19 @@ async fn insert_classifications(tx: &Client, new: &[NewClassification], ids: &Id
                      $8::int4[], $10::int4[], $11::int4[], $13::bool[])
               AS u(score, time, alg, det, taxon, cmap, scores_lo, scores_hi, logits_lo, logits_hi, terminal)",
         &[
-            &scores,
-            &times,
-            &algorithms,
-            &detections,
-            &taxa,
-            &maps,
-            &vectors.lo,
-            &vectors.hi,
-            &vectors.values,
-            &logits.lo,
-            &logits.hi,
-            &logits.values,
-            &terminal,
+            (&scores, Type::FLOAT8_ARRAY),
+            (&times, Type::TEXT_ARRAY),
+            (&algorithms, Type::INT8_ARRAY),
+            (&detections, Type::INT8_ARRAY),
+            (&taxa, Type::INT8_ARRAY),
+            (&maps, Type::INT8_ARRAY),
+            (&vectors.lo, Type::INT4_ARRAY),
+            (&vectors.hi, Type::INT4_ARRAY),
+            (&vectors.values, Type::FLOAT8_ARRAY),
+            (&logits.lo, Type::INT4_ARRAY),
+            (&logits.hi, Type::INT4_ARRAY),
+            (&logits.values, Type::FLOAT8_ARRAY),
+            (&terminal, Type::BOOL_ARRAY),
         ],
     )
     .await?;
@@ -267,11 +283,11 @@ async fn write_determinations(tx: &Client, updates: &[OccurrenceUpdate], new: &I
     let taxa: Vec<Option<i64>> = updates.iter().map(|u| u.taxon.map(|t| new.taxon(t))).collect();
     let scores: Vec<Option<f64>> = updates.iter().map(|u| u.score).collect();
     // Antenna's bulk_update of determination fields does not bump updated_at.
-    tx.execute(
+    tx.execute_typed(
         "UPDATE main_occurrence o SET determination_id = u.taxon,
                 determination_score = coalesce(u.score, o.determination_score)
          FROM UNNEST($1::int8[], $2::int8[], $3::float8[]) AS u(id, taxon, score) WHERE o.id = u.id",
-        &[&ids, &taxa, &scores],
+        &[(&ids, Type::INT8_ARRAY), (&taxa, Type::INT8_ARRAY), (&scores, Type::FLOAT8_ARRAY)],
     )
     .await?;
     Ok(())
@@ -295,7 +311,7 @@ async fn write_job_images(tx: &Client, rows: &HashMap<(i64, i64), JobImage>) -> 
         detections.push(row.detections as i64);
         classifications.push(row.classifications as i64);
     }
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO tally.job_image (job_id, image_id, failed, error, detections, classifications)
          SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::bool[], $4::text[], $5::int8[], $6::int8[])
          ON CONFLICT (job_id, image_id) DO UPDATE SET
@@ -304,7 +320,14 @@ async fn write_job_images(tx: &Client, rows: &HashMap<(i64, i64), JobImage>) -> 
              detections = tally.job_image.detections + EXCLUDED.detections,
              classifications = tally.job_image.classifications + EXCLUDED.classifications,
              last_seen = now()",
-        &[&jobs, &images, &failed, &errors, &detections, &classifications],
+        &[
+            (&jobs, Type::INT8_ARRAY),
+            (&images, Type::INT8_ARRAY),
+            (&failed, Type::BOOL_ARRAY),
+            (&errors, Type::TEXT_ARRAY),
+            (&detections, Type::INT8_ARRAY),
+            (&classifications, Type::INT8_ARRAY),
+        ],
     )
     .await?;
     Ok(())
