@@ -267,8 +267,9 @@ async fn taxa_identifications_and_error_results() {
 }
 
 /// Rule 4's lookup: an active taxon's name wins over any search name; among search names, the
-/// lowest id; inactive taxa are passed over both ways. Labels of both kinds share one batch,
-/// so the name lookup and the search-name lookup of the unmatched labels run together.
+/// lowest id; an inactive taxon's search names are passed over, and its name reaches its row
+/// only through the unknown-label insert (names are unique). Labels of both kinds share one
+/// batch, so the name lookup and the search-name lookup of the unmatched labels run together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn labels_find_names_before_search_names() {
     let mut f = Fixture::new("ingest_taxa_order", Flavor::Antenna, world(1, 3)).await;
@@ -287,12 +288,13 @@ async fn labels_find_names_before_search_names() {
         id_of(sp[2].clone()).await,
         id_of(sp[3].clone()).await,
         id_of(sp[4].clone()).await,
-        id_of(sp[5].clone()).await,
+        id_of(sp[0].clone()).await,
     );
-    assert!(low < high, "the world's species are created in order");
+    assert!(inactive < low && low < high, "the world's species are created in order");
     // sp[1] is also a search name of sp[2]: the name must win.
     // "Shared alias" is a search name of sp[3] and sp[4]: the lower id must win.
-    // sp[5] is inactive, with "Dormant alias" among its search names; sp[3] has it too.
+    // sp[0] is inactive, with "Dormant alias" among its search names; sp[3], a higher id, has
+    // it too and must win.
     for (id, names) in [
         (shadow, vec![sp[1].clone()]),
         (low, vec!["Shared alias".into(), "Dormant alias".into()]),
@@ -306,7 +308,7 @@ async fn labels_find_names_before_search_names() {
     c.execute("UPDATE main_taxon SET active = false WHERE id = $1", &[&inactive]).await.expect("inactive");
     let mut running = f.start(IngestArgs::default()).await;
     let w = tasks[0].0;
-    let labels = [sp[1].clone(), "Shared alias".to_string(), sp[5].clone(), "Dormant alias".to_string()];
+    let labels = [sp[1].clone(), "Shared alias".to_string(), sp[0].clone(), "Dormant alias".to_string()];
     let detections = labels
         .iter()
         .enumerate()
