@@ -5,7 +5,8 @@
 //! images, and without this the job would stay STARTED forever.
 //!
 //! A job is **stalled** when it is active (STARTED or RETRY, `async_api`) and has made no
-//! progress (its latest `tally.job_image` row, else its start) for `--lost-images-after`. A
+//! progress (its latest `tally.job_image` row, as `tally.job_progress` keeps it, else its
+//! start) for `--lost-images-after`. A
 //! stalled job is handled when its consumer has nothing left to deliver (`num_pending = 0`;
 //! `num_ack_pending` is not waited for, since exhausted tasks stay counted there) or when its
 //! stream or consumer is gone; a job with undelivered tasks is waiting for workers and is left
@@ -113,7 +114,7 @@ pub async fn stalled(store: &Store, after: Duration) -> Result<Vec<i64>, JobErro
         .query(
             "SELECT j.id FROM jobs_job j
              WHERE j.status = ANY($1) AND j.dispatch_mode = 'async_api'
-               AND coalesce((SELECT max(i.last_seen) FROM tally.job_image i WHERE i.job_id = j.id),
+               AND coalesce((SELECT p.last_seen FROM tally.job_progress p WHERE p.job_id = j.id),
                             j.started_at, j.created_at) < now() - make_interval(secs => $2)
              ORDER BY j.id",
             &[&ACTIVE, &after.as_secs_f64()],
@@ -191,7 +192,7 @@ async fn mark(
         .query_opt(
             "SELECT j.progress FROM jobs_job j
              WHERE j.id = $1 AND j.status = ANY($2) AND j.dispatch_mode = 'async_api'
-               AND coalesce((SELECT max(i.last_seen) FROM tally.job_image i WHERE i.job_id = j.id),
+               AND coalesce((SELECT p.last_seen FROM tally.job_progress p WHERE p.job_id = j.id),
                             j.started_at, j.created_at) < now() - make_interval(secs => $3)",
             &[&id, &ACTIVE, &after.as_secs_f64()],
         )
@@ -233,8 +234,8 @@ async fn mark(
     // Images the job counts that no known id covers: placeholders below every negative id.
     let r = tx
         .query_one(
-            "SELECT count(*), coalesce(min(image_id) FILTER (WHERE image_id < 0), 0)
-             FROM tally.job_image WHERE job_id = $1",
+            "SELECT coalesce((SELECT processed FROM tally.job_progress WHERE job_id = $1), 0),
+                    coalesce((SELECT min(image_id) FROM tally.job_image WHERE job_id = $1 AND image_id < 0), 0)",
             &[&id],
         )
         .await?;

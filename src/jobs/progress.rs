@@ -1,6 +1,8 @@
 //! Job progress in `jobs_job.progress`, Antenna's JSON shape, computed exactly from
 //! `tally.job_image` (one row per job and image that a result was saved or failed for, with
-//! the rows that result inserted) instead of accumulated per message.
+//! the rows that result inserted) instead of accumulated per message. The sums are read from
+//! `tally.job_progress`, which statement triggers on `tally.job_image` keep equal to them in
+//! the same transaction (migration V8): one row per job, however many images it has done.
 //!
 //! - `process`: processed = images with a row, failed = rows marked failed, remaining =
 //!   `total_images` (the `collect` stage's parameter, written when the job was created) −
@@ -104,9 +106,8 @@ pub async fn update(tx: &Client, jobs: &[i64]) -> Result<Vec<ProgressUpdate>, St
     let mut sums: HashMap<i64, Figures> = HashMap::new();
     for r in tx
         .query_typed(
-            "SELECT job_id, count(*), count(*) FILTER (WHERE failed), coalesce(sum(detections), 0)::int8,
-                    coalesce(sum(classifications), 0)::int8
-             FROM tally.job_image WHERE job_id = ANY($1::int8[]) GROUP BY job_id",
+            "SELECT job_id, processed, failed, detections, classifications
+             FROM tally.job_progress WHERE job_id = ANY($1::int8[])",
             &[(&ids, Type::INT8_ARRAY)],
         )
         .await?

@@ -11,7 +11,10 @@
 //! - a job cancelled mid-run keeps the progress and status it had at cancel, while its late
 //!   results are still saved with exact counts;
 //! - a job finishes FAILURE when more than half of its images failed, SUCCESS at exactly half,
-//!   and failed images get no rows.
+//!   and failed images get no rows;
+//! - `tally.job_progress`, the sums progress reads, equals a recount of `tally.job_image` after
+//!   any sequence of inserts, upserts, updates, deletes and truncates (proptest), and writers
+//!   of several jobs at once never deadlock on it.
 
 use crate::common;
 
@@ -155,6 +158,18 @@ async fn assert_finished(f: &Fixture, job: i64, status: &str, images: usize, fai
         .expect("job images");
     let set: (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
     assert_eq!(set, (total, failed as i64, rows.detections, rows.classifications), "tally.job_image of job {job}");
+    assert_eq!(progress_sums(&c, job).await, Some(set), "tally.job_progress of job {job} equals its recount");
+}
+
+/// `tally.job_progress`'s sums of `job` (processed, failed, detections, classifications).
+async fn progress_sums(c: &tokio_postgres::Client, job: i64) -> Option<(i64, i64, i64, i64)> {
+    c.query_opt(
+        "SELECT processed, failed, detections, classifications FROM tally.job_progress WHERE job_id = $1",
+        &[&job],
+    )
+    .await
+    .expect("job progress sums")
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
 }
 
 /// Waits until `runs` acked `saved` results between them.
@@ -545,5 +560,219 @@ async fn more_than_half_failed_is_failure_and_exactly_half_is_success() {
     assert_eq!(rows(&f.store).await, expected(&f, &ok), "rows for the successful images only");
     assert_eq!(query_i64(&f.store, "SELECT count(*) FROM tally.dead_letter").await, 0);
     assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+/// One statement (or transaction) on `tally.job_image`, as ingest, the lost-images sweep or an
+/// operator may run it.
+#[derive(Debug, Clone)]
+enum Write {
+    /// Ingest's upsert of `(job, image, failed, detections, classifications)` rows.
+    Upsert(Vec<(i64, i64, bool, i64, i64)>),
+    /// The sweep's insert of failed rows, existing ones left alone.
+    InsertFailed {
+        job: i64,
+        images: Vec<i64>,
+    },
+    /// An UPDATE of rows of `job` whose image is `image` modulo 3: marked failed or not, with
+    /// `detections` more detections.
+    Update {
+        job: i64,
+        image: i64,
+        failed: bool,
+        detections: i64,
+    },
+    /// Rows moved to another job.
+    Move {
+        from: i64,
+        to: i64,
+    },
+    /// A DELETE of `job`'s rows whose image is `image` modulo 2.
+    Delete {
+        job: i64,
+        image: i64,
+    },
+    /// Two upserts in one transaction that rolls back.
+    RolledBack(Vec<(i64, i64, bool, i64, i64)>),
+    Truncate,
+}
+
+fn job_image_write() -> impl proptest::strategy::Strategy<Value = Write> {
+    use proptest::prelude::*;
+    let row = (1..4i64, 1..13i64, any::<bool>(), 0..5i64, 0..9i64);
+    prop_oneof![
+        4 => prop::collection::vec(row.clone(), 1..8).prop_map(Write::Upsert),
+        1 => (1..4i64, prop::collection::vec(1..13i64, 1..5)).prop_map(|(job, images)| Write::InsertFailed { job, images }),
+        2 => (1..4i64, 0..3i64, any::<bool>(), -2..3i64)
+            .prop_map(|(job, image, failed, detections)| Write::Update { job, image, failed, detections }),
+        1 => (1..4i64, 1..5i64).prop_map(|(from, to)| Write::Move { from, to }),
+        1 => (1..4i64, 0..2i64).prop_map(|(job, image)| Write::Delete { job, image }),
+        1 => prop::collection::vec(row, 1..4).prop_map(Write::RolledBack),
+        1 => Just(Write::Truncate),
+    ]
+}
+
+/// Ingest's upsert (`save::write`'s statement), as SQL text.
+fn upsert_sql(rows: &[(i64, i64, bool, i64, i64)]) -> String {
+    let values: Vec<String> = rows.iter().map(|(j, i, f, d, c)| format!("({j}, {i}, {f}, NULL, {d}, {c})")).collect();
+    format!(
+        "INSERT INTO tally.job_image (job_id, image_id, failed, error, detections, classifications)
+         SELECT DISTINCT ON (1, 2) * FROM (VALUES {}) AS v ORDER BY 1, 2
+         ON CONFLICT (job_id, image_id) DO UPDATE SET
+             failed = tally.job_image.failed OR EXCLUDED.failed,
+             detections = tally.job_image.detections + EXCLUDED.detections,
+             classifications = tally.job_image.classifications + EXCLUDED.classifications,
+             last_seen = now()",
+        values.join(", ")
+    )
+}
+
+fn write_sql(w: &Write) -> String {
+    match w {
+        Write::Upsert(rows) => upsert_sql(rows),
+        Write::InsertFailed { job, images } => format!(
+            "INSERT INTO tally.job_image (job_id, image_id, failed, error)
+             SELECT {job}, i, true, 'lost' FROM unnest('{{{}}}'::int8[]) AS i ON CONFLICT DO NOTHING",
+            images.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        ),
+        Write::Update { job, image, failed, detections } => format!(
+            "UPDATE tally.job_image SET failed = {failed}, detections = detections + {detections}, last_seen = now()
+             WHERE job_id = {job} AND image_id % 3 = {image}"
+        ),
+        // Moved rows get negative image ids of their own (a sequence), so that no key collides.
+        Write::Move { from, to } => format!(
+            "CREATE SEQUENCE IF NOT EXISTS moved;
+             UPDATE tally.job_image SET job_id = {to}, image_id = -nextval('moved')
+             WHERE job_id = {from} AND {from} <> {to}"
+        ),
+        Write::Delete { job, image } => {
+            format!("DELETE FROM tally.job_image WHERE job_id = {job} AND abs(image_id) % 2 = {image}")
+        }
+        Write::RolledBack(rows) => format!("BEGIN; {}; {}; ROLLBACK", upsert_sql(rows), upsert_sql(rows)),
+        Write::Truncate => "TRUNCATE tally.job_image".into(),
+    }
+}
+
+/// Jobs whose `tally.job_progress` sums differ from a recount of `tally.job_image` (a job
+/// without rows may keep a row of zeros).
+const PROGRESS_SUMS_DIFFER: &str = "
+    SELECT coalesce(p.job_id, r.job_id), p.processed, r.processed, p.failed, r.failed,
+           p.detections, r.detections, p.classifications, r.classifications
+    FROM tally.job_progress p
+    FULL JOIN (SELECT job_id, count(*) AS processed, count(*) FILTER (WHERE failed) AS failed,
+                      sum(detections)::int8 AS detections, sum(classifications)::int8 AS classifications
+               FROM tally.job_image GROUP BY job_id) r USING (job_id)
+    WHERE (coalesce(p.processed, 0), coalesce(p.failed, 0), coalesce(p.detections, 0), coalesce(p.classifications, 0))
+          IS DISTINCT FROM
+          (coalesce(r.processed, 0), coalesce(r.failed, 0), coalesce(r.detections, 0), coalesce(r.classifications, 0))";
+
+/// `tally.job_progress` equals a recount of `tally.job_image` after every one of a random
+/// sequence of writes: ingest's upserts (inserting and updating), the sweep's inserts, plain
+/// updates (rows marked failed and back, detections changed, rows moved between jobs),
+/// deletes, rolled-back transactions and truncates. And the latest `last_seen` never moves back.
+#[test]
+fn random_writes_to_job_image_keep_the_progress_sums_exact() {
+    use proptest::prelude::*;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let (db, store) = rt.block_on(common::TestDb::new("job_progress_prop", Flavor::Empty));
+    let client = rt.block_on(store.client()).expect("client");
+    let config = ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(writes in prop::collection::vec(job_image_write(), 1..24))| {
+        rt.block_on(async {
+            client.batch_execute("TRUNCATE tally.job_image").await.expect("truncate");
+            for (n, w) in writes.iter().enumerate() {
+                let seen_before: Vec<(i64, Option<std::time::SystemTime>)> = client
+                    .query("SELECT job_id, last_seen FROM tally.job_progress", &[])
+                    .await
+                    .expect("last seen")
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                client.batch_execute(&write_sql(w)).await.unwrap_or_else(|e| panic!("write {n} {w:?}: {e:?}"));
+                let differ = client.query(PROGRESS_SUMS_DIFFER, &[]).await.expect("recount");
+                let differ: Vec<Vec<Option<i64>>> =
+                    differ.iter().map(|r| (0..9).map(|i| r.get(i)).collect()).collect();
+                assert!(differ.is_empty(), "after write {n} {w:?} of {writes:?}: (job, sum, recount)… {differ:?}");
+                if matches!(w, Write::Truncate) {
+                    continue;
+                }
+                for (job, before) in seen_before {
+                    let now: Option<std::time::SystemTime> = client
+                        .query_opt("SELECT last_seen FROM tally.job_progress WHERE job_id = $1", &[&job])
+                        .await
+                        .expect("last seen")
+                        .and_then(|r| r.get(0));
+                    assert!(now >= before, "job {job}'s last_seen moved back after write {n} {w:?}");
+                }
+            }
+        });
+    });
+    drop(client);
+    drop(store);
+    drop(db);
+}
+
+/// Writers of several jobs' `tally.job_image` rows at once (two ingest loops, ingest and the
+/// lost-images sweep) lock the jobs' sums in one order, and then the jobs' rows, as
+/// `progress::update` does: none is ever chosen as a deadlock victim, and the sums are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_of_several_jobs_at_once_never_deadlock_on_the_progress_sums() {
+    let f = Fixture::new("job_progress_locks", Flavor::Empty, world(1, 1)).await;
+    let store = f.store.clone();
+    let c = store.client().await.expect("client");
+    let pipeline: i64 = c.query_one("SELECT min(id) FROM ml_pipeline", &[]).await.expect("pipeline").get(0);
+    for id in 1..=6 {
+        let job = tally::jobs::row::NewJob {
+            id: Some(id),
+            name: format!("job {id}"),
+            project: 1,
+            pipeline,
+            deployment: None,
+            limit: None,
+            total: None,
+        };
+        tally::jobs::row::insert_job(&c, &job).await.expect("job");
+    }
+    drop(c);
+    let writers: Vec<_> = (0..4i64)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut c = store.client().await.expect("client");
+                for round in 0..40i64 {
+                    // Each writer's jobs in its own order; images of its own, so that only the
+                    // sums and the job rows are shared.
+                    let mut jobs: Vec<i64> = (1..=6).collect();
+                    jobs.rotate_left(((w + round) % 6) as usize);
+                    if (w + round) % 2 == 1 {
+                        jobs.reverse();
+                    }
+                    // Two to six of them.
+                    jobs.truncate(2 + ((w * 7 + round * 3) % 5) as usize);
+                    let rows: Vec<(i64, i64, bool, i64, i64)> =
+                        jobs.iter().map(|&j| (j, w * 1_000 + round, round % 5 == 0, 2, 3)).collect();
+                    let tx = c.transaction().await.expect("begin");
+                    tx.batch_execute(&upsert_sql(&rows))
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w} round {round}: {e:?}"));
+                    tally::jobs::progress::update(tx.client(), &jobs)
+                        .await
+                        .unwrap_or_else(|e| panic!("writer {w} round {round}: progress: {e:?}"));
+                    tx.commit().await.unwrap_or_else(|e| panic!("writer {w} round {round}: commit: {e:?}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("a writer failed");
+    }
+    let c = store.client().await.expect("client");
+    assert!(c.query(PROGRESS_SUMS_DIFFER, &[]).await.expect("recount").is_empty(), "sums exact");
+    for job in 1..=6 {
+        let (processed, ..) = progress_sums(&c, job).await.expect("sums");
+        assert!(processed > 0, "job {job} was written");
+        let (_, progress) = job_row(&store, job).await;
+        assert_eq!(stage(&progress, "process").get("processed"), processed, "job {job}'s progress: {progress}");
+    }
     f.cleanup().await;
 }

@@ -84,6 +84,12 @@ pub struct IngestBenchArgs {
     /// Valid detections (with occurrences) each deployment holds before the run.
     #[arg(long, default_value_t = 0)]
     pub preload_detections: u64,
+    /// Images each job has already had results for when the run starts (rows of
+    /// `tally.job_image` with placeholder ids, not in the job's total): Antenna's jobs cover
+    /// whole collections, tens of thousands of images, and each batch updates the progress of
+    /// its jobs.
+    #[arg(long, default_value_t = 0)]
+    pub job_images_before: i64,
     /// Length of the species classifier's score and logit vectors.
     #[arg(long, default_value_t = 100)]
     pub score_len: usize,
@@ -390,7 +396,11 @@ impl<'a> Bench<'a> {
             thousands(self.preloaded as i64),
             self.seed_seconds,
             args.score_len,
-        )
+        ) + &if args.job_images_before > 0 {
+            format!("; each job {} images in before the run", thousands(args.job_images_before))
+        } else {
+            String::new()
+        }
     }
 
     /// Runs `strategy` on a copy of the template named `name`.
@@ -593,11 +603,28 @@ impl Run<'_> {
     /// pulled as a worker would.
     async fn tasks(&mut self, images: &[Id]) -> anyhow::Result<Vec<(i64, Task)>> {
         let (bench, jobs) = (self.bench, &mut self.jobs);
-        dispatch_jobs(&self.store, &self.js, bench.pipeline, images, |job| {
+        let first_new = jobs.len();
+        let tasks = dispatch_jobs(&self.store, &self.js, bench.pipeline, images, |job| {
             bench.register(&job.stream_name());
             jobs.push(job.clone());
         })
-        .await
+        .await?;
+        let before = bench.args.job_images_before;
+        if before > 0 {
+            let client = self.store.client().await?;
+            for job in &self.jobs[first_new..] {
+                // Negative ids, as the lost-images sweep's placeholders: no image of the world.
+                client
+                    .execute(
+                        "INSERT INTO tally.job_image (job_id, image_id, failed, detections, classifications)
+                         SELECT $1, -g, false, 3, 6 FROM generate_series(1::int8, $2) AS g",
+                        &[&job.id, &before],
+                    )
+                    .await?;
+            }
+            client.batch_execute("ANALYZE tally.job_image").await?;
+        }
+        Ok(tasks)
     }
 }
 
