@@ -13,8 +13,9 @@
 //! - a job finishes FAILURE when more than half of its images failed, SUCCESS at exactly half,
 //!   and failed images get no rows;
 //! - `tally.job_progress`, the sums progress reads, equals a recount of `tally.job_image` after
-//!   any sequence of inserts, upserts, updates, deletes and truncates (proptest), and writers
-//!   of several jobs at once never deadlock on it.
+//!   any sequence of inserts, upserts, updates, deletes and truncates (proptest), writers
+//!   of several jobs at once never deadlock on it, and its migration counts the rows already
+//!   there.
 
 use crate::common;
 
@@ -775,4 +776,39 @@ async fn writers_of_several_jobs_at_once_never_deadlock_on_the_progress_sums() {
         assert_eq!(stage(&progress, "process").get("processed"), processed, "job {job}'s progress: {progress}");
     }
     f.cleanup().await;
+}
+
+/// Migration V8 on a database that already has `tally.job_image` rows (a tally upgraded in
+/// place): the sums start equal to a recount, and the triggers keep them so from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_sums_migration_counts_the_rows_already_there() {
+    let (_db, store) = common::TestDb::new("job_progress_upgrade", Flavor::Empty).await;
+    let c = store.client().await.expect("client");
+    // Back to the schema before V8, with rows of three jobs written then.
+    c.batch_execute(
+        "DROP TABLE tally.job_progress;
+         DROP FUNCTION tally.job_progress_add() CASCADE;
+         DELETE FROM tally.schema_history WHERE version = 8;
+         INSERT INTO tally.job_image (job_id, image_id, failed, detections, classifications, last_seen)
+         SELECT 1 + g % 3, g, g % 7 = 0, g % 4, g % 5, now() - make_interval(secs => g) FROM generate_series(1, 500) AS g;",
+    )
+    .await
+    .expect("schema before V8");
+    drop(c);
+    tally::store::migrate::migrate(&store).await.expect("migrate to V8");
+    let c = store.client().await.expect("client");
+    assert!(c.query(PROGRESS_SUMS_DIFFER, &[]).await.expect("recount").is_empty(), "sums of the rows already there");
+    assert_eq!(progress_sums(&c, 2).await, Some((167, 24, 250, 335)), "job 2 (images 1, 4, …, 499)");
+    let latest: bool = c
+        .query_one(
+            "SELECT p.last_seen = (SELECT max(last_seen) FROM tally.job_image WHERE job_id = 1)
+             FROM tally.job_progress p WHERE p.job_id = 1",
+            &[],
+        )
+        .await
+        .expect("last seen")
+        .get(0);
+    assert!(latest, "last_seen is the latest of the job's rows");
+    c.batch_execute(&upsert_sql(&[(2, 1, true, 1, 1), (2, 1000, false, 2, 2)])).await.expect("upsert");
+    assert!(c.query(PROGRESS_SUMS_DIFFER, &[]).await.expect("recount").is_empty(), "sums after a write");
 }
