@@ -29,8 +29,9 @@ pub mod names {
     /// shows whether `--batch-bytes` or `--batch-size` ends batches.
     pub const INGEST_BATCH_BYTES: &str = "tally_ingest_batch_bytes";
     /// Histogram of seconds per ingest batch, label `stage` = `resolve` (reading claim-checked
-    /// results' objects) | `decode` | `save` | `dataflow` | `commit` | `ack` | `total`: says
-    /// which stage to look at when ingest is slow.
+    /// results' objects) | `decode` | `save` | `dataflow` (waiting for the count workers after
+    /// the batch's writes, which they compute beside) | `commit` | `ack` | `total`: says which
+    /// stage to look at when ingest is slow.
     pub const INGEST_BATCH_SECONDS: &str = "tally_ingest_batch_seconds";
     /// Counter of messages stored as dead letters, label `reason` (the dead letter's
     /// `reason_code`, a fixed set such as `invalid_json`, `unknown_pipeline`).

@@ -17,7 +17,9 @@
 //! state, and takes no input of its own.
 //!
 //! Threads: the workers of this process, plus the caller's. The caller blocks in `apply` (in
-//! the daemon, inside `block_in_place`).
+//! the daemon, inside `block_in_place`), or hands a batch over with [`Engine::submit`], does
+//! other work while the workers compute, and blocks only in [`Engine::collect`] (ingest writes
+//! a batch's rows to Postgres meanwhile).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -220,9 +222,20 @@ pub struct Engine {
     reports: Receiver<Report>,
     /// Where the workers run.
     topology: Topology,
+    /// The time of a batch submitted whose output has not been collected yet.
+    in_flight: Option<Time>,
     /// Joins the worker threads on drop (after `commands` closes, worker 0 finishes its loop
     /// and the inputs close, so every worker of every process finishes the dataflow).
     guards: Option<timely::communication::WorkerGuards<()>>,
+}
+
+/// A batch handed to the workers by [`Engine::submit`], whose output [`Engine::collect`]
+/// waits for.
+#[derive(Debug)]
+#[must_use = "collect the batch's output"]
+pub struct Submitted {
+    /// The batch's time; `None` when nothing was sent (an empty batch changes no count).
+    time: Option<Time>,
 }
 
 impl Engine {
@@ -250,6 +263,7 @@ impl Engine {
             commands: Some(command_tx),
             reports,
             topology,
+            in_flight: None,
             guards: Some(guards),
         })
     }
@@ -260,17 +274,53 @@ impl Engine {
     /// Within a batch, the last change of an id wins. An upsert of a row identical to the one
     /// held, or a delete of a row not held, changes nothing: replays are free.
     pub fn apply(&mut self, batch: &InputBatch) -> Result<CountChanges, EngineError> {
+        let submitted = self.submit(batch)?;
+        self.collect(submitted)
+    }
+
+    /// The first half of [`Engine::apply`]: hands `batch` to the workers at the next time and
+    /// returns at once, while they compute. [`Engine::collect`] waits for its output. Applying
+    /// or submitting another batch first collects this one's output (its changes are kept in
+    /// the engine's values but not returned).
+    pub fn submit(&mut self, batch: &InputBatch) -> Result<Submitted, EngineError> {
         if batch.is_empty() {
+            return Ok(Submitted { time: None });
+        }
+        self.finish_in_flight()?;
+        self.known.apply(batch);
+        let time = self.send(batch.clone())?;
+        Ok(Submitted { time: Some(time) })
+    }
+
+    /// The second half of [`Engine::apply`]: waits for the output of the batch `submitted`
+    /// handed over and returns the owners whose counts changed, with their new values.
+    pub fn collect(&mut self, submitted: Submitted) -> Result<CountChanges, EngineError> {
+        if submitted.time.is_none() || submitted.time != self.in_flight {
+            // Empty, or already collected by a later call (which kept its changes).
             return Ok(CountChanges::default());
         }
-        self.known.apply(batch);
-        let report = self.step(batch.clone())?;
+        let report = self.receive()?;
+        Ok(self.fold(report))
+    }
+
+    /// Collects the output of a batch submitted and never collected, so that the next time's
+    /// report is that time's.
+    fn finish_in_flight(&mut self) -> Result<(), EngineError> {
+        if self.in_flight.is_some() {
+            let report = self.receive()?;
+            self.fold(report);
+        }
+        Ok(())
+    }
+
+    /// Consolidates one time's output and folds it into the values.
+    fn fold(&mut self, report: Vec<(Output, isize)>) -> CountChanges {
         let mut output: IdMap<Output, isize> = IdMap::default();
         for (record, diff) in report {
             *output.entry(record).or_insert(0) += diff;
         }
         output.retain(|_, diff| *diff != 0);
-        Ok(self.absorb(output))
+        self.absorb(output)
     }
 
     /// Advances every worker of every process by one empty dataflow time: `Ok` when they all
@@ -287,6 +337,7 @@ impl Engine {
     /// otherwise does on its own between batches. Changes no count; for measuring memory at
     /// rest. (In a cluster, the other processes' workers finish theirs on their own.)
     pub fn settle(&mut self) -> Result<(), EngineError> {
+        self.finish_in_flight()?;
         let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
         commands.send(Command::Settle).map_err(|_| EngineError::WorkerStopped)?;
         self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
@@ -295,11 +346,26 @@ impl Engine {
 
     /// Hands `batch` to worker 0 at the next time and waits for that time's output.
     fn step(&mut self, batch: InputBatch) -> Result<Vec<(Output, isize)>, EngineError> {
+        self.finish_in_flight()?;
+        self.send(batch)?;
+        self.receive()
+    }
+
+    /// Hands `batch` to worker 0 at the next time, which it returns.
+    fn send(&mut self, batch: InputBatch) -> Result<Time, EngineError> {
         let time = self.time;
         self.time += 1;
         let commands = self.commands.as_ref().ok_or(EngineError::WorkerStopped)?;
         commands.send(Command::Apply { time, batch: Box::new(batch) }).map_err(|_| EngineError::WorkerStopped)?;
-        Ok(self.reports.recv().map_err(|_| EngineError::WorkerStopped)?.output)
+        self.in_flight = Some(time);
+        Ok(time)
+    }
+
+    /// Waits for the output of the time last sent.
+    fn receive(&mut self) -> Result<Vec<(Output, isize)>, EngineError> {
+        let report = self.reports.recv().map_err(|_| EngineError::WorkerStopped)?;
+        self.in_flight = None;
+        Ok(report.output)
     }
 
     /// Folds one time's consolidated output into `values` and reports the changed owners.

@@ -27,7 +27,7 @@ pub mod tables;
 pub mod taxonomy;
 
 pub use counts::{AllCounts, CountChanges, DeploymentCounts, EventCounts, ImageCounts};
-pub use engine::{Engine, EngineError, Known, Topology};
+pub use engine::{Engine, EngineError, Known, Submitted, Topology};
 pub use model::{
     Deployment, Detection, Event, FilterTaxon, Id, Image, InputBatch, Micros, Occurrence, Project, Score, Taxon,
 };

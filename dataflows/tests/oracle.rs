@@ -201,3 +201,74 @@ fn bulk_then_churn_matches_oracle() {
         run(&steps, 1);
     }
 }
+
+/// How a step hands its batch to the engine.
+#[derive(Clone, Copy, Debug)]
+enum Handover {
+    /// `apply`.
+    Apply,
+    /// `submit`, then `collect` (ingest: the batch's rows are written in between).
+    Split,
+    /// `submit` and never `collect` (an ingest batch whose write failed): the next step folds
+    /// it in, and collecting it late returns nothing.
+    Abandon,
+}
+
+fn handovers(max_steps: usize) -> impl Strategy<Value = Vec<(Vec<Change>, Handover)>> {
+    let handover = prop_oneof![Just(Handover::Apply), Just(Handover::Split), Just(Handover::Abandon)];
+    proptest::collection::vec((proptest::collection::vec(change(), 1..12), handover), 1..max_steps)
+}
+
+/// Applies `steps` through `apply`, `submit` + `collect`, or `submit` alone: every collected
+/// batch must report exactly the changes that take the oracle's counts before it (abandoned
+/// batches included) to those after it, a late `collect` of an abandoned batch must report
+/// nothing, and the engine's counts must equal the oracle's.
+fn check_handovers(mut engine: Engine, steps: &[(Vec<Change>, Handover)]) {
+    let mut tables = Tables::default();
+    let mut abandoned = None;
+    for (n, (step, handover)) in steps.iter().enumerate() {
+        let batch = batch(step);
+        let before = recompute(&tables);
+        tables.apply(&batch);
+        let changes = match handover {
+            Handover::Apply => Some(engine.apply(&batch).expect("batch applies")),
+            Handover::Split => {
+                let submitted = engine.submit(&batch).expect("batch submitted");
+                Some(engine.collect(submitted).expect("batch collected"))
+            }
+            Handover::Abandon => {
+                let submitted = engine.submit(&batch).expect("batch submitted");
+                if let Some(late) = abandoned.replace(submitted) {
+                    let late = engine.collect(late).expect("late collect");
+                    assert!(late.is_empty(), "an abandoned batch collected late reported changes at step {n}");
+                }
+                None
+            }
+        };
+        if let Some(late) = abandoned.take_if(|_| changes.is_some()) {
+            let late = engine.collect(late).expect("late collect");
+            assert!(late.is_empty(), "a batch collected after a later one reported changes at step {n}: {late:?}");
+        }
+        let expected = recompute(&tables);
+        if let Some(changes) = changes {
+            assert_only_changed(&before, &changes);
+            let mut reported = before;
+            changes.apply_to(&mut reported);
+            assert_eq!(reported, expected, "reported changes differ from the oracle's at step {n}: {step:?}");
+            assert_eq!(engine.snapshot(), expected, "engine differs from the oracle after step {n}");
+        }
+    }
+    engine.settle().expect("settles");
+    assert_eq!(engine.snapshot(), recompute(&tables), "engine differs from the oracle at the end");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Batches handed over whole, in two halves, or abandoned after the first half, on one
+    /// worker and on two.
+    #[test]
+    fn submitted_batches_match_oracle(steps in handovers(30), workers in 1usize..=2) {
+        check_handovers(Engine::new(workers).expect("engine starts"), &steps);
+    }
+}

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 use metrics::{counter, histogram};
-use tally_dataflows::{CountChanges, Engine, Id, InputBatch, Known, Topology};
+use tally_dataflows::{CountChanges, Engine, Id, InputBatch, Known, Submitted, Topology};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -598,7 +598,10 @@ impl Ingestor {
             counter!(names::INGEST_PIPELINE, "event" => "conflict").increment(1);
             return Ok(Prepare::Conflict);
         }
-        let saved = save::write(tx.client(), known, &snapshot, &messages, self.write_method).await?;
+        let staged = save::stage(tx.client(), known, &snapshot, &messages).await?;
+        // The count workers compute the batch while Postgres takes its rows.
+        let submitted = self.submit_dataflow(&staged.input)?;
+        let saved = save::write(tx.client(), &snapshot, staged, self.write_method).await?;
         let rejected = rejections(decoded, which, &valid, &saved.rejected);
         log_dead_letters(batch, &rejected, &self.prefix);
         let (letters, letter_logs) = dead_letters_of(batch, decoded, &rejected, &self.prefix);
@@ -613,7 +616,7 @@ impl Ingestor {
         footprint.jobs = finished;
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "save").record(save_started.elapsed().as_secs_f64());
 
-        let changes = self.apply_dataflow(&saved.input)?;
+        let changes = self.collect_dataflow(submitted)?;
         let session: &tokio_postgres::Client = tx.client();
         let sink = store::sink::write_changes_in(session, &changes).await?;
         // The engine now holds the batch; it is consistent with Postgres once the batch
@@ -660,17 +663,26 @@ impl Ingestor {
         counter!(names::INGEST_PIPELINE, "event" => "abandoned").increment(1);
     }
 
-    /// Feeds the batch's rows to the engine (marking it dirty until the commit) and returns
-    /// the counts that changed; nothing without counts.
-    fn apply_dataflow(&mut self, input: &InputBatch) -> Result<CountChanges, IngestError> {
+    /// Hands the batch's rows to the engine (marking it dirty until the commit), whose workers
+    /// compute its counts while the caller writes the batch; [`Ingestor::collect_dataflow`]
+    /// returns them. Nothing without counts.
+    fn submit_dataflow(&mut self, input: &InputBatch) -> Result<Option<Submitted>, IngestError> {
+        if !self.counts {
+            return Ok(None);
+        }
+        self.dirty = true;
+        let engine = self.engine_mut()?;
+        Ok(Some(engine.submit(input).map_err(store::StoreError::from)?))
+    }
+
+    /// The counts that the batch [`Ingestor::submit_dataflow`] handed over changed, once the
+    /// workers have them. `stage="dataflow"` records the time spent waiting for them: the part
+    /// of the dataflow's time that the batch's writes did not hide.
+    fn collect_dataflow(&mut self, submitted: Option<Submitted>) -> Result<CountChanges, IngestError> {
+        let Some(submitted) = submitted else { return Ok(CountChanges::default()) };
         let started = Instant::now();
-        let changes = if self.counts {
-            self.dirty = true;
-            let engine = self.engine_mut()?;
-            tokio::task::block_in_place(|| engine.apply(input)).map_err(store::StoreError::from)?
-        } else {
-            CountChanges::default()
-        };
+        let engine = self.engine_mut()?;
+        let changes = tokio::task::block_in_place(|| engine.collect(submitted)).map_err(store::StoreError::from)?;
         histogram!(names::INGEST_BATCH_SECONDS, "stage" => "dataflow").record(started.elapsed().as_secs_f64());
         Ok(changes)
     }

@@ -5,8 +5,10 @@
 //! - **read** ([`read`]): every SELECT the batch needs, into a [`plan::Snapshot`] of what exists;
 //! - **plan** ([`crate::ingest::plan`]): a pure function of the snapshot and the messages that
 //!   decides rejections, new and reused rows, determinations, job images and log lines;
-//! - **write** ([`write`]): creates the plan's taxa, allocates the ids of its new rows from
-//!   their sequences, and executes its inserts and updates.
+//! - **write**, in two steps: [`stage`] makes the plan, creates its taxa and allocates the ids
+//!   of its new rows from their sequences, which is all the batch's dataflow input needs (the
+//!   ingestor hands it to the count workers then, so that they compute while Postgres takes
+//!   the rows); [`write`] executes the plan's inserts and updates.
 //!
 //! Besides the rows, the result carries the dataflow input for the batch: the inserted and
 //! changed detections and occurrences, new taxa, and read-through copies of the images,
@@ -94,7 +96,7 @@ pub enum WriteMethod {
     Unnest,
 }
 
-/// Saves `messages` (each already decoded and validated) in `tx`: read, plan, write.
+/// Saves `messages` (each already decoded and validated) in `tx`: read, stage, write.
 pub async fn save(
     tx: &Client,
     known: &Known,
@@ -102,7 +104,8 @@ pub async fn save(
     method: WriteMethod,
 ) -> Result<Saved, StoreError> {
     let snapshot = read(tx, known, messages).await?;
-    write(tx, known, &snapshot, messages, method).await
+    let staged = stage(tx, known, &snapshot, messages).await?;
+    write(tx, &snapshot, staged, method).await
 }
 
 /// The read phase alone: what exists of everything the plan of `messages` needs.
@@ -110,21 +113,43 @@ pub async fn read(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Re
     read::snapshot(tx, known, messages).await
 }
 
-/// The plan and write phases, from a snapshot [`read`] in the same transaction.
-pub async fn write(
+/// A batch's plan with its taxa created and the ids of its new rows allocated: everything
+/// but the rows themselves, which [`write`] inserts.
+pub struct Staged {
+    plan: plan::Plan,
+    ids: plan::Ids,
+    /// The dataflow input of the batch.
+    pub input: InputBatch,
+    taxa: u64,
+}
+
+/// The plan of `messages` from a snapshot [`read`] in the same transaction, its taxa created
+/// and its ids allocated.
+pub async fn stage(
     tx: &Client,
     known: &Known,
     snapshot: &plan::Snapshot,
     messages: &[&ResultMessage],
+) -> Result<Staged, StoreError> {
+    let plan = plan::plan(snapshot, messages);
+    let (ids, input, taxa) = write::stage(tx, known, snapshot, &plan).await?;
+    Ok(Staged { plan, ids, input, taxa })
+}
+
+/// Inserts and updates the rows of a [`stage`]d plan.
+pub async fn write(
+    tx: &Client,
+    snapshot: &plan::Snapshot,
+    staged: Staged,
     method: WriteMethod,
 ) -> Result<Saved, StoreError> {
-    let plan = plan::plan(snapshot, messages);
-    let written = write::write(tx, known, snapshot, &plan, method).await?;
+    let Staged { plan, ids, input, taxa } = staged;
+    write::write(tx, snapshot, &plan, &ids, method).await?;
     Ok(Saved {
         rejected: plan.rejected,
         inserted: plan.inserted,
-        rows: RowCounts { taxa: written.taxa, ..plan.rows },
-        input: written.input,
+        rows: RowCounts { taxa, ..plan.rows },
+        input,
         job_logs: plan.job_logs,
         progress_jobs: plan.progress_jobs,
     })

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::ingest::{assert_counts_exact, assert_job_saved_exactly, expected, rows, world, Fixture};
 use common::Flavor;
-use tally::ingest::batch::{Incoming, Ingestor, Prepare, Prepared};
+use tally::ingest::batch::{Incoming, Ingestor, Outcome, Prepare, Prepared};
 use tally::ingest::daemon::IngestArgs;
 
 /// ADC's smallest real species model.
@@ -248,6 +248,50 @@ async fn a_commit_never_waits_for_the_job_row_the_next_batch_holds() {
     let letters: i64 = c.query_one("SELECT count(*) FROM tally.dead_letter", &[]).await.expect("q").get(0);
     assert_eq!(letters, 1);
     assert_eq!(rows(&f.store).await, expected(&f, &images[..1]));
+    assert_counts_exact(&f.store).await;
+    f.cleanup().await;
+}
+
+/// The read phase reads for every message of a batch at once, before rules 1 and 2 reject
+/// some of them; what it read for the rejected ones must not stay in the snapshot, where it
+/// would widen the batch's footprint and be planned against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_keeps_nothing_read_for_rejected_messages() {
+    let mut f = Fixture::new("ingest_snapshot", Flavor::Antenna, world(1, 2)).await;
+    let images = f.world.images.clone();
+    let species = f.world.species.clone();
+    let (job1, tasks1) = f.job(&images[0..1]).await;
+    let (job2, tasks2) = f.job(&images[1..2]).await;
+    let mut ingestor = f.ingestor().await;
+    // Image 0 has stored detections, classifications and occurrences.
+    let first = vec![incoming(&f, job1, f.factory.task_result(&tasks1[0].1, tasks1[0].0))];
+    let decoded = ingestor.decode(&first);
+    ingestor.process_decoded(&first, &decoded).await.expect("first result saved");
+
+    // Image 0's result again on an unknown pipeline (rule 1), labelled `species[1]`, in job 1;
+    // a good result for image 1, labelled `species[0]`, in job 2.
+    let mut unknown: serde_json::Value =
+        serde_json::from_slice(&f.factory.task_result(&tasks1[0].1, tasks1[0].0)).expect("json");
+    unknown["result"]["pipeline"] = "no-such-pipeline".into();
+    let rejected = relabel(serde_json::to_vec(&unknown).expect("json"), &species[1]);
+    let good = relabel(f.factory.task_result(&tasks2[0].1, tasks2[0].0), &species[0]);
+    let batch = vec![incoming(&f, job1, rejected), incoming(&f, job2, good)];
+    let decoded = ingestor.decode(&batch);
+    let messages: Vec<&tally::ingest::decode::ResultMessage> =
+        decoded.iter().map(|d| d.as_ref().expect("both decode")).collect();
+    let c = f.store.client().await.expect("client");
+    let snapshot =
+        tally::ingest::save::read(&c, &tally_dataflows::Known::default(), &messages).await.expect("read phase");
+
+    assert!(snapshot.pipelines.contains_key(common::ingest::PIPELINE), "the good result's pipeline is read");
+    assert!(snapshot.detections.is_empty(), "image 0's detections were read for the rejected result");
+    assert!(snapshot.classifications.is_empty() && snapshot.occurrences.is_empty());
+    assert_eq!(snapshot.jobs.keys().copied().collect::<Vec<_>>(), vec![job2], "only the accepted result's job");
+    let labels: Vec<&String> = snapshot.taxa.keys().collect();
+    assert_eq!(labels, vec![&species[0]], "only the accepted result's labels");
+    // The same batch saves the good result and dead-letters the other.
+    let report = ingestor.process_decoded(&batch, &decoded).await.expect("batch saved");
+    assert_eq!(report.outcomes.iter().filter(|o| matches!(o, Outcome::DeadLettered { .. })).count(), 1);
     assert_counts_exact(&f.store).await;
     f.cleanup().await;
 }

@@ -17,7 +17,7 @@ use bytes::{BufMut, BytesMut};
 use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::ingest::plan::{distinct, Ids, NewClassification, NewDetection, NewOccurrence, Snapshot};
 use crate::store::StoreError;
@@ -115,15 +115,33 @@ impl Times {
     }
 }
 
-/// Copies `rows` into `table`'s `columns` (of `types`) in binary.
+/// The columns each table's `COPY` fills, in the order of its rows' values.
+const OCCURRENCE_COLUMNS: &str =
+    "id, created_at, updated_at, event_id, deployment_id, project_id, determination_id, determination_score";
+const DETECTION_COLUMNS: &str =
+    "id, created_at, updated_at, bbox, \"timestamp\", path, detection_time, occurrence_id, \
+     source_image_id, detection_algorithm_id";
+const CLASSIFICATION_COLUMNS: &str =
+    "created_at, updated_at, score, \"timestamp\", algorithm_id, detection_id, taxon_id, \
+     category_map_id, logits, scores, terminal";
+
+/// The `COPY` statement of `table`'s `columns`, prepared (for this batch only: a statement
+/// kept could go stale under a Django migration) when there are rows for it.
+async fn prepare_copy(tx: &Client, table: &str, columns: &str, rows: usize) -> Result<Option<Statement>, StoreError> {
+    if rows == 0 {
+        return Ok(None);
+    }
+    Ok(Some(tx.prepare(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)")).await?))
+}
+
+/// Copies `rows` into the columns of `statement` (of `types`) in binary.
 async fn copy<'a, const N: usize>(
     tx: &Client,
-    table: &str,
-    columns: &str,
+    statement: &Statement,
     types: &[Type; N],
     rows: impl Iterator<Item = [&'a (dyn ToSql + Sync); N]>,
 ) -> Result<u64, StoreError> {
-    let sink = tx.copy_in(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)")).await?;
+    let sink = tx.copy_in(statement).await?;
     let writer = BinaryCopyInWriter::new(sink, types);
     pin_mut!(writer);
     for row in rows {
@@ -144,18 +162,24 @@ pub(super) async fn insert(
     if occurrences.is_empty() && detections.is_empty() && classifications.is_empty() {
         return Ok(());
     }
-    let times = Times::read(tx, detections, classifications).await?;
+    // One round trip for the timestamps and the three statements (tokio-postgres pipelines
+    // the requests of one connection that are awaited together), instead of one each.
+    let (times, occurrence_copy, detection_copy, classification_copy) = futures_util::try_join!(
+        Times::read(tx, detections, classifications),
+        prepare_copy(tx, "main_occurrence", OCCURRENCE_COLUMNS, occurrences.len()),
+        prepare_copy(tx, "main_detection", DETECTION_COLUMNS, detections.len()),
+        prepare_copy(tx, "main_classification", CLASSIFICATION_COLUMNS, classifications.len()),
+    )?;
     let now = &times.now;
 
-    if !occurrences.is_empty() {
+    if let Some(statement) = &occurrence_copy {
         let values: Vec<(Option<i64>, Option<f64>)> = occurrences
             .iter()
             .map(|o| (o.determination.and_then(|d| d.0).map(|t| ids.taxon(t)), o.determination.and_then(|d| d.1)))
             .collect();
         copy(
             tx,
-            "main_occurrence",
-            "id, created_at, updated_at, event_id, deployment_id, project_id, determination_id, determination_score",
+            statement,
             &[
                 Type::INT8,
                 Type::TIMESTAMPTZ,
@@ -173,7 +197,7 @@ pub(super) async fn insert(
         .await?;
     }
 
-    if !detections.is_empty() {
+    if let Some(statement) = &detection_copy {
         type DetectionValues = (Option<Jsonb>, Option<Timestamptz>, Option<Timestamptz>, Option<i64>);
         let values: Vec<DetectionValues> = detections
             .iter()
@@ -188,9 +212,7 @@ pub(super) async fn insert(
             .collect();
         copy(
             tx,
-            "main_detection",
-            "id, created_at, updated_at, bbox, \"timestamp\", path, detection_time, occurrence_id, source_image_id, \
-             detection_algorithm_id",
+            statement,
             &[
                 Type::INT8,
                 Type::TIMESTAMPTZ,
@@ -223,16 +245,14 @@ pub(super) async fn insert(
         .await?;
     }
 
-    if !classifications.is_empty() {
+    if let Some(statement) = &classification_copy {
         let values: Vec<(Timestamptz, i64, i64)> = classifications
             .iter()
             .map(|c| (times.of(&c.time).unwrap_or(*now), ids.detection(c.detection), ids.taxon(c.taxon)))
             .collect();
         copy(
             tx,
-            "main_classification",
-            "created_at, updated_at, score, \"timestamp\", algorithm_id, detection_id, taxon_id, category_map_id, \
-             logits, scores, terminal",
+            statement,
             &[
                 Type::TIMESTAMPTZ,
                 Type::TIMESTAMPTZ,

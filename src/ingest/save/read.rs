@@ -2,10 +2,10 @@
 //! from (pipelines, images and their owners, jobs, the detections and classifications stored
 //! on the batch's images, their occurrences' determination state, and taxa by label).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tally_dataflows::{Id, InputBatch, Known, Occurrence, Score};
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 
 use crate::ingest::decode::{ResultBody, ResultMessage};
@@ -15,45 +15,84 @@ use crate::store::bootstrap::read_rows;
 use crate::store::StoreError;
 
 /// Reads everything the plan of `messages` needs. The rows of the messages rejected by rules
-/// 1 and 2 (checked here as the plan will) are not read.
+/// 1 and 2 (checked here as the plan will) are not kept.
+///
+/// The reads go in three rounds, each one round trip (tokio-postgres pipelines the queries of
+/// one connection that are awaited together): what the messages name (pipelines, images,
+/// jobs, the detections on their images, taxa by name); what those rows name (owners the
+/// engine has not seen, classifications, occurrences, taxa by search name); and the taxa rows
+/// the engine lacks. The first round reads for every message, before rules 1 and 2 are
+/// checked, and its rows of rejected messages are dropped after it, so the snapshot is the
+/// one a read of the accepted messages alone would make.
 pub(super) async fn snapshot(tx: &Client, known: &Known, messages: &[&ResultMessage]) -> Result<Snapshot, StoreError> {
     let mut s = Snapshot::default();
+    let responses_of = |messages: &[&ResultMessage]| -> Vec<i64> {
+        distinct(messages.iter().filter(|m| matches!(m.body, ResultBody::Response(_))).flat_map(|m| m.image_ids()))
+    };
+    let labels_of = |messages: &[&ResultMessage]| -> Vec<String> {
+        distinct(messages.iter().flat_map(|m| match &m.body {
+            ResultBody::Response(r) => {
+                r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone())).collect()
+            }
+            ResultBody::Error { .. } => Vec::new(),
+        }))
+    };
     let slugs: Vec<String> = distinct(messages.iter().filter_map(|m| match &m.body {
         ResultBody::Response(r) => Some(r.pipeline.clone()),
         ResultBody::Error { .. } => None,
     }));
-    s.pipelines = load_pipelines(tx, &slugs).await?;
     let image_ids: Vec<i64> = distinct(messages.iter().flat_map(|m| m.image_ids()));
-    read_rows(tx, "main_sourceimage", "id", &image_ids, &mut s.input).await?;
+    let (job_ids, response_images, labels) =
+        (distinct(messages.iter().map(|m| m.job_id)), responses_of(messages), labels_of(messages));
+    let mut images = InputBatch::default();
+    let (pipelines, _, jobs, detections, named) = futures_util::try_join!(
+        load_pipelines(tx, &slugs),
+        read_rows(tx, "main_sourceimage", "id", &image_ids, &mut images),
+        load_jobs(tx, &job_ids),
+        read_detections(tx, &response_images),
+        taxa_by_name(tx, &labels),
+    )?;
+    s.pipelines = pipelines;
+    s.input = images;
     s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| ((*id), r))).collect();
     let accepted: Vec<&ResultMessage> =
         messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
-    read_owners(tx, known, &mut s.input).await?;
-    s.jobs = load_jobs(tx, &distinct(accepted.iter().map(|m| m.job_id))).await?;
-    let responses: Vec<&crate::ingest::decode::PipelineResults> = accepted
-        .iter()
-        .filter_map(|m| match &m.body {
-            ResultBody::Response(r) => Some(r),
-            ResultBody::Error { .. } => None,
-        })
-        .collect();
-    let response_images: Vec<i64> =
-        distinct(accepted.iter().filter(|m| matches!(m.body, ResultBody::Response(_))).flat_map(|m| m.image_ids()));
-    read_detections(tx, &response_images, &mut s).await?;
-    read_occurrences(tx, &mut s).await?;
-    let labels: Vec<String> = distinct(
-        responses
-            .iter()
-            .flat_map(|r| r.detections.iter().flat_map(|d| d.classifications.iter().map(|c| c.label.clone()))),
-    );
-    s.taxa = find_taxa(tx, &labels).await?;
+    let accepted_jobs: HashSet<i64> = accepted.iter().map(|m| m.job_id).collect();
+    s.jobs = jobs.into_iter().filter(|(id, _)| accepted_jobs.contains(id)).collect();
+    let response_images: HashSet<i64> = responses_of(&accepted).into_iter().collect();
+    s.detections = detections.into_iter().filter(|d| response_images.contains(&d.image)).collect();
+    let labels = labels_of(&accepted);
+    let named: HashMap<String, i64> = {
+        let wanted: HashSet<&String> = labels.iter().collect();
+        named.into_iter().filter(|(label, _)| wanted.contains(label)).collect()
+    };
+    let unmatched: Vec<&String> = labels.iter().filter(|l| !named.contains_key(*l)).collect();
+
+    let detection_ids: Vec<i64> = s.detections.iter().map(|d| d.id).collect();
+    let occurrence_ids: Vec<i64> = distinct(s.detections.iter().filter_map(|d| d.occurrence));
+    let (_, classifications, occurrences, searched) = futures_util::try_join!(
+        read_owners(tx, known, &mut s.input),
+        read_classifications(tx, &detection_ids),
+        read_occurrences(tx, &occurrence_ids),
+        taxa_by_search_name(tx, &unmatched),
+    )?;
+    s.classifications = classifications;
+    s.occurrences = occurrences;
+    s.taxa = named;
+    for (label, id) in searched {
+        s.taxa.entry(label).or_insert(id);
+    }
     let missing: Vec<i64> = distinct(s.taxa.values().copied().filter(|id| !known.taxa.contains(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut s.input).await?;
     Ok(s)
 }
 
-/// The detections stored on `images` and their classifications.
-async fn read_detections(tx: &Client, images: &[i64], s: &mut Snapshot) -> Result<(), StoreError> {
+/// The detections stored on `images`, in the order read.
+async fn read_detections(tx: &Client, images: &[i64]) -> Result<Vec<StoredDetection>, StoreError> {
+    if images.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut detections = Vec::new();
     for row in tx
         .query_typed(
             "SELECT id, source_image_id, bbox, detection_algorithm_id, occurrence_id, coalesce(path, '') = ''
@@ -63,7 +102,7 @@ async fn read_detections(tx: &Client, images: &[i64], s: &mut Snapshot) -> Resul
         .await?
     {
         let bbox: Option<serde_json::Value> = row.try_get(2)?;
-        s.detections.push(StoredDetection {
+        detections.push(StoredDetection {
             id: row.try_get(0)?,
             image: row.try_get(1)?,
             valid: bbox.is_some(),
@@ -73,7 +112,15 @@ async fn read_detections(tx: &Client, images: &[i64], s: &mut Snapshot) -> Resul
             empty_path: row.try_get(5)?,
         });
     }
-    let ids: Vec<i64> = s.detections.iter().map(|d| d.id).collect();
+    Ok(detections)
+}
+
+/// The classifications of the detections `ids`, by detection.
+async fn read_classifications(tx: &Client, ids: &[i64]) -> Result<HashMap<i64, Vec<Candidate>>, StoreError> {
+    let mut classifications: HashMap<i64, Vec<Candidate>> = HashMap::new();
+    if ids.is_empty() {
+        return Ok(classifications);
+    }
     for row in tx
         .query_typed(
             "SELECT id, detection_id, taxon_id, algorithm_id, score, terminal FROM main_classification
@@ -82,9 +129,9 @@ async fn read_detections(tx: &Client, images: &[i64], s: &mut Snapshot) -> Resul
         )
         .await?
     {
-        s.classifications.entry(row.try_get(1)?).or_default().push(candidate(&row)?);
+        classifications.entry(row.try_get(1)?).or_default().push(candidate(&row)?);
     }
-    Ok(())
+    Ok(classifications)
 }
 
 async fn load_pipelines(tx: &Client, slugs: &[String]) -> Result<HashMap<String, Pipeline>, StoreError> {
@@ -142,13 +189,14 @@ async fn read_owners(tx: &Client, known: &Known, input: &mut InputBatch) -> Resu
     Ok(())
 }
 
-/// The taxon of every label that has one: an active taxon with that name, else one with it
+/// The taxon of every label that has one is an active taxon with that name, else one with it
 /// among its search names (the lowest id).
 ///
-/// Names are looked up first, by their index; only the labels no name matched are looked up
-/// among search names, which no index serves (a scan of `main_taxon`: 2–5 ms a batch with
-/// Antenna's 3,108-species fixture, when every label was looked up both ways).
-async fn find_taxa(tx: &Client, labels: &[String]) -> Result<HashMap<String, i64>, StoreError> {
+/// Names are looked up first, by their index ([`taxa_by_name`]); only the labels no name
+/// matched are looked up among search names ([`taxa_by_search_name`]), which no index serves
+/// (a scan of `main_taxon`: 2–5 ms a batch with Antenna's 3,108-species fixture, when every
+/// label was looked up both ways).
+async fn taxa_by_name(tx: &Client, labels: &[String]) -> Result<HashMap<String, i64>, StoreError> {
     let mut found: HashMap<String, i64> = HashMap::new();
     if labels.is_empty() {
         return Ok(found);
@@ -162,21 +210,27 @@ async fn find_taxa(tx: &Client, labels: &[String]) -> Result<HashMap<String, i64
     {
         found.insert(row.try_get(1)?, row.try_get(0)?);
     }
-    let unmatched: Vec<&String> = labels.iter().filter(|l| !found.contains_key(*l)).collect();
-    if unmatched.is_empty() {
+    Ok(found)
+}
+
+/// The active taxon with each of `labels` among its search names, the lowest id (see
+/// [`taxa_by_name`]).
+async fn taxa_by_search_name(tx: &Client, labels: &[&String]) -> Result<HashMap<String, i64>, StoreError> {
+    let mut found: HashMap<String, i64> = HashMap::new();
+    if labels.is_empty() {
         return Ok(found);
     }
     for row in tx
         .query_typed(
             "SELECT id, search_names::text[] FROM main_taxon
              WHERE active AND search_names::text[] && $1::text[] ORDER BY id",
-            &[(&unmatched, Type::TEXT_ARRAY)],
+            &[(&labels, Type::TEXT_ARRAY)],
         )
         .await?
     {
         let id: i64 = row.try_get(0)?;
         for name in row.try_get::<_, Vec<String>>(1)? {
-            if unmatched.contains(&&name) {
+            if labels.contains(&&name) {
                 found.entry(name).or_insert(id);
             }
         }
@@ -203,54 +257,52 @@ fn stored_box(v: &serde_json::Value) -> Option<[f64; 4]> {
     Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?, a[3].as_f64()?])
 }
 
-/// The stored occurrences of the snapshot's detections, with what rule 5 needs: the row,
-/// every classification of their detections, and the latest human identification.
-async fn read_occurrences(tx: &Client, s: &mut Snapshot) -> Result<(), StoreError> {
-    let ids: Vec<i64> = distinct(s.detections.iter().filter_map(|d| d.occurrence));
+/// The stored occurrences `ids` (those of the snapshot's detections), with what rule 5
+/// needs: the row, every classification of their detections, and the latest human
+/// identification. The three queries go in one round trip.
+async fn read_occurrences(tx: &Client, ids: &[i64]) -> Result<HashMap<i64, StoredOccurrence>, StoreError> {
+    let mut occurrences: HashMap<i64, StoredOccurrence> = HashMap::new();
     if ids.is_empty() {
-        return Ok(());
+        return Ok(occurrences);
     }
-    for r in tx
-        .query_typed(
+    let params: [(&(dyn ToSql + Sync), Type); 1] = [(&ids, Type::INT8_ARRAY)];
+    let (rows, candidates, humans) = futures_util::try_join!(
+        tx.query_typed(
             "SELECT id, event_id, deployment_id, determination_id, determination_score FROM main_occurrence
              WHERE id = ANY($1::int8[])",
-            &[(&ids, Type::INT8_ARRAY)],
-        )
-        .await?
-    {
+            &params,
+        ),
+        tx.query_typed(
+            "SELECT c.id, d.id, c.taxon_id, c.algorithm_id, c.score, c.terminal, d.occurrence_id
+             FROM main_detection d JOIN main_classification c ON c.detection_id = d.id
+             WHERE d.occurrence_id = ANY($1::int8[])",
+            &params,
+        ),
+        tx.query_typed(
+            "SELECT DISTINCT ON (occurrence_id) occurrence_id, taxon_id FROM main_identification
+             WHERE occurrence_id = ANY($1::int8[]) AND NOT withdrawn
+             ORDER BY occurrence_id, created_at DESC, id DESC",
+            &params,
+        ),
+    )?;
+    for r in rows {
         let row = Occurrence {
             event: r.try_get::<_, Option<i64>>(1)?,
             deployment: r.try_get::<_, Option<i64>>(2)?,
             determination: r.try_get::<_, Option<i64>>(3)?,
             score: r.try_get::<_, Option<f64>>(4)?.map(Score::new),
         };
-        s.occurrences.insert(r.try_get(0)?, StoredOccurrence { row, candidates: Vec::new(), human: None });
+        occurrences.insert(r.try_get(0)?, StoredOccurrence { row, candidates: Vec::new(), human: None });
     }
-    for r in tx
-        .query_typed(
-            "SELECT c.id, d.id, c.taxon_id, c.algorithm_id, c.score, c.terminal, d.occurrence_id
-             FROM main_detection d JOIN main_classification c ON c.detection_id = d.id
-             WHERE d.occurrence_id = ANY($1::int8[])",
-            &[(&ids, Type::INT8_ARRAY)],
-        )
-        .await?
-    {
-        if let Some(o) = s.occurrences.get_mut(&r.try_get::<_, i64>(6)?) {
+    for r in candidates {
+        if let Some(o) = occurrences.get_mut(&r.try_get::<_, i64>(6)?) {
             o.candidates.push(candidate(&r)?);
         }
     }
-    for r in tx
-        .query_typed(
-            "SELECT DISTINCT ON (occurrence_id) occurrence_id, taxon_id FROM main_identification
-             WHERE occurrence_id = ANY($1::int8[]) AND NOT withdrawn
-             ORDER BY occurrence_id, created_at DESC, id DESC",
-            &[(&ids, Type::INT8_ARRAY)],
-        )
-        .await?
-    {
-        if let Some(o) = s.occurrences.get_mut(&r.try_get::<_, i64>(0)?) {
+    for r in humans {
+        if let Some(o) = occurrences.get_mut(&r.try_get::<_, i64>(0)?) {
             o.human = Some(Identification { taxon: r.try_get(1)? });
         }
     }
-    Ok(())
+    Ok(occurrences)
 }

@@ -17,47 +17,52 @@ use crate::ingest::plan::{
 use crate::store::bootstrap::read_rows;
 use crate::store::StoreError;
 
-/// What the write phase did beyond the plan.
-pub(super) struct Written {
-    /// The dataflow input of the batch.
-    pub(super) input: InputBatch,
-    /// Taxa created (a concurrent insert of the same name, or an inactive taxon of that name,
-    /// is reused, not created).
-    pub(super) taxa: u64,
-}
-
-/// Writes `plan` (made from `snapshot`) in `tx`.
-pub(super) async fn write(
+/// Creates the taxa of `plan` (made from `snapshot`) and allocates the ids of its new rows in
+/// `tx`: returns the ids, the batch's dataflow input, and how many taxa were created (a
+/// concurrent insert of the same name, or an inactive taxon of that name, is reused, not
+/// created). The three statements go in one round trip (tokio-postgres pipelines the queries
+/// of one connection that are awaited together).
+pub(super) async fn stage(
     tx: &Client,
     known: &Known,
     snapshot: &Snapshot,
     plan: &Plan,
-    method: WriteMethod,
-) -> Result<Written, StoreError> {
-    let (taxa, created) = insert_taxa(tx, &plan.taxa).await?;
-    let ids = Ids {
-        detections: allocate(tx, "main_detection", plan.detections.len()).await?,
-        occurrences: allocate(tx, "main_occurrence", plan.occurrences.len()).await?,
-        taxa,
-    };
-    match method {
-        WriteMethod::Copy => {
-            super::copy::insert(tx, snapshot, &plan.occurrences, &plan.detections, &plan.classifications, &ids).await?
-        }
-        WriteMethod::Unnest => {
-            insert_occurrences(tx, &plan.occurrences, &ids).await?;
-            insert_detections(tx, &plan.detections, &ids).await?;
-            insert_classifications(tx, &plan.classifications, &ids).await?;
-        }
-    }
-    attach_occurrences(tx, &plan.attach, &ids).await?;
-    fill_paths(tx, &plan.fill_path).await?;
-    write_determinations(tx, &plan.determinations, &ids).await?;
-    write_job_images(tx, &plan.job_images).await?;
+) -> Result<(Ids, InputBatch, u64), StoreError> {
+    let ((taxa, created), detections, occurrences) = futures_util::try_join!(
+        insert_taxa(tx, &plan.taxa),
+        allocate(tx, "main_detection", plan.detections.len()),
+        allocate(tx, "main_occurrence", plan.occurrences.len()),
+    )?;
+    let ids = Ids { detections, occurrences, taxa };
     let mut input = plan.input(snapshot, &ids);
     let missing: Vec<i64> = distinct(ids.taxa.iter().copied().filter(|id| !known.taxa.contains(id)));
     read_rows(tx, "main_taxon", "id", &missing, &mut input).await?;
-    Ok(Written { input, taxa: created })
+    Ok((ids, input, created))
+}
+
+/// Writes the rows of `plan` (made from `snapshot`, its ids allocated by [`stage`]) in `tx`.
+pub(super) async fn write(
+    tx: &Client,
+    snapshot: &Snapshot,
+    plan: &Plan,
+    ids: &Ids,
+    method: WriteMethod,
+) -> Result<(), StoreError> {
+    match method {
+        WriteMethod::Copy => {
+            super::copy::insert(tx, snapshot, &plan.occurrences, &plan.detections, &plan.classifications, ids).await?
+        }
+        WriteMethod::Unnest => {
+            insert_occurrences(tx, &plan.occurrences, ids).await?;
+            insert_detections(tx, &plan.detections, ids).await?;
+            insert_classifications(tx, &plan.classifications, ids).await?;
+        }
+    }
+    attach_occurrences(tx, &plan.attach, ids).await?;
+    fill_paths(tx, &plan.fill_path).await?;
+    write_determinations(tx, &plan.determinations, ids).await?;
+    write_job_images(tx, &plan.job_images).await?;
+    Ok(())
 }
 
 /// Creates a taxon (rank UNKNOWN, no parents) for each label; returns their ids in order and
