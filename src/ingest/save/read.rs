@@ -42,10 +42,10 @@ pub(super) async fn snapshot(tx: &Client, known: &Known, messages: &[&ResultMess
         ResultBody::Error { .. } => None,
     }));
     let image_ids: Vec<i64> = distinct(messages.iter().flat_map(|m| m.image_ids()));
-    let (job_ids, response_images, labels) =
+    let (job_ids, response_images, mut labels) =
         (distinct(messages.iter().map(|m| m.job_id)), responses_of(messages), labels_of(messages));
     let mut images = InputBatch::default();
-    let (pipelines, _, jobs, detections, named) = futures_util::try_join!(
+    let (pipelines, _, mut jobs, mut detections, mut named) = futures_util::try_join!(
         load_pipelines(tx, &slugs),
         read_rows(tx, "main_sourceimage", "id", &image_ids, &mut images),
         load_jobs(tx, &job_ids),
@@ -57,15 +57,18 @@ pub(super) async fn snapshot(tx: &Client, known: &Known, messages: &[&ResultMess
     s.images = s.input.images.iter().filter_map(|(id, row)| row.clone().map(|r| ((*id), r))).collect();
     let accepted: Vec<&ResultMessage> =
         messages.iter().copied().filter(|m| plan::check(m, &s.pipelines, &s.images).is_ok()).collect();
-    let accepted_jobs: HashSet<i64> = accepted.iter().map(|m| m.job_id).collect();
-    s.jobs = jobs.into_iter().filter(|(id, _)| accepted_jobs.contains(id)).collect();
-    let response_images: HashSet<i64> = responses_of(&accepted).into_iter().collect();
-    s.detections = detections.into_iter().filter(|d| response_images.contains(&d.image)).collect();
-    let labels = labels_of(&accepted);
-    let named: HashMap<String, i64> = {
+    if accepted.len() < messages.len() {
+        // Drop what was read for the rejected messages.
+        let accepted_jobs: HashSet<i64> = accepted.iter().map(|m| m.job_id).collect();
+        jobs.retain(|id, _| accepted_jobs.contains(id));
+        let response_images: HashSet<i64> = responses_of(&accepted).into_iter().collect();
+        detections.retain(|d| response_images.contains(&d.image));
+        labels = labels_of(&accepted);
         let wanted: HashSet<&String> = labels.iter().collect();
-        named.into_iter().filter(|(label, _)| wanted.contains(label)).collect()
-    };
+        named.retain(|label, _| wanted.contains(label));
+    }
+    s.jobs = jobs;
+    s.detections = detections;
     let unmatched: Vec<&String> = labels.iter().filter(|l| !named.contains_key(*l)).collect();
 
     let detection_ids: Vec<i64> = s.detections.iter().map(|d| d.id).collect();
